@@ -1,0 +1,79 @@
+"""`sktlm <command> [flags]`: dispatches to sktlm/commands/<command>.py.
+
+Each command module defines its own absl flags and a `main(argv)`; only the chosen module is imported,
+so commands never collide on flag names and `sktlm scaling` never imports jax. User mistakes
+(UserError, bad flags) print one line and exit 2; Ctrl-C exits 130.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    'train': 'train a model from an experiment config',
+    'sweep': 'launch / resume a sweep of training runs',
+    'scaling': 'fit scaling laws to sweep results; plots and report',
+    'plan': 'counts, memory per device and AOT compile verdict for a config on a target',
+    'data': 'prepare and inspect datasets',
+    'tokenizer': 'train or inspect a SentencePiece tokenizer',
+}
+
+USAGE = 'usage: sktlm <command> [flags]\n\ncommands:\n' + '\n'.join(
+    f'  {name:<10} {doc}' for name, doc in COMMANDS.items()) + '\n\n`sktlm <command> --help` for its flags.'
+
+
+def fail(cmd: str, message: str, code: int = 2):
+  print(f'sktlm {cmd}: error: {message}', file=sys.stderr)
+  sys.exit(code)
+
+
+def main(argv: list[str] | None = None):
+  argv = list(sys.argv if argv is None else argv)
+  if len(argv) < 2 or argv[1] in ('-h', '--help', 'help'):
+    print(USAGE)
+    sys.exit(0 if len(argv) >= 2 else 2)
+  cmd = argv[1]
+  if cmd not in COMMANDS:
+    fail('', f"unknown command '{cmd}' (known: {', '.join(COMMANDS)})")
+  from absl import flags, logging
+
+  from sktlm.errors import UserError
+
+  try:
+    module = importlib.import_module(f'sktlm.commands.{cmd}')
+  except UserError as e:
+    fail(cmd, str(e))
+  cmd_argv = [f'sktlm {cmd}'] + argv[2:]
+  try:
+    rest = flags.FLAGS(cmd_argv)
+  except flags.Error as e:
+    fail(cmd, _one_line(e))
+  except UserError as e:  # raised by a config file's get_config while flags are parsed
+    fail(cmd, str(e))
+  logging.use_absl_handler()
+  logging.set_verbosity(logging.INFO if flags.FLAGS['verbosity'].present else logging.WARNING)
+  try:
+    rc = module.main(rest)
+  except UserError as e:
+    fail(cmd, str(e))
+  except KeyboardInterrupt:
+    print(f'sktlm {cmd}: interrupted', file=sys.stderr)
+    sys.exit(130)
+  sys.exit(rc or 0)
+
+
+def _one_line(e: Exception) -> str:
+  # config_flags wraps errors from get_config / overrides; keep the most specific line.
+  cause = e
+  while cause.__cause__ is not None or cause.__context__ is not None:
+    nxt = cause.__cause__ or cause.__context__
+    if type(nxt).__name__ == 'UserError':
+      return str(nxt)
+    cause = nxt
+  text = ' '.join(str(e).split())
+  return text
+
+
+if __name__ == '__main__':
+  main()
