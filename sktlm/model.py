@@ -1,0 +1,166 @@
+"""Llama-style decoder-only LM in Flax linen: pure init/apply, logical axis names only.
+
+Token embedding -> N x [pre-norm GQA attention with RoPE, pre-norm SwiGLU MLP or MoE] -> final RMSNorm ->
+tied or untied output head. Packed rows: `segment_ids` (0 = padding) and `positions` keep attention inside
+each document. Blocks are stacked with nn.scan (compile time independent of depth) or a Python loop, with an
+optional remat policy; both give the same function (tests/test_model.py).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from sktlm import flops
+from sktlm.layers import Mlp, RMSNorm, constrain, dtype, param_init, rope
+
+NEG_INF = -1e30  # finite: a fully masked row cannot occur (a token always sees itself), but stay NaN-safe
+
+
+class Attention(nn.Module):
+  config: object
+
+  @nn.compact
+  def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT):
+    c = self.config
+    D, H, KV, K = c.d_model, c.n_heads, c.n_kv_heads, flops.head_dim(c)
+    G = H // KV
+    cdt, pdt = dtype(c.dtype), dtype(c.param_dtype)
+
+    def w(name, shape, names, out=False):
+      init = param_init(c, scale_by_depth=out)
+      return self.param(name, nn.with_logical_partitioning(init, names), shape, pdt).astype(cdt)
+
+    wq = w('wq', (D, H, K), ('embed', 'heads', 'kv'))
+    wk = w('wk', (D, KV, K), ('embed', 'kv_heads', 'kv'))
+    wv = w('wv', (D, KV, K), ('embed', 'kv_heads', 'kv'))
+    wo = w('wo', (H, K, D), ('heads', 'kv', 'embed'), out=True)
+
+    x = x_BxTxD.astype(cdt)
+    q_BxTxHxK = jnp.einsum('btd,dhk->bthk', x, wq)
+    k_BxTxGxK = jnp.einsum('btd,dhk->bthk', x, wk)
+    v_BxTxGxK = jnp.einsum('btd,dhk->bthk', x, wv)
+    q_BxTxHxK = rope(q_BxTxHxK, positions_BxT, c.rope_theta) * jnp.asarray(K**-0.5, cdt)
+    k_BxTxGxK = rope(k_BxTxGxK, positions_BxT, c.rope_theta)
+    q_BxTxHxK = constrain(q_BxTxHxK, ('batch', 'length', 'act_heads', 'kv'))
+    k_BxTxGxK = constrain(k_BxTxGxK, ('batch', 'length', 'act_kv_heads', 'kv'))
+    v_BxTxGxK = constrain(v_BxTxGxK, ('batch', 'length', 'act_kv_heads', 'kv'))
+
+    T = x.shape[1]
+    causal_TxT = jnp.tril(jnp.ones((T, T), jnp.bool_))
+    same_doc_BxTxT = segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :]
+    mask_Bx1xTxT = (causal_TxT[None] & same_doc_BxTxT)[:, None]
+
+    if G == 1:  # plain multi-head attention: the standard layout, no reshapes
+      att_BxHxTxT = jnp.einsum('bqhd,bkhd->bhqk', q_BxTxHxK, k_BxTxGxK, preferred_element_type=jnp.float32)
+      att_BxHxTxT = jnp.where(mask_Bx1xTxT, att_BxHxTxT, NEG_INF)
+      probs = jax.nn.softmax(att_BxHxTxT, axis=-1).astype(cdt)
+      out_BxTxHxK = jnp.einsum('bhqk,bkhd->bqhd', probs, v_BxTxGxK)
+    else:  # grouped-query: G query heads share each kv head
+      B = x.shape[0]
+      q_BxTxKVxGxK = q_BxTxHxK.reshape(B, T, KV, G, K)
+      att = jnp.einsum('bqngd,bknd->bngqk', q_BxTxKVxGxK, k_BxTxGxK, preferred_element_type=jnp.float32)
+      att = jnp.where(mask_Bx1xTxT[:, :, None], att, NEG_INF)
+      probs = jax.nn.softmax(att, axis=-1).astype(cdt)
+      out_BxTxHxK = jnp.einsum('bngqk,bknd->bqngd', probs, v_BxTxGxK).reshape(B, T, H, K)
+    out_BxTxHxK = constrain(out_BxTxHxK, ('batch', 'length', 'act_heads', 'kv'))
+    out_BxTxD = jnp.einsum('bthk,hkd->btd', out_BxTxHxK, wo)
+    return constrain(out_BxTxD, ('batch', 'length', 'act_embed'))
+
+
+class Block(nn.Module):
+  """One pre-norm decoder layer. Returns (x, aux) so it can be the body of nn.scan."""
+  config: object
+  use_moe: bool = False
+
+  @nn.compact
+  def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT):
+    c = self.config
+    h = x_BxTxD + Attention(c, name='attn')(RMSNorm(c, name='attn_norm')(x_BxTxD), positions_BxT,
+                                             segment_ids_BxT)
+    y = RMSNorm(c, name='mlp_norm')(h)
+    if self.use_moe:
+      from sktlm.moe import MoEFeedForward  # floor 3 sibling; imported lazily so dense models never need it
+      y, aux = MoEFeedForward(c, name='moe')(y)
+    else:
+      y, aux = Mlp(c, d_ff=c.d_ff, name='mlp')(y), {}
+    out = constrain(h + y, ('batch', 'length', 'act_embed'))
+    return out, aux
+
+
+REMAT_POLICIES = {
+    'full': None,  # save nothing: recompute the whole block in the backward pass
+    'dots': jax.checkpoint_policies.dots_saveable,
+    'dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _block_cls(config):
+  if config.remat == 'none':
+    return Block
+  if config.remat not in REMAT_POLICIES:
+    raise ValueError(f"model.remat must be one of none, {', '.join(REMAT_POLICIES)}; got {config.remat!r}")
+  return nn.remat(Block, policy=REMAT_POLICIES[config.remat], prevent_cse=not config.scan_layers)
+
+
+def layer_groups(config) -> list[tuple[str, int, bool]]:
+  """(name, number of layers, uses MoE) for each homogeneous stack of layers."""
+  moe = config.moe
+  if moe.num_experts <= 0:
+    return [('layers', config.n_layers, False)]
+  n_dense = min(moe.n_dense_layers, config.n_layers)
+  groups = [('dense_layers', n_dense, False), ('moe_layers', config.n_layers - n_dense, True)]
+  return [g for g in groups if g[1] > 0]
+
+
+class Transformer(nn.Module):
+  """`config` is config.model as a FrozenConfigDict (hashable), with a resolved vocab_size."""
+  config: ml_collections.FrozenConfigDict
+
+  @nn.compact
+  def __call__(self, tokens_BxT, positions_BxT=None, segment_ids_BxT=None):
+    """Returns (logits_BxTxV float32, aux) where aux maps name -> per-layer stacked MoE statistics."""
+    c = self.config
+    B, T = tokens_BxT.shape
+    if positions_BxT is None:
+      positions_BxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    if segment_ids_BxT is None:
+      segment_ids_BxT = jnp.ones((B, T), jnp.int32)
+    cdt, pdt = dtype(c.dtype), dtype(c.param_dtype)
+
+    embedding = self.param('embedding', nn.with_logical_partitioning(param_init(c), ('vocab', 'embed')),
+                           (c.vocab_size, c.d_model), pdt)
+    x_BxTxD = jnp.take(embedding, tokens_BxT, axis=0).astype(cdt)
+    x_BxTxD = constrain(x_BxTxD, ('batch', 'length', 'act_embed'))
+
+    block_cls = _block_cls(c)
+    aux_all = {}
+    for name, n, use_moe in layer_groups(c):
+      if c.scan_layers:
+        stack = nn.scan(block_cls, variable_axes={'params': 0}, split_rngs={'params': True},
+                        in_axes=(nn.broadcast, nn.broadcast), length=n,
+                        metadata_params={nn.PARTITION_NAME: 'layers'})
+        x_BxTxD, aux = stack(c, use_moe, name=name)(x_BxTxD, positions_BxT, segment_ids_BxT)
+      else:
+        auxes = []
+        for i in range(n):
+          x_BxTxD, a = block_cls(c, use_moe, name=f'{name}_{i}')(x_BxTxD, positions_BxT, segment_ids_BxT)
+          auxes.append(a)
+        aux = jax.tree.map(lambda *xs: jnp.stack(xs), *auxes) if auxes and auxes[0] else {}
+      for k, v in aux.items():
+        aux_all[k] = jnp.concatenate([aux_all[k], v]) if k in aux_all else v
+
+    x_BxTxD = RMSNorm(c, name='final_norm')(x_BxTxD)
+    if c.tie_embeddings:
+      head_DxV = embedding.T
+    else:
+      head_DxV = self.param('head', nn.with_logical_partitioning(param_init(c), ('embed', 'vocab')),
+                            (c.d_model, c.vocab_size), pdt)
+    logits_BxTxV = jnp.einsum('btd,dv->btv', x_BxTxD, head_DxV.astype(cdt), preferred_element_type=jnp.float32)
+    return constrain(logits_BxTxV, ('batch', 'length', 'act_vocab')), aux_all
+
+
+def make_model(model_cfg) -> Transformer:
+  return Transformer(ml_collections.FrozenConfigDict(model_cfg))
