@@ -51,6 +51,8 @@ def main(argv: list[str] | None = None):
     fail(cmd, _one_line(e))
   except UserError as e:  # raised by a config file's get_config while flags are parsed
     fail(cmd, str(e))
+  except (AttributeError, KeyError, TypeError, ValueError, OSError) as e:  # config_flags errors
+    fail(cmd, _override_error(cmd_argv, e))
   logging.use_absl_handler()
   logging.set_verbosity(logging.INFO if flags.FLAGS['verbosity'].present else logging.WARNING)
   try:
@@ -61,6 +63,28 @@ def main(argv: list[str] | None = None):
     print(f'sktlm {cmd}: interrupted', file=sys.stderr)
     sys.exit(130)
   sys.exit(rc or 0)
+
+
+def _override_error(argv: list[str], e: Exception) -> str:
+  """Names the `--config.key=value` override that config_flags could not apply."""
+  from sktlm import configs
+  spec = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), None)
+  try:
+    config = configs.load_config(spec) if spec else None
+  except configs.UserError as err:  # e.g. the config file does not exist
+    return str(err)
+  except Exception:  # noqa: BLE001 - fall back to the generic message
+    config = None
+  for arg in argv[1:]:
+    name, _, value = arg.lstrip('-').partition('=')
+    root, dot, path = name.partition('.')
+    if root != 'config' or not dot or config is None:
+      continue
+    try:
+      configs.apply_overrides(config, {path: value})
+    except configs.UserError as err:
+      return str(err)
+  return f'bad flag value: {_one_line(e)}'
 
 
 def _one_line(e: Exception) -> str:

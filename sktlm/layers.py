@@ -6,6 +6,7 @@ logical names too. The mapping to mesh axes lives in config.sharding_rules (see 
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import flax.linen as nn
@@ -25,8 +26,22 @@ def param_init(config, scale_by_depth: bool = False):
   return nn.initializers.normal(stddev=std)
 
 
+_MESH: list = []  # the mesh activation constraints refer to, set while a step is traced
+
+
+@contextlib.contextmanager
+def activation_mesh(mesh):
+  """Makes `constrain` bind to `mesh` (jax.set_mesh cannot be entered inside jit)."""
+  _MESH.append(mesh)
+  try:
+    yield
+  finally:
+    _MESH.pop()
+
+
 def constrain(x, names):
-  return nn.with_logical_constraint(x, names)
+  """Logical sharding constraint on an activation; a no-op outside activation_mesh (e.g. plain init)."""
+  return nn.with_logical_constraint(x, names, mesh=_MESH[-1] if _MESH else None)
 
 
 class RMSNorm(nn.Module):

@@ -183,7 +183,7 @@ def run(config, workdir: str) -> int:
     """Fetches step s's metrics (the only host sync), checks finiteness, logs every log_every steps."""
     m = jax.device_get(metrics)
     if not math.isfinite(float(m['loss'])):
-      raise Diverged(f'loss is {float(m["loss"])} at step {s}')
+      raise Diverged(f'loss is not finite ({float(m["loss"])}) at step {s}')
     window.append(m)
     if s % t.log_every == 0 or s == t.steps:
       now = time.time()
@@ -253,7 +253,8 @@ def run(config, workdir: str) -> int:
         summary['status'] = 'done'
   except Diverged as e:
     kept = ckpt.latest_step()
-    summary.update(status='diverged', message=f'{e}; last good checkpoint: step {kept}')
+    kept = f'last good checkpoint kept: step {kept}' if kept is not None else 'no checkpoint was saved before'
+    summary.update(status='diverged', message=f'{e}; {kept}')
     raise UserError(summary['message']) from None
   except Exception as e:
     summary.update(status='failed', message=f'{type(e).__name__}: {e}'[:2000])

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import optax
 
 from sktlm import model as model_lib
-from sktlm import optim, sharding
+from sktlm import layers, optim, sharding
 from sktlm.errors import UserError
 
 BATCH_KEYS = ('inputs', 'targets', 'segment_ids', 'positions', 'weights')
@@ -113,7 +113,7 @@ def make_train_step(config, model, tx, schedule, batch_sharding):
       zero_aux = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero_aux)
       (grads, aux), _ = jax.lax.scan(body, (zero_g, zero_aux), micro)
       aux = {k: (v if k == 'ce_sum' else v / n_micro) for k, v in aux.items()}
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {'loss': aux.pop('ce_sum') / denom, 'grad_norm': grad_norm, 'lr': schedule(state.step), **aux}
@@ -159,7 +159,7 @@ def build(config, mesh) -> Setup:
     params = model.init(rng, jnp.zeros((1, seq_len), jnp.int32))['params']
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
-  with mesh, nn.logical_axis_rules(rules):
+  with nn.logical_axis_rules(rules):
     abstract_boxed = jax.eval_shape(init_boxed, jax.random.PRNGKey(0))
   state_shardings = sharding.shardings_for(abstract_boxed, mesh, rules)
   abstract_unboxed = nn.meta.unbox(abstract_boxed)
@@ -170,8 +170,9 @@ def build(config, mesh) -> Setup:
   batch_shardings = {k: batch_shard for k in BATCH_KEYS}
 
   def with_context(fn):
+    # The mesh and rules must be set while tracing, or activation constraints are silently skipped.
     def wrapped(*args):
-      with nn.logical_axis_rules(rules):
+      with layers.activation_mesh(mesh), nn.logical_axis_rules(rules):
         return fn(*args)
     return wrapped
 
