@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sktlm import model as model_lib
 from sktlm import layers, optim, sharding
+from sktlm import model as model_lib
 from sktlm.errors import UserError
 
 BATCH_KEYS = ('inputs', 'targets', 'segment_ids', 'positions', 'weights')

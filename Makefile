@@ -1,0 +1,40 @@
+# Two commands do all the set-up on a fresh machine with Python 3.11+:
+#   make main   # venv + install, then the default sweep on the embedded corpus, scaling fits and plots
+#   make test   # venv + install (with test extras), then the default test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+SWEEP_DIR ?= runs/model_sizes
+
+.PHONY: main test test-all setup setup-test lint bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+setup: $(BIN)/python
+	$(BIN)/python -m pip install -q -e .
+
+setup-test: $(BIN)/python
+	$(BIN)/python -m pip install -q -e '.[test,ray]'
+
+main: setup
+	$(BIN)/sktlm sweep sweeps/model_sizes.py --workdir=$(SWEEP_DIR)
+	$(BIN)/sktlm scaling $(SWEEP_DIR) --out=$(SWEEP_DIR)/report
+	@echo "report: $(SWEEP_DIR)/report/report.md"
+
+test: setup-test
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test-all: setup-test
+	$(BIN)/python -m pytest -q
+
+lint: setup-test
+	$(BIN)/ruff check .
+
+bench: setup
+	$(BIN)/python benchmarks/bench_train.py
+	$(BIN)/python benchmarks/bench_data.py
+
+clean:
+	rm -rf $(VENV) runs

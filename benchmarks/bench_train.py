@@ -1,0 +1,89 @@
+"""Train-step throughput against the matmul peak measured in the same run.
+
+  python benchmarks/bench_train.py [--d_model=256 --n_layers=6 --n_heads=8 --seq_len=256 --batch=16]
+
+Prints, for float32 and bfloat16 compute: tokens/s, step time, compile time, and the fraction of the
+float32 / bfloat16 matmul peak (one large jitted matmul, measured here, interleaved with the step timings so
+that both see the same machine load). FLOPs per token = 6N + 12 L d T (N: all matmul weights incl. the
+output head), i.e. sktlm.flops 'exact'.
+"""
+
+import argparse
+import os
+import sys
+import time
+
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from sktlm import chips, configs, flops, sharding, train  # noqa: E402
+
+
+def bench(dtype, args, repeats):
+  config = configs.load_config('experiments/lm.py:size=tiny', {
+      'model.d_model': args.d_model, 'model.n_layers': args.n_layers, 'model.n_heads': args.n_heads,
+      'model.n_kv_heads': args.n_heads, 'model.d_ff': args.d_ff or 4 * args.d_model,
+      'model.vocab_size': 384, 'model.dtype': dtype, 'model.remat': args.remat,
+      'data.seq_len': args.seq_len, 'train.batch_size': args.batch, 'mesh.data': 1})
+  mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])
+  setup = train.build(config, mesh)
+  state = setup.init_state(jax.random.PRNGKey(0))
+  rng = np.random.default_rng(0)
+  B, T = args.batch, args.seq_len
+  batch = {'inputs': rng.integers(3, 259, (B, T)), 'targets': rng.integers(3, 259, (B, T)),
+           'segment_ids': np.ones((B, T)), 'positions': np.tile(np.arange(T), (B, 1)),
+           'weights': np.ones((B, T))}
+  batch = {k: v.astype(np.float32 if k == 'weights' else np.int32) for k, v in batch.items()}
+  batch = train.device_batch(batch, setup, B)
+  t0 = time.perf_counter()
+  step = setup.train_step.lower(state, batch).compile()
+  compile_s = time.perf_counter() - t0
+  for _ in range(2):
+    state, m = step(state, batch)
+  jax.block_until_ready(m)
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+      state, m = step(state, batch)
+    jax.block_until_ready(m)
+    times.append((time.perf_counter() - t0) / args.steps)
+  fpt = flops.flops_per_token(config.model, T)['exact']
+  return min(times), compile_s, fpt, B * T
+
+
+def main():
+  p = argparse.ArgumentParser()
+  p.add_argument('--d_model', type=int, default=256)
+  p.add_argument('--n_layers', type=int, default=6)
+  p.add_argument('--n_heads', type=int, default=8)
+  p.add_argument('--d_ff', type=int, default=0, help='0: 4 * d_model')
+  p.add_argument('--seq_len', type=int, default=256)
+  p.add_argument('--batch', type=int, default=16)
+  p.add_argument('--steps', type=int, default=5)
+  p.add_argument('--repeats', type=int, default=3)
+  p.add_argument('--remat', default='none')
+  p.add_argument('--dtypes', default='float32,bfloat16')
+  args = p.parse_args()
+  print(f'devices: {jax.devices()[0].device_kind} x{jax.device_count()}; dims d={args.d_model} L={args.n_layers} '
+        f'H={args.n_heads} T={args.seq_len} B={args.batch}')
+  results = {}
+  for dtype in args.dtypes.split(','):
+    peak_before = chips.measure_matmul_peak(dtype, n=2048, repeats=5)
+    step_s, compile_s, fpt, tokens = bench(dtype, args, args.repeats)
+    peak_after = chips.measure_matmul_peak(dtype, n=2048, repeats=5)
+    peak = max(peak_before, peak_after)
+    tps = tokens / step_s
+    results[dtype] = tps
+    print(f'{dtype:>9}: {tps:10,.0f} tok/s  step {1e3 * step_s:7.1f} ms  compile {compile_s:5.1f} s  '
+          f'achieved {tps * fpt / 1e9:6.1f} GFLOP/s = {100 * tps * fpt / peak:5.1f}% of the {dtype} matmul peak '
+          f'({peak / 1e9:.0f} GFLOP/s)')
+  if 'float32' in results and 'bfloat16' in results:
+    print(f'bfloat16 / float32 tokens/s: {results["bfloat16"] / results["float32"]:.2f}x')
+
+
+if __name__ == '__main__':
+  main()
