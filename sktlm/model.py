@@ -16,6 +16,7 @@ import ml_collections
 from sktlm import flops
 from sktlm.layers import Mlp, RMSNorm, constrain, dtype, param_init, rope
 
+ONE_HOT_EMBED_MAX_VOCAB = 2048  # above this, a gather is cheaper than the one-hot matmul
 NEG_INF = -1e30  # finite: a fully masked row cannot occur (a token always sees itself), but stay NaN-safe
 
 
@@ -132,7 +133,12 @@ class Transformer(nn.Module):
 
     embedding = self.param('embedding', nn.with_logical_partitioning(param_init(c), ('vocab', 'embed')),
                            (c.vocab_size, c.d_model), pdt)
-    x_BxTxD = jnp.take(embedding, tokens_BxT, axis=0).astype(cdt)
+    if c.vocab_size <= ONE_HOT_EMBED_MAX_VOCAB:
+      # Small vocabularies: a one-hot matmul, whose gradient is a matmul rather than a scatter-add.
+      onehot_BxTxV = jax.nn.one_hot(tokens_BxT, c.vocab_size, dtype=cdt)
+      x_BxTxD = jnp.einsum('btv,vd->btd', onehot_BxTxV, embedding.astype(cdt))
+    else:
+      x_BxTxD = jnp.take(embedding, tokens_BxT, axis=0).astype(cdt)
     x_BxTxD = constrain(x_BxTxD, ('batch', 'length', 'act_embed'))
 
     block_cls = _block_cls(c)

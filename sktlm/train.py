@@ -51,7 +51,10 @@ def cross_entropy(logits_BxTxV, targets_BxT, weights_BxT):
   """Per-token cross-entropy and log(Z)^2 in float32; returns (weighted CE sum, weighted z^2 sum)."""
   logits = logits_BxTxV.astype(jnp.float32)
   log_z_BxT = jax.nn.logsumexp(logits, axis=-1)
-  target_logit_BxT = jnp.take_along_axis(logits, targets_BxT[..., None], axis=-1)[..., 0]
+  # A one-hot product instead of take_along_axis: its gradient is elementwise, not a scatter-add (slow
+  # on CPU), and it shards over a vocab-sharded logits axis without gathering.
+  onehot_BxTxV = jax.nn.one_hot(targets_BxT, logits.shape[-1], dtype=logits.dtype)
+  target_logit_BxT = jnp.sum(logits * onehot_BxTxV, axis=-1)
   ce_BxT = log_z_BxT - target_logit_BxT
   return jnp.sum(ce_BxT * weights_BxT), jnp.sum(jnp.square(log_z_BxT) * weights_BxT)
 

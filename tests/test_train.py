@@ -184,6 +184,7 @@ def test_non_finite_loss_stops_with_a_clear_error(data_dir, tmp_path):
     (['--config.train.stepz=5'], 'train.stepz'),
     (['--config.train.steps=abc'], 'train.steps'),
     (['--config.mesh.data=3'], 'mesh'),
+    (['--config.mesh.data=1', '--config.mesh.tensor=8'], 'does not divide mesh axes'),  # 4 heads over 8
     (['--config.data.name=text_files', '--config.data.path=/nonexistent/corpus'], '/nonexistent/corpus'),
     (['--config.data.name=no_such_dataset_xyz'], 'no_such_dataset_xyz'),
     (['--config=experiments/lm.py:size=huge'], 'huge'),
