@@ -124,6 +124,8 @@ def _restore_or_init(config, setup, ckpt, it, workdir, rng):
 def run(config, workdir: str) -> int:
   """Trains per `config` in `workdir`; returns the process exit code (0 done, 143 preempted)."""
   if config.distributed.initialize:
+    # CPU hosts need a collectives backend for cross-process reductions (GPU/TPU ignore this setting).
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
     kw = {}
     if config.distributed.coordinator_address:
       kw = dict(coordinator_address=config.distributed.coordinator_address,
@@ -134,8 +136,9 @@ def run(config, workdir: str) -> int:
   tokenizer = data.get_tokenizer(config.data)
   resolve_vocab(config, tokenizer)
   harmless = _check_workdir_config(workdir, config)
-  _check_tokenizer(workdir, tokenizer)
-  if harmless:
+  if jax.process_index() == 0:
+    _check_tokenizer(workdir, tokenizer)
+  if harmless and jax.process_index() == 0:
     print(f'config changed since the last start (allowed): {"; ".join(harmless)}')
   if jax.process_index() == 0:
     write_json(os.path.join(workdir, 'config.json'), configs.to_dict(config))
@@ -149,7 +152,8 @@ def run(config, workdir: str) -> int:
   ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), keep=t.keep_checkpoints,
                       async_save=t.async_checkpoint)
   state, start, origin = _restore_or_init(config, setup, ckpt, it, workdir, jax.random.PRNGKey(config.seed))
-  print(f'{origin}; mesh {dict(mesh.shape)}; {flops.human(flops.param_counts(config.model)["total"])} params')
+  if pidx == 0:
+    print(f'{origin}; mesh {dict(mesh.shape)}; {flops.human(flops.param_counts(config.model)["total"])} params')
 
   counts = flops.param_counts(config.model)
   fpt = flops.flops_per_token(config.model, T)
@@ -165,8 +169,8 @@ def run(config, workdir: str) -> int:
     eval_batches = [train.device_batch(b, setup, B) for b in data.make_eval_batches(
         config.data, batch_size=B, num_batches=t.eval_batches, process_index=pidx, process_count=pcount)]
 
-  writer = MetricsWriter(workdir, tensorboard=config.metrics.tensorboard and pidx == 0,
-                         progress=config.metrics.progress, total_steps=t.steps)
+  writer = MetricsWriter(workdir, tensorboard=config.metrics.tensorboard, progress=config.metrics.progress,
+                         total_steps=t.steps, enabled=pidx == 0)
   summary = {'status': 'running', 'steps': t.steps, 'seq_len': T, 'batch_size': B, 'params': counts,
              'flops_per_token': fpt, 'compile_time_s': compile_s, 'peak_flops': peak, 'peak_source': peak_src}
   evals: list[float] = []
@@ -271,6 +275,8 @@ def run(config, workdir: str) -> int:
     summary['mfu'] = summary['tokens_per_s'] * fpt['exact'] / peak
     if pidx == 0:
       write_json(os.path.join(workdir, 'summary.json'), summary)
+  if pidx != 0:
+    return exit_code
   print(f"{summary['status']}: step {step}, train loss {summary.get('final_train_loss', float('nan')):.4f}, "
         f"eval loss {summary.get('final_eval_loss', float('nan')):.4f}, {summary['tokens_per_s']:,.0f} tok/s")
   return exit_code

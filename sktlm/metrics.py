@@ -11,11 +11,14 @@ import time
 
 class MetricsWriter:
 
-  def __init__(self, workdir: str, *, tensorboard: bool = True, progress: bool = True, total_steps: int = 0):
+  def __init__(self, workdir: str, *, tensorboard: bool = True, progress: bool = True, total_steps: int = 0,
+               enabled: bool = True):
+    """enabled=False (non-leader hosts of a multi-host run): records are dropped, nothing is written."""
+    self.enabled = enabled
     self.path = os.path.join(workdir, 'metrics.jsonl')
-    self._file = open(self.path, 'a', buffering=1)  # line-buffered: a killed run keeps every full record
+    self._file = open(self.path, 'a', buffering=1) if enabled else None  # line-buffered: a kill keeps records
     self._tb = None
-    if tensorboard:
+    if tensorboard and enabled:
       from tensorboardX import SummaryWriter  # writes event files without TensorFlow
       self._tb = SummaryWriter(os.path.join(workdir, 'tb'))
     self._tty = progress and sys.stderr.isatty()
@@ -23,6 +26,8 @@ class MetricsWriter:
     self._t0 = time.time()
 
   def write(self, record: dict) -> None:
+    if not self.enabled:
+      return
     record = {k: _jsonable(v) for k, v in record.items()}
     self._file.write(json.dumps(record) + '\n')
     if self._tb is not None:
@@ -50,6 +55,8 @@ class MetricsWriter:
       print(line, file=sys.stderr, flush=True)
 
   def close(self) -> None:
+    if not self.enabled:
+      return
     if self._tty:
       print(file=sys.stderr)
     self._file.close()
