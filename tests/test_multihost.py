@@ -3,6 +3,7 @@ jax.distributed (gloo collectives), each feeding only its half of every global b
 a single process with 8 devices."""
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -35,7 +36,7 @@ def test_two_processes_match_one(data_dir, tmp_path):
   multi = tmp_path / 'multi'
   port = free_port()
   env = {'XLA_FLAGS': '--xla_force_host_platform_device_count=4', 'JAX_PLATFORMS': 'cpu'}
-  import os
+
   procs = []
   for pid in range(2):
     args = [*common, f'--workdir={multi}', '--config.distributed.initialize=True',
@@ -44,7 +45,7 @@ def test_two_processes_match_one(data_dir, tmp_path):
     procs.append(subprocess.Popen([sys.executable, '-m', 'sktlm.cli', *args], cwd=ROOT, text=True,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **env}))
   outs = [p.communicate(timeout=300) for p in procs]
-  for p, (out, err) in zip(procs, outs, strict=True):
+  for p, (_, err) in zip(procs, outs, strict=True):
     assert p.returncode == 0, err[-3000:]
   assert 'done: step 6' in outs[0][0] and 'done' not in outs[1][0]  # only the leader reports
   a, b = losses(single), losses(multi)
