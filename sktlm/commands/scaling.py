@@ -1,0 +1,55 @@
+"""`sktlm scaling SWEEP_DIR [SWEEP_DIR ...] --out=report/`: fit scaling laws, write report.md, plots, fits.json.
+
+A SWEEP_DIR holds results.csv (from `sktlm sweep`) or run workdirs (summary.json); several sweeps are
+fitted separately and drawn on shared figures (e.g. two architectures). See docs/scaling.md.
+Never imports jax: runs on any machine that has the result files.
+"""
+
+from __future__ import annotations
+
+from absl import flags
+
+from sktlm.errors import UserError
+
+_OUT = flags.DEFINE_string('out', None, 'output folder for report.md, fits.json and the plots')
+_N = flags.DEFINE_enum('n', 'non_embedding', ['non_embedding', 'total', 'active'],
+                       'parameter count used as N (non_embedding: Kaplan et al.; active: MoE per-token)')
+_LOSS = flags.DEFINE_enum('loss', 'best_eval', ['best_eval', 'final_eval', 'final_train'], 'loss per run')
+_FLOPS = flags.DEFINE_enum('flops', 'exact', ['exact', '6N'], 'FLOP convention for C (see sktlm/flops.py)')
+_TARGET_PARAMS = flags.DEFINE_float('target_params', None, 'predict the loss of a model with this N')
+_TARGET_TOKENS = flags.DEFINE_float('target_tokens', None, 'with --target_params: trained on this many tokens')
+_TARGET_FLOPS = flags.DEFINE_float('target_flops', None,
+                                   'predict loss and compute-optimal N, D at this budget (default 6 N D of the '
+                                   'target config when given)')
+_BOOTSTRAP = flags.DEFINE_integer('bootstrap', 200, 'bootstrap resamples for the intervals (0: none)')
+_SEED = flags.DEFINE_integer('seed', 0, 'bootstrap seed')
+_LABELS = flags.DEFINE_list('labels', None, 'names of the sweeps in plots and tables (default: folder names)')
+_DELTA = flags.DEFINE_float('huber_delta', 1e-3, 'Huber delta on log-loss residuals (Hoffmann et al.: 1e-3)')
+_GAP = flags.DEFINE_float('isoflop_gap', 1.25,
+                          'runs without a declared budget are grouped while sorted compute grows by <= this factor')
+_CURVES = flags.DEFINE_bool('curves', True, 'read metrics.jsonl of each run for the loss-curve plots')
+
+
+def main(argv):
+  from sktlm.scaling import report  # numpy/scipy/matplotlib only
+
+  paths = argv[1:]
+  if not _OUT.value:
+    raise UserError('--out=<folder> is required')
+  for name, v in (('target_params', _TARGET_PARAMS.value), ('target_tokens', _TARGET_TOKENS.value),
+                  ('target_flops', _TARGET_FLOPS.value), ('huber_delta', _DELTA.value)):
+    if v is not None and not v > 0:
+      raise UserError(f'--{name} must be > 0, got {v}')
+  if _TARGET_TOKENS.value and not _TARGET_PARAMS.value:
+    raise UserError('--target_tokens needs --target_params')
+  if _BOOTSTRAP.value < 0:
+    raise UserError(f'--bootstrap must be >= 0, got {_BOOTSTRAP.value}')
+  if not _GAP.value > 1:
+    raise UserError(f'--isoflop_gap must be > 1, got {_GAP.value}')
+  opts = report.Options(n_key=_N.value, loss_key=_LOSS.value, flops_key=_FLOPS.value, n_boot=_BOOTSTRAP.value,
+                        seed=_SEED.value, delta=_DELTA.value, isoflop_gap=_GAP.value,
+                        target_params=_TARGET_PARAMS.value, target_tokens=_TARGET_TOKENS.value,
+                        target_flops=_TARGET_FLOPS.value, curves=_CURVES.value)
+  report.run(paths, _OUT.value, opts, labels=_LABELS.value)
+  print(f'wrote {_OUT.value}/report.md, fits.json and plots')
+  return 0

@@ -1,0 +1,203 @@
+"""Reading sweep results: results.csv (written by `sktlm sweep`), or run workdirs directly, and curves.
+
+A run row is a dict with the results.csv columns (see docs/scaling.md); numbers are floats (nan when
+missing), `overrides` a dict, `workdir` an absolute path ('' when unknown). Only status=done rows with the
+needed values are used for fits; every other row is reported, never silently lost.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import re
+
+import numpy as np
+
+from sktlm.errors import UserError
+
+NUMERIC = ('n_params_total', 'n_params_non_embedding', 'n_params_active', 'tokens', 'flops_6n', 'flops_exact',
+           'final_train_loss', 'final_eval_loss', 'best_eval_loss', 'wall_time_s', 'tokens_per_s', 'mfu',
+           'budget')
+N_COLUMNS = {'non_embedding': 'n_params_non_embedding', 'total': 'n_params_total', 'active': 'n_params_active'}
+LOSS_COLUMNS = {'best_eval': 'best_eval_loss', 'final_eval': 'final_eval_loss', 'final_train': 'final_train_loss'}
+FLOPS_COLUMNS = {'exact': 'flops_exact', '6N': 'flops_6n'}
+
+
+@dataclasses.dataclass
+class Sweep:
+  label: str
+  path: str
+  rows: list[dict]
+  source: str                       # 'results.csv' or 'workdirs'
+  warnings: list[str] = dataclasses.field(default_factory=list)
+
+
+def _float(v) -> float:
+  if v is None or (isinstance(v, str) and not v.strip()):
+    return math.nan
+  try:
+    return float(v)
+  except (TypeError, ValueError):
+    return math.nan
+
+
+def _budget_from_overrides(overrides: dict) -> float:
+  for k, v in overrides.items():
+    if str(k).split('.')[-1] in ('budget', 'flops_budget', 'compute_budget'):
+      return _float(v)
+  return math.nan
+
+
+def _normalise(row: dict, base_dir: str) -> dict:
+  out = dict(row)
+  for k in NUMERIC:
+    out[k] = _float(row.get(k))
+  ov = row.get('overrides') or {}
+  if isinstance(ov, str):
+    try:
+      ov = json.loads(ov) if ov.strip() else {}
+    except json.JSONDecodeError:
+      ov = {'_raw': ov}
+  out['overrides'] = ov if isinstance(ov, dict) else {'_raw': ov}
+  if math.isnan(out['budget']):
+    out['budget'] = _budget_from_overrides(out['overrides'])
+  out['name'] = str(row.get('name') or os.path.basename(str(row.get('workdir') or '').rstrip('/')) or '?')
+  if math.isnan(out['budget']):  # sktlm.sweep.planners.isoflop names runs 'C-<budget>_size-<size>'
+    m = re.search(r'(?:^|_)C-([0-9.]+(?:e[+-]?[0-9]+)?)(?:_|$)', out['name'])
+    out['budget'] = _float(m.group(1)) if m else math.nan
+  out['status'] = (row.get('status') or 'done').strip()
+  wd = str(row.get('workdir') or '')
+  out['workdir'] = os.path.normpath(os.path.join(base_dir, wd)) if wd else ''
+  return out
+
+
+def read_results_csv(path: str) -> list[dict]:
+  try:
+    with open(path, newline='') as f:
+      reader = csv.DictReader(f)
+      rows = list(reader)
+  except (OSError, csv.Error, UnicodeDecodeError) as e:
+    raise UserError(f'cannot read {path}: {e}') from None
+  if reader.fieldnames is None:
+    raise UserError(f'{path} is empty (no header)')
+  base = os.path.dirname(os.path.abspath(path))
+  return [_normalise(r, base) for r in rows]
+
+
+def row_from_workdir(workdir: str) -> dict:
+  """One results row from a run's summary.json (+ config.json for the size name), no sweep runner needed."""
+  try:
+    with open(os.path.join(workdir, 'summary.json')) as f:
+      s = json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    raise UserError(f'cannot read {workdir}/summary.json: {e}') from None
+  params = s.get('params') or {}
+  flops = s.get('flops') or {}
+  row = dict(name=os.path.basename(os.path.normpath(workdir)), status=s.get('status', 'done'),
+             n_params_total=params.get('total'), n_params_non_embedding=params.get('non_embedding'),
+             n_params_active=params.get('active', params.get('total')), tokens=s.get('tokens'),
+             flops_6n=flops.get('6N'), flops_exact=flops.get('exact'),
+             final_train_loss=s.get('final_train_loss'), final_eval_loss=s.get('final_eval_loss'),
+             best_eval_loss=s.get('best_eval_loss'), wall_time_s=s.get('wall_time_s'),
+             tokens_per_s=s.get('tokens_per_s'), mfu=s.get('mfu'), workdir=os.path.abspath(workdir))
+  try:
+    with open(os.path.join(workdir, 'config.json')) as f:
+      cfg = json.load(f)
+    size = (cfg.get('model') or {}).get('size')
+    if size:
+      row['overrides'] = {'arg.size': size}
+  except (OSError, json.JSONDecodeError, AttributeError):
+    pass
+  return _normalise(row, '')
+
+
+def table_from_workdirs(root: str, max_depth: int = 3) -> list[dict]:
+  """Rows for every run workdir (a folder with summary.json) at or below `root`."""
+  found = []
+  root = os.path.abspath(root)
+  for dirpath, dirnames, filenames in os.walk(root):
+    depth = dirpath[len(root):].count(os.sep)
+    if 'summary.json' in filenames:
+      found.append(dirpath)
+      dirnames[:] = []        # a run's own subfolders (checkpoints/) hold no runs
+    elif depth >= max_depth:
+      dirnames[:] = []
+    dirnames.sort()
+  return [row_from_workdir(w) for w in sorted(found)]
+
+
+def load_sweep(path: str, label: str | None = None) -> Sweep:
+  """A sweep folder with results.csv, a results.csv file, or a folder of run workdirs."""
+  if not os.path.exists(path):
+    raise UserError(f'{path}: no such file or directory')
+  label = label or os.path.basename(os.path.normpath(path if os.path.isdir(path) else os.path.dirname(path)))
+  csv_path = path if os.path.isfile(path) else os.path.join(path, 'results.csv')
+  if os.path.isfile(csv_path):
+    return Sweep(label, path, read_results_csv(csv_path), 'results.csv')
+  rows = table_from_workdirs(path)
+  if not rows:
+    raise UserError(f'{path}: no results.csv and no run workdirs (summary.json) below it')
+  return Sweep(label, path, rows, 'workdirs')
+
+
+def select(sweep: Sweep, n_key: str, loss_key: str, flops_key: str) -> tuple[dict[str, np.ndarray], list[str]]:
+  """Arrays of the done runs with usable values: name, N, D, C, loss, budget, row index; and warnings."""
+  n_col, loss_col, c_col = N_COLUMNS[n_key], LOSS_COLUMNS[loss_key], FLOPS_COLUMNS[flops_key]
+  warnings = []
+  statuses: dict[str, int] = {}
+  keep, bad_vals, c_fallback = [], [], 0
+  for i, r in enumerate(sweep.rows):
+    if r['status'] != 'done':
+      statuses[r['status']] = statuses.get(r['status'], 0) + 1
+      continue
+    n, d, loss, c = r[n_col], r['tokens'], r[loss_col], r[c_col]
+    if not (n > 0 and loss > 0 and math.isfinite(loss)):
+      bad_vals.append(r['name'])
+      continue
+    if not c > 0 and flops_key == '6N' and d > 0:
+      c = 6.0 * n * d
+      c_fallback += 1
+    keep.append((i, r['name'], n, d, c, loss, r['budget']))
+  if statuses:
+    warnings.append(f'{sweep.label}: skipped runs not done: '
+                    + ', '.join(f'{v} {k}' for k, v in sorted(statuses.items())))
+  if bad_vals:
+    warnings.append(f'{sweep.label}: {len(bad_vals)} done run(s) without a usable {n_col} / {loss_col}: '
+                    + ', '.join(bad_vals[:5]) + (' ...' if len(bad_vals) > 5 else ''))
+  if c_fallback:
+    warnings.append(f'{sweep.label}: flops_6n missing for {c_fallback} run(s): used 6 * N * tokens')
+  cols = list(zip(*keep, strict=True)) if keep else [[]] * 7
+  out = dict(index=np.array(cols[0], dtype=int), name=np.array(cols[1], dtype=object),
+             N=np.array(cols[2], dtype=np.float64), D=np.array(cols[3], dtype=np.float64),
+             C=np.array(cols[4], dtype=np.float64), loss=np.array(cols[5], dtype=np.float64),
+             budget=np.array(cols[6], dtype=np.float64))
+  return out, warnings
+
+
+def read_curves(workdir: str) -> dict[str, dict[str, np.ndarray]] | None:
+  """{'train': {step, tokens, flops, flops_6n, loss}, 'eval': {step, tokens, flops, flops_6n, eval_loss}}
+  from metrics.jsonl (last record per (kind, step), as a resumed run may repeat steps), or None."""
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if not workdir or not os.path.isfile(path):
+    return None
+  last: dict[tuple[str, int], dict] = {}
+  with open(path) as f:
+    for line in f:
+      line = line.strip()
+      if not line:
+        continue
+      try:
+        rec = json.loads(line)
+      except json.JSONDecodeError:
+        continue  # a line cut by a crash
+      if isinstance(rec, dict) and rec.get('kind') in ('train', 'eval') and 'step' in rec:
+        last[(rec['kind'], int(rec['step']))] = rec
+  out = {}
+  for kind, loss_key in (('train', 'loss'), ('eval', 'eval_loss')):
+    recs = [last[k] for k in sorted(k for k in last if k[0] == kind)]
+    out[kind] = {key: np.array([_float(r.get(key)) for r in recs], dtype=np.float64)
+                 for key in ('step', 'tokens', 'flops', 'flops_6n', loss_key)}
+  return out

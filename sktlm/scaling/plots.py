@@ -1,0 +1,236 @@
+"""Scaling plots (matplotlib Agg, PNG + SVG): curves, loss vs N, compute frontier, IsoFLOP, residuals.
+
+Each function takes the per-sweep analyses (sktlm.scaling.report.SweepAnalysis) and writes <out>/<name>.png
+and .svg, returning the PNG file name, or None when nothing can be drawn. Sweeps get distinct colours
+(tab10) on shared axes; within a sweep, runs are coloured by size (viridis over log N).
+"""
+
+from __future__ import annotations
+
+import os
+
+import matplotlib
+
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib import colors as mcolors  # noqa: E402
+from matplotlib import ticker  # noqa: E402
+
+from sktlm.scaling import fit as fitlib  # noqa: E402
+
+SWEEP_COLORS = plt.get_cmap('tab10').colors
+plt.rcParams.update({'font.size': 10, 'axes.grid': True, 'grid.alpha': 0.3, 'axes.titlesize': 11})
+
+
+def _save(fig, out: str, name: str) -> str:
+  fig.tight_layout()
+  fig.savefig(os.path.join(out, name + '.png'), dpi=120)
+  fig.savefig(os.path.join(out, name + '.svg'))
+  plt.close(fig)
+  return name + '.png'
+
+
+def sweep_color(i: int):
+  return SWEEP_COLORS[i % len(SWEEP_COLORS)]
+
+
+def _log_loss_axis(ax, ys=None):
+  """Log y axis with plain-number labels (losses span well under a decade: 6x10^0 is hard to read).
+
+  ys: the values that must be visible (points, fitted lines); a wide bootstrap band is clipped to them.
+  """
+  ax.set_yscale('log')
+  if ys is not None:
+    ys = np.asarray(ys, dtype=np.float64)
+    ys = ys[np.isfinite(ys) & (ys > 0)]
+    if ys.size:
+      ax.set_ylim(ys.min() / 1.05, ys.max() * 1.08)
+  fmt = ticker.FuncFormatter(lambda v, _: f'{v:.3g}')
+  ax.yaxis.set_major_formatter(fmt)
+  lo, hi = ax.get_ylim()
+  ax.yaxis.set_minor_formatter(fmt if hi / lo < 12 else ticker.NullFormatter())
+  ax.tick_params(axis='y', which='minor', labelsize=8)
+
+
+def _band(ax, fit, xs, color, d=None):
+  if len(fit.boot) < 2:
+    return
+  preds = np.stack([fit.predict_boot(x) for x in xs], axis=1)
+  q = 100 * (1 - fitlib.CI_LEVEL) / 2
+  lo, hi = np.nanpercentile(preds, [q, 100 - q], axis=0)
+  ax.fill_between(xs, lo, hi, color=color, alpha=0.18, lw=0)
+
+
+def _law_label(fit, var: str) -> str:
+  v = fit.values
+  return f"L = {v['E']:.3g} + {v['A']:.3g} / {var}^{v['alpha']:.3f}"
+
+
+def curves(analyses, out: str, x: str) -> str | None:
+  """Loss curves of every run against tokens or FLOPs; one panel per sweep, colour by size."""
+  have = [a for a in analyses if a.curves]
+  if not have:
+    return None
+  cols = min(len(have), 3)
+  rows = -(-len(have) // cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 4.0 * rows), squeeze=False, sharey=True)
+  xkey = {'tokens': 'tokens', 'flops': analyses[0].flops_curve_key}[x]
+  for ax, a in zip(axes.flat, have, strict=False):
+    ns = np.array([n for n, _ in a.curves.values()])
+    norm = mcolors.LogNorm(vmin=ns.min(), vmax=max(ns.max(), ns.min() * 1.001))
+    cmap = plt.get_cmap('viridis')
+    for n, c in sorted(a.curves.values(), key=lambda nc: nc[0]):
+      color = cmap(norm(n))
+      tr = c['train']
+      ok = (tr[xkey] > 0) & (tr['loss'] > 0)
+      ax.plot(tr[xkey][ok], tr['loss'][ok], color=color, lw=0.9, alpha=0.55)
+      ev = c['eval']
+      ok = (ev[xkey] > 0) & (ev['eval_loss'] > 0)
+      ax.plot(ev[xkey][ok], ev['eval_loss'][ok], 'o-', color=color, ms=3, lw=1.4)
+    ax.set_xscale('log')
+    _log_loss_axis(ax)
+    ax.set_xlabel('training tokens' if x == 'tokens' else f'training FLOPs ({a.opts.flops_key})')
+    ax.set_ylabel('loss (nats/token)')
+    ax.set_title(f'{a.label}: train (thin) and eval (dots) loss')
+    sm = plt.cm.ScalarMappable(norm=norm, cmap=cmap)
+    fig.colorbar(sm, ax=ax, label=f'N ({a.opts.n_key} params)')
+  for ax in list(axes.flat)[len(have):]:
+    ax.set_visible(False)
+  return _save(fig, out, f'curves_{x}')
+
+
+def loss_vs_n(analyses, out: str) -> str | None:
+  if not any(len(a.data['N']) for a in analyses):
+    return None
+  fig, ax = plt.subplots(figsize=(6.5, 4.6))
+  ys = []
+  for i, a in enumerate(analyses):
+    color = sweep_color(i)
+    d = a.data
+    if not len(d['N']):
+      continue
+    ys += list(d['loss'])
+    ax.scatter(d['N'], d['loss'], s=14, color=color, alpha=0.35, lw=0)
+    if a.ln_points is not None:
+      ax.scatter(*a.ln_points, s=36, color=color, edgecolor='k', lw=0.5, zorder=3,
+                 label=f'{a.label}: best run per N')
+    if a.fits.get('L(N)') is not None:
+      f = a.fits['L(N)']
+      lo, hi = np.log10(d['N'].min()), np.log10(max(d['N'].max(), a.opts.target_params or 0))
+      xs = np.logspace(lo - 0.1, hi + 0.1, 120)
+      ax.plot(xs, f.predict(xs), color=color, lw=1.8, label=f'{a.label}: {_law_label(f, "N")}')
+      _band(ax, f, xs, color)
+      ys += list(f.predict(xs))
+  ax.set_xscale('log')
+  _log_loss_axis(ax, ys)
+  ax.set_xlabel(f'N ({analyses[0].opts.n_key} parameters)')
+  ax.set_ylabel(f'{analyses[0].opts.loss_key} loss')
+  ax.set_title(f'Loss vs model size (band: {fitlib.CI_LEVEL:.0%} bootstrap)')
+  ax.legend(fontsize=8)
+  return _save(fig, out, 'loss_vs_n')
+
+
+def frontier(analyses, out: str) -> str | None:
+  if not any(len(a.data['C']) for a in analyses):
+    return None
+  fig, ax = plt.subplots(figsize=(6.5, 4.6))
+  ys = []
+  for i, a in enumerate(analyses):
+    color = sweep_color(i)
+    d = a.data
+    if not len(d['C']):
+      continue
+    ys += list(d['loss'])
+    for _, c in a.curves.values():  # learning curves in the background: the frontier is their envelope
+      ev = c['eval']
+      ok = (ev[a.flops_curve_key] > 0) & (ev['eval_loss'] > 0)
+      ax.plot(ev[a.flops_curve_key][ok], ev['eval_loss'][ok], color=color, lw=0.6, alpha=0.25)
+    ax.scatter(d['C'], d['loss'], s=14, color=color, alpha=0.35, lw=0)
+    if a.lc_points is not None:
+      ax.scatter(*a.lc_points, s=36, color=color, edgecolor='k', lw=0.5, zorder=3,
+                 label=f'{a.label}: frontier runs')
+    if a.fits.get('L(C)') is not None:
+      f = a.fits['L(C)']
+      lo, hi = np.log10(d['C'].min()), np.log10(max(d['C'].max(), a.opts.target_flops or 0))
+      xs = np.logspace(lo - 0.1, hi + 0.1, 120)
+      ax.plot(xs, f.predict(xs), color=color, lw=1.8, label=f'{a.label}: {_law_label(f, "C")}')
+      _band(ax, f, xs, color)
+      ys += list(f.predict(xs))
+  ax.set_xscale('log')
+  _log_loss_axis(ax, ys)
+  ax.set_xlabel(f'training FLOPs C ({analyses[0].opts.flops_key})')
+  ax.set_ylabel(f'{analyses[0].opts.loss_key} loss')
+  ax.set_title('Compute frontier')
+  ax.legend(fontsize=8)
+  return _save(fig, out, 'frontier')
+
+
+def isoflop(analyses, out: str) -> str | None:
+  have = [(i, a) for i, a in enumerate(analyses) if a.fits.get('isoflop') is not None]
+  if not have:
+    return None
+  fig, axes = plt.subplots(len(have), 2, figsize=(11, 4.2 * len(have)), squeeze=False)
+  for (i, a), (ax_l, ax_r) in zip(have, axes, strict=True):
+    iso = a.fits['isoflop']
+    d = a.data
+    cmap = plt.get_cmap('plasma')
+    cs = np.array([b['C'] for b in iso.budgets])
+    norm = mcolors.LogNorm(vmin=cs.min(), vmax=max(cs.max(), cs.min() * 1.001))
+    for b in iso.budgets:
+      color = cmap(0.85 * norm(b['C']))
+      members = a.budget_members[b['C']]
+      ax_l.scatter(d['N'][members], d['loss'][members], color=color, s=22, zorder=3)
+      xs = np.linspace(np.log(b['N_min']) - 0.2, np.log(b['N_max']) + 0.2, 80)
+      ax_l.plot(np.exp(xs), np.polyval(b['coeffs_lnN'], xs), color=color, lw=1.2, label=f"C={b['C']:.2g}")
+      ax_l.plot(b['N_opt'], b['L_opt'], '*', color=color, ms=12, mec='k', mew=0.6, zorder=4)
+    ax_l.set_xscale('log')
+    ax_l.set_xlabel(f'N ({a.opts.n_key} parameters)')
+    ax_l.set_ylabel(f'{a.opts.loss_key} loss')
+    ax_l.set_title(f'{a.label}: IsoFLOP profiles (star: minimum)')
+    ax_l.legend(fontsize=7, ncol=2)
+    color = sweep_color(i)
+    ax_r.scatter(cs, [b['N_opt'] for b in iso.budgets], color=color, edgecolor='k', s=40, zorder=3,
+                 label='IsoFLOP minima')
+    hi = max(cs.max(), a.opts.target_flops or 0)
+    xs = np.logspace(np.log10(cs.min()) - 0.2, np.log10(hi) + 0.2, 100)
+    ax_r.plot(xs, iso.n_opt(xs), color=color, lw=1.8, label=f'IsoFLOP: N_opt = {iso.k:.3g} C^{iso.a:.3f}')
+    if a.fits.get('L(N,D)') is not None:
+      n_opt, _, _ = fitlib.compute_optimal(a.fits['L(N,D)'].values, xs)
+      ax_r.plot(xs, n_opt, '--', color='k', lw=1.2, label='parametric L(N,D) optimum')
+    ax_r.set_xscale('log')
+    ax_r.set_yscale('log')
+    ax_r.set_xlabel(f'C ({a.opts.flops_key} FLOPs)')
+    ax_r.set_ylabel('compute-optimal N')
+    ax_r.set_title(f'{a.label}: compute-optimal model size')
+    ax_r.legend(fontsize=8)
+  return _save(fig, out, 'isoflop')
+
+
+def residuals(analyses, out: str) -> str | None:
+  kinds = [k for k in ('L(N)', 'L(C)', 'L(N,D)') if any(a.fits.get(k) is not None for a in analyses)]
+  if not kinds:
+    return None
+  fig, axes = plt.subplots(1, len(kinds), figsize=(4.6 * len(kinds), 3.8), squeeze=False)
+  for ax, kind in zip(axes[0], kinds, strict=True):
+    for i, a in enumerate(analyses):
+      f = a.fits.get(kind)
+      if f is None:
+        continue
+      if kind == 'L(N)':
+        x, loss = a.ln_points
+        pred = f.predict(x)
+      elif kind == 'L(C)':
+        x, loss = a.lc_points
+        pred = f.predict(x)
+      else:
+        x, loss = a.data['N'], a.data['loss']
+        pred = f.predict(x, a.data['D'])
+      ax.scatter(x, 100 * (loss / pred - 1), s=16, color=sweep_color(i), label=a.label)
+    ax.axhline(0, color='k', lw=0.8)
+    ax.set_xscale('log')
+    ax.set_xlabel('C' if kind == 'L(C)' else 'N')
+    ax.set_ylabel('observed / fitted - 1 (%)')
+    ax.set_title(f'{kind} residuals')
+    ax.legend(fontsize=8)
+  return _save(fig, out, 'residuals')
