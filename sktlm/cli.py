@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None):
   cmd = argv[1]
   if cmd not in COMMANDS:
     fail('', f"unknown command '{cmd}' (known: {', '.join(COMMANDS)})")
-  from absl import app, flags, logging
+  from absl import flags, logging
 
   from sktlm.errors import UserError
 
@@ -45,7 +45,10 @@ def main(argv: list[str] | None = None):
   except UserError as e:
     fail(cmd, str(e))
   cmd_argv = [f'sktlm {cmd}'] + argv[2:]
-  app.define_help_flags()  # --help / --helpfull for this command's flags
+  if any(a in ('-h', '--help', '--helpshort', '--helpfull') for a in argv[2:]):
+    print((module.__doc__ or '').strip() + '\n')
+    print(flags.FLAGS.module_help(module))
+    sys.exit(0)
   try:
     rest = flags.FLAGS(cmd_argv)
   except flags.Error as e:
@@ -54,11 +57,6 @@ def main(argv: list[str] | None = None):
     fail(cmd, str(e))
   except (AttributeError, KeyError, TypeError, ValueError, OSError) as e:  # config_flags errors
     fail(cmd, _override_error(cmd_argv, e))
-  if flags.FLAGS['help'].value or flags.FLAGS['helpfull'].value:
-    doc = (module.__doc__ or '').strip()
-    print(doc + '\n' if doc else '', end='')
-    print(flags.FLAGS.module_help(module) if flags.FLAGS['help'].value else flags.FLAGS)
-    sys.exit(0)
   logging.use_absl_handler()
   logging.set_verbosity(logging.INFO if flags.FLAGS['verbosity'].present else logging.WARNING)
   try:
