@@ -31,6 +31,8 @@ CHIPS: dict[str, Chip] = {c.name: c for c in [
 def chip_for_device_kind(kind: str) -> Chip | None:
   """Maps jax's device.device_kind (e.g. 'TPU v5p', 'TPU v5 lite', 'NVIDIA H100 80GB HBM3') to a Chip."""
   k = kind.lower()
+  if k == 'tpu v5':  # libtpu's compile-only v5p devices (sktlm plan) report the bare generation
+    return CHIPS['v5p']
   for key, name in (('v5 lite', 'v5e'), ('v5e', 'v5e'), ('v5p', 'v5p'), ('v6', 'v6e'), ('v4', 'v4'),
                     ('h200', 'h200'), ('h100', 'h100'), ('a100', 'a100')):
     if key in k:

@@ -39,9 +39,14 @@ def activation_mesh(mesh):
     _MESH.pop()
 
 
+def current_mesh():
+  """The mesh set by activation_mesh (None outside a traced step)."""
+  return _MESH[-1] if _MESH else None
+
+
 def constrain(x, names):
   """Logical sharding constraint on an activation; a no-op outside activation_mesh (e.g. plain init)."""
-  return nn.with_logical_constraint(x, names, mesh=_MESH[-1] if _MESH else None)
+  return nn.with_logical_constraint(x, names, mesh=current_mesh())
 
 
 class RMSNorm(nn.Module):

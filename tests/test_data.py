@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from sktlm import configs, data
-from sktlm.data import builders, sources
+from sktlm.data import packing, builders, sources
 from sktlm.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -159,10 +159,20 @@ def test_eval_batches_deterministic_from_validation(stdlib_dir):
            for p in range(2)]
   np.testing.assert_array_equal(np.concatenate([parts[0][1]['inputs'], parts[1][1]['inputs']]),
                                 e1[1]['inputs'])
+  # Row 0 of the eval batches is the packed validation stream (documents in stored order, bos + bytes + eos)
+  # at the row the fixed eval shuffle puts first; the rows of the batches spread over the whole split.
   src = sources.get_source(cfg)
-  first = src.splits['validation'][0]['text']
-  ids = e1[0]['inputs'][0]
-  assert ids[0] == 1 and bytes((ids[1:] - 3).astype(np.uint8)) == first[:63]
+  val = src.splits['validation']
+  stream = np.concatenate([np.concatenate([[1], np.frombuffer(val[i]['text'], np.uint8).astype(np.int64) + 3,
+                                           [2]]) for i in range(len(val))])
+  L = cfg.seq_len
+  n_rows = -(-(len(stream) - 1) // L)
+  pstream = packing.PackedStream(np.array([len(val[i]['text']) + 2 for i in range(len(val))]), L,
+                                 shuffle=False, repeat=False)
+  r0 = pstream.stream_row(0)
+  np.testing.assert_array_equal(e1[0]['inputs'][0], stream[r0 * L:r0 * L + L])
+  rows = [pstream.stream_row(i) for i in range(8)]
+  assert len(set(rows)) == 8 and max(rows) - min(rows) > n_rows // 4
   train = _take(data.make_train_iter(cfg, batch_size=4, seed=0), 2)
   assert not any(np.array_equal(t['inputs'], e['inputs']) for t in train for e in e1)
 

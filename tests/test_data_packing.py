@@ -21,7 +21,7 @@ def _docs(n, seed=0, max_len=40):
 def _reference_rows(docs, stream, rows, L, pad_id=0):
   """Naive packer: builds the whole stream as Python lists, then cuts rows and labels tokens one by one."""
   tokens, occ = [], []
-  epochs = (rows * L + L + 1) // stream.epoch_tokens + 2
+  epochs = ((rows + stream.row_window) * L + L + 1) // stream.epoch_tokens + 2
   for e in range(epochs if stream.repeat else 1):
     order = stream.epoch_order(e)[0]
     for j, d in enumerate(order):
@@ -29,8 +29,9 @@ def _reference_rows(docs, stream, rows, L, pad_id=0):
       occ += [e * len(docs) + j] * len(docs[d])
   out = []
   for i in range(rows):
-    t = tokens[i * L:i * L + L + 1]
-    o = occ[i * L:i * L + L + 1]
+    r = stream.stream_row(i)  # rows are read in a windowed shuffled order
+    t = tokens[r * L:r * L + L + 1]
+    o = occ[r * L:r * L + L + 1]
     t, o = t + [pad_id] * (L + 1 - len(t)), o + [-1] * (L + 1 - len(o))
     seg, pos, w = [], [], []
     s, p = 0, 0
@@ -55,7 +56,7 @@ def _packed(docs, stream, rows):
 @pytest.mark.parametrize('L,n_docs,max_len', [(8, 5, 30), (16, 40, 40), (64, 3, 5), (7, 1, 100)])
 def test_rows_match_reference(L, n_docs, max_len):
   docs = _docs(n_docs, seed=L, max_len=max_len)
-  stream = packing.PackedStream([len(d) for d in docs], L, seed=3)
+  stream = packing.PackedStream([len(d) for d in docs], L, seed=3, row_window=5)
   rows = 3 * stream.num_rows + 2  # several epochs, documents crossing row and epoch boundaries
   got = _packed(docs, stream, rows)
   ref = _reference_rows(docs, stream, rows, L)
@@ -67,7 +68,7 @@ def test_rows_match_reference(L, n_docs, max_len):
 def test_every_token_once_per_epoch_and_epochs_reshuffled():
   docs = _docs(12, seed=1)
   L = 8
-  stream = packing.PackedStream([len(d) for d in docs], L, seed=7)
+  stream = packing.PackedStream([len(d) for d in docs], L, seed=7, row_window=1)  # stream order
   n_epochs = 4
   rows = n_epochs * stream.epoch_tokens // L + 1
   got = _packed(docs, stream, rows)
@@ -102,7 +103,11 @@ def test_eval_stream_is_one_ordered_pass_then_padding():
   stream = packing.PackedStream([len(d) for d in docs], L, shuffle=False, repeat=False)
   rows = stream.num_rows + 2
   got = _packed(docs, stream, rows)
-  real = got['inputs'][got['segment_ids'] > 0]
+  # Eval rows are read in a fixed shuffled order over the whole split: undo it to see one ordered pass.
+  order = [stream.stream_row(i) for i in range(stream.num_rows)]
+  assert sorted(order) == list(range(stream.num_rows))
+  inv = np.argsort(order)
+  real = np.concatenate([got['inputs'][i][got['segment_ids'][i] > 0] for i in inv])
   np.testing.assert_array_equal(real, np.concatenate(docs)[:len(real)])
   assert len(real) == stream.epoch_tokens  # every token is an input once
   # Each document of n tokens gives n - 1 counted targets (bos is never a target).
@@ -114,3 +119,22 @@ def test_eval_stream_is_one_ordered_pass_then_padding():
 def test_empty_lengths_rejected():
   with pytest.raises(ValueError):
     packing.PackedStream(np.zeros(0, np.int64), 8)
+
+
+def test_row_shuffle_is_a_bijection_within_windows():
+  docs = _docs(30, seed=2)
+  W = 16
+  a = packing.PackedStream([len(d) for d in docs], 8, seed=5, row_window=W)
+  b = packing.PackedStream([len(d) for d in docs], 8, seed=5, row_window=1)
+  perm = [a.stream_row(i) for i in range(4 * W)]
+  for w in range(4):  # each window is a permutation of its own rows, different per window
+    assert sorted(perm[w * W:(w + 1) * W]) == list(range(w * W, (w + 1) * W))
+  assert perm != list(range(4 * W)) and perm[:W] != [p - W for p in perm[W:2 * W]]
+  lookup = lambda d: docs[d]
+  for i in range(2 * W):  # shuffled position i reads exactly the stream row perm[i]
+    np.testing.assert_array_equal(packing.row_arrays(a.pieces(i), lookup, 8, 0)[0],
+                                  packing.row_arrays(b.pieces(perm[i]), lookup, 8, 0)[0])
+  # The default window spans ~2M tokens: a batch mixes rows from many documents.
+  big = packing.PackedStream([40_000] * 100, 256, seed=0)
+  docs_in_batch = {big.pieces(i)[0][1] for i in range(16)}
+  assert len(docs_in_batch) >= 8

@@ -228,8 +228,13 @@ def test_epochs_through_the_api_see_every_document_once(tmp_path):
   docs = _all_texts(src, 'train')
   it = data.make_train_iter(cfg, batch_size=4, seed=5)
   total = sum(len(d.encode()) + 2 for d in docs)
-  n_batches = 3 * total // (4 * 16) + 1
-  stream = np.concatenate([next(it)['inputs'].reshape(-1) for _ in range(n_batches)])
+  # Rows come in a shuffled order within windows: read whole windows, then put rows back in stream order.
+  W = it.rows.stream.row_window
+  n_rows = -(-(3 * total // 16 + 1) // W) * W
+  rows = np.concatenate([next(it)['inputs'] for _ in range(-(-n_rows // 4))])[:n_rows]
+  order = [it.rows.stream.stream_row(i) for i in range(n_rows)]
+  assert sorted(order) == list(range(n_rows))
+  stream = rows[np.argsort(order)].reshape(-1)
   tok = data.get_tokenizer(cfg)
   ends = np.flatnonzero(stream == tok.eos_id)
   texts = [tok.decode(p) for p in np.split(stream, ends + 1)[:3 * len(docs)]]

@@ -5,6 +5,10 @@ order, epoch after epoch (each epoch re-shuffled from (seed, epoch)); documents 
 boundaries. Row i holds stream tokens [i*L, i*L + L] (L + 1 tokens: inputs are the first L, targets the
 last L), so every stream token is a target exactly once and nothing is dropped or duplicated.
 
+Rows are then read in a seeded shuffled order within windows of about ROW_SHUFFLE_TOKENS tokens (a
+bijection on row indices, so still no token lost or repeated): consecutive rows of one long document would
+otherwise fill a whole batch, making batches far noisier than i.i.d. sampling (and evals cover one file).
+
 Because row i is a pure function of (document lengths, seq_len, seed, i), the stream depends only on
 (dataset, tokenizer, seq_len, seed): batch size, host count and model size merely group rows. Resuming is
 "start at row k", and each host computes exactly its own rows of a global batch.
@@ -19,6 +23,8 @@ import numpy as np
 
 # Keeps the shuffle independent of anything else seeded with the run's seed.
 _SHUFFLE_SALT = 0x5EED_DA7A
+_ROW_SALT = 0x0520_5EED
+ROW_SHUFFLE_TOKENS = 2**21  # rows are shuffled within windows this large (fits the document cache)
 
 
 class PackedStream:
@@ -29,22 +35,42 @@ class PackedStream:
   """
 
   def __init__(self, lengths: np.ndarray, seq_len: int, seed: int = 0, shuffle: bool = True,
-               repeat: bool = True):
+               repeat: bool = True, row_window: int | None = None):
     self.lengths = np.asarray(lengths, np.int64)
     if self.lengths.ndim != 1 or len(self.lengths) == 0 or self.lengths.sum() == 0:
       raise ValueError('packing needs at least one non-empty document')
     self.seq_len, self.seed, self.shuffle, self.repeat = seq_len, seed, shuffle, repeat
     self.num_docs = len(self.lengths)
     self.epoch_tokens = int(self.lengths.sum())
+    # Training streams shuffle rows within fixed windows; the (finite) eval stream within the whole split,
+    # with a fixed order, so any number of eval batches samples the split evenly.
+    if row_window is None:
+      row_window = max(1, min(ROW_SHUFFLE_TOKENS // seq_len, self.num_rows)) if repeat else self.num_rows
+    self.row_window = row_window  # 1: rows in stream order
     self._epochs: collections.OrderedDict[int, tuple[np.ndarray, np.ndarray]] = collections.OrderedDict()
+    self._windows: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()
     self._lock = threading.Lock()
 
   def __getstate__(self):
-    return {k: v for k, v in self.__dict__.items() if k not in ('_epochs', '_lock')}
+    return {k: v for k, v in self.__dict__.items() if k not in ('_epochs', '_windows', '_lock')}
 
   def __setstate__(self, state):
     self.__dict__.update(state)
-    self._epochs, self._lock = collections.OrderedDict(), threading.Lock()
+    self._epochs, self._windows, self._lock = collections.OrderedDict(), collections.OrderedDict(), threading.Lock()
+
+  def stream_row(self, row: int) -> int:
+    """The packed-stream row read at position `row`: a seeded permutation within each window."""
+    window, offset = divmod(row, self.row_window)
+    if not self.repeat and window > 0:
+      return row  # past the end of the eval stream: padding rows, order irrelevant
+    with self._lock:
+      perm = self._windows.get(window)
+      if perm is None:
+        perm = np.random.default_rng([_ROW_SALT, self.seed, window]).permutation(self.row_window)
+        self._windows[window] = perm
+        while len(self._windows) > 4:
+          self._windows.popitem(last=False)
+    return window * self.row_window + int(perm[offset])
 
   @property
   def num_rows(self) -> int:
@@ -75,7 +101,7 @@ class PackedStream:
     Past the end of a non-repeating stream the pieces stop short (the caller pads).
     """
     need = self.seq_len + 1
-    pos = row * self.seq_len
+    pos = self.stream_row(row) * self.seq_len
     out = []
     while need > 0:
       epoch, offset = divmod(pos, self.epoch_tokens)

@@ -1,0 +1,82 @@
+"""`sktlm sweep sweeps/model_sizes.py[:arg] --workdir=runs/sizes [--parallel=2] [--backend=local|ray]`
+
+Runs every run of a sweep file as its own `sktlm train` process under <workdir>/<run name>/ and writes
+<workdir>/results.csv and results.json. Rerunning the same command skips finished runs and resumes the
+others. `--dry_run` prints the plan (N, D, C, estimated time) and starts nothing. See docs/sweeps.md.
+"""
+
+import shlex
+import signal
+
+from absl import flags
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'sweep directory: one sub-directory per run, results.csv')
+_DRY_RUN = flags.DEFINE_bool('dry_run', False, 'print the plan (runs, N, D, C, estimated time) and exit')
+_PARALLEL = flags.DEFINE_integer('parallel', 0, 'runs at once (0: 1 for local, as many as the Ray '
+                                 'cluster fits for ray)')
+_BACKEND = flags.DEFINE_enum('backend', 'local', ['local', 'ray'], 'local processes or Ray tasks')
+_RAY_ADDRESS = flags.DEFINE_string('ray_address', '', "join this Ray cluster ('auto', 'ray://host:10001'); "
+                                   "'' starts a local one")
+_RAY_NUM_CPUS = flags.DEFINE_integer('ray_num_cpus', 0, 'CPUs of a locally started Ray cluster (0: all)')
+_RETRY_FAILED = flags.DEFINE_bool('retry_failed', True, 'rerun runs that failed before (they resume from '
+                                  'their checkpoints); false keeps their failure')
+_FLOPS_PER_S = flags.DEFINE_float('flops_per_s', 0.0, 'throughput for --dry_run time estimates (default: '
+                                  'measured from finished runs in --workdir, else an assumed CPU figure)')
+_TRAIN_COMMAND = flags.DEFINE_string('train_command', '', "command that trains one run (default: this "
+                                     "python's `-m sktlm.cli train`); run flags are appended")
+_STATUS = flags.DEFINE_bool('status', False, 'print the status table of --workdir and exit (starts nothing)')
+
+
+def main(argv):
+  from sktlm.errors import UserError
+  from sktlm.sweep import plan, spec
+  if len(argv) != 2:
+    raise UserError('give one sweep file, e.g. `sktlm sweep sweeps/model_sizes.py --workdir=runs/sizes`'
+                    + (f' (got: {" ".join(argv[1:])})' if len(argv) > 2 else ''))
+  sd = spec.load_sweep_file(argv[1])
+  runs = plan.resolve(sd)
+  if _DRY_RUN.value:
+    rate, source = plan.throughput(_WORKDIR.value, _FLOPS_PER_S.value)
+    print(f'sweep {argv[1]}: base config {sd.base}' + (f', common {sd.common}' if sd.common else ''))
+    print(plan.plan_table(runs, rate, source, max(1, _PARALLEL.value)))
+    return 0
+  if not _WORKDIR.value:
+    raise UserError('--workdir is required (or --dry_run)')
+  from sktlm.sweep import progress, runner
+  if _STATUS.value:
+    import os
+    views = [progress.run_view(r.name, _disk_status(os.path.join(_WORKDIR.value, r.name)), r.steps,
+                               os.path.join(_WORKDIR.value, r.name), None) for r in runs]
+    progress.Display(tty=False).final(views, f'sweep {_WORKDIR.value}')
+    return 0
+  if _PARALLEL.value < 0:
+    raise UserError('--parallel must be >= 0')
+  if _BACKEND.value == 'ray':
+    from sktlm.sweep.ray_backend import RayBackend
+    backend = RayBackend(_RAY_ADDRESS.value, _PARALLEL.value, _RAY_NUM_CPUS.value or None)
+  else:
+    backend = runner.LocalBackend(_PARALLEL.value or 1)
+  train_cmd = shlex.split(_TRAIN_COMMAND.value) if _TRAIN_COMMAND.value else None
+  signal.signal(signal.SIGTERM, _raise_interrupt)
+  rows = runner.run_sweep(runs, _WORKDIR.value, backend, common=sd.common, train_cmd=train_cmd,
+                          retry_failed=_RETRY_FAILED.value)
+  bad = [r for r in rows if r['status'] != 'done']
+  print(f'results: {_WORKDIR.value}/results.csv ({len(rows) - len(bad)} of {len(rows)} runs done)')
+  return 1 if bad else 0
+
+
+def _disk_status(run_dir: str) -> str:
+  from sktlm.sweep import execute, locks
+  s = execute.summary(run_dir) or {}
+  if s.get('status') in execute.TERMINAL:
+    return s['status']
+  lock = locks.read(f'{run_dir}/{execute.LOCK}')
+  if lock is not None and not locks.is_stale(lock):
+    return 'running'
+  rec = execute.read_json(f'{run_dir}/{execute.RECORD}') or {}
+  return (rec.get('attempts') or [{}])[-1].get('status', 'pending')
+
+
+def _raise_interrupt(signum, frame):
+  del signum, frame
+  raise KeyboardInterrupt

@@ -1,0 +1,311 @@
+"""Plan a config on a target without allocating it: counts, bytes per device, AOT compile, fit verdict.
+
+Targets: 'cpu:N' (N simulated host devices; the process must have been started with at least N, see
+sktlm/commands/plan.py) or a TPU topology name such as 'v5p:8x16x16' (compile-only devices from libtpu,
+`pip install 'jax[tpu]==<jax version>'`; nothing runs on a TPU). The real train step of sktlm.train is
+lowered with abstract inputs (jax.ShapeDtypeStruct carrying shardings) and compiled for the target; XLA's
+memory_analysis gives the per-device footprint, compared with the chip table in sktlm.chips.
+
+FLOPs: the analytic count (sktlm.flops, `exact` convention: full T x T attention) is the reference. Two
+compiled-side figures are reported: XLA's cost_analysis (per device; it counts a while-loop body once, so
+with scan_layers it covers one layer per stack) and the matmul FLOPs of the traced step (the jaxpr of the
+real train step: dot_general and ragged_dot, scan bodies x length, rematerialised forwards included).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import time
+
+import jax
+import numpy as np
+
+from sktlm import chips, flops, sharding, train
+from sktlm.errors import UserError
+
+GiB = chips.GiB
+TPU_KINDS = ('v4', 'v5e', 'v5p', 'v6e')
+
+
+@dataclasses.dataclass
+class Target:
+  name: str
+  platform: str             # 'cpu' | 'tpu'
+  devices: list
+  chip: chips.Chip | None   # memory/peak source for the verdict (None: no verdict)
+  devices_per_chip: int = 1
+
+  @property
+  def hbm_per_device(self) -> float | None:
+    return self.chip.hbm_bytes / self.devices_per_chip if self.chip else None
+
+  @property
+  def peak_per_device(self) -> float | None:
+    return self.chip.peak_bf16_flops / self.devices_per_chip if self.chip else None
+
+
+def parse_cpu(spec: str) -> int | None:
+  """'cpu:8' -> 8; None if spec is not a cpu target."""
+  m = re.fullmatch(r'cpu:(\d+)', spec.strip())
+  if not m:
+    return None
+  n = int(m.group(1))
+  if n < 1:
+    raise UserError(f"device count in '{spec}' must be >= 1")
+  return n
+
+
+def get_target(spec: str, chip: str = '', hbm_gib: float = 0.0) -> Target:
+  """'cpu:N' or '<v4|v5e|v5p|v6e>:AxB[xC]'. `chip` overrides the chip used for the verdict, `hbm_gib` its
+  memory per chip (e.g. to keep headroom)."""
+  target = _get_target(spec, chip)
+  if hbm_gib > 0:
+    if not target.chip:
+      raise UserError('--hbm_gib needs a chip: use a TPU topology or --chip')
+    target.chip = dataclasses.replace(target.chip, hbm_bytes=int(hbm_gib * GiB))
+  return target
+
+
+def _get_target(spec: str, chip: str) -> Target:
+  override = None
+  if chip:
+    if chip not in chips.CHIPS:
+      raise UserError(f"unknown chip '{chip}' (known: {', '.join(chips.CHIPS)})")
+    override = chips.CHIPS[chip]
+  n = parse_cpu(spec)
+  if n is not None:
+    have = jax.devices('cpu')
+    if len(have) < n:
+      raise UserError(f'{spec}: only {len(have)} CPU devices in this process (start it with '
+                      f'XLA_FLAGS=--xla_force_host_platform_device_count={n}, as `sktlm plan` does)')
+    return Target(spec, 'cpu', have[:n], override)
+  m = re.fullmatch(r'(v\w+):(\d+(?:x\d+){1,2})', spec.strip())
+  if not m or m.group(1) not in TPU_KINDS:
+    raise UserError(f"unknown target '{spec}': use cpu:N or a TPU topology <kind>:AxB[xC] with kind in "
+                    f"{', '.join(TPU_KINDS)} (e.g. v5p:2x2x1, v5e:4x4, v6e:8x8)")
+  kind, dims = m.group(1), m.group(2)
+  try:
+    import libtpu  # noqa: F401 - only to give a clear error; jax loads it itself
+  except ImportError:
+    raise UserError(f"TPU target '{spec}' needs libtpu for compile-only devices: "
+                    f"pip install 'jax[tpu]=={jax.__version__}'") from None
+  from jax.experimental import topologies
+  try:
+    topo = topologies.get_topology_desc(spec.strip(), platform='tpu')
+  except Exception as e:  # noqa: BLE001 - libtpu reports bad names as runtime errors
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise UserError(f"TPU topology '{spec}' is not valid: {first}") from None
+  devices = list(topo.devices)
+  n_chips = math.prod(int(d) for d in dims.split('x'))
+  per_chip = max(1, len(devices) // n_chips)
+  return Target(spec, 'tpu', devices, override or chips.CHIPS[kind], per_chip)
+
+
+# --- bytes -----------------------------------------------------------------------------------------------
+
+def per_device_bytes(tree) -> int:
+  """Bytes one device holds for a tree of ShapeDtypeStruct with NamedShardings (even shards)."""
+  total = 0
+  for x in jax.tree.leaves(tree):
+    shape = x.sharding.shard_shape(x.shape)
+    total += math.prod(shape) * np.dtype(x.dtype).itemsize
+  return total
+
+
+def state_bytes(abstract_state) -> dict[str, int]:
+  params = per_device_bytes(abstract_state.params)
+  opt = per_device_bytes(abstract_state.opt_state)
+  # jax.grad returns gradients with the params' dtypes; the step constrains them to the params' shardings.
+  return dict(params=params, opt_state=opt, grads=params, step=per_device_bytes(abstract_state.step))
+
+
+# --- FLOPs of the traced step ----------------------------------------------------------------------------
+
+def _sub_jaxprs(eqn):
+  for v in eqn.params.values():
+    for j in (v if isinstance(v, (list, tuple)) else [v]):
+      if isinstance(j, jax.extend.core.ClosedJaxpr):
+        yield j.jaxpr
+      elif isinstance(j, jax.extend.core.Jaxpr):
+        yield j
+
+
+def jaxpr_matmul_flops(jaxpr) -> float:
+  """Matmul FLOPs of a jaxpr (global, all devices): dot_general and ragged_dot; scan bodies x length."""
+  total = 0.0
+  for eqn in jaxpr.eqns:
+    name = eqn.primitive.name
+    if name == 'dot_general':
+      (lc, _), _ = eqn.params['dimension_numbers']
+      lhs = eqn.invars[0].aval.shape
+      total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[i] for i in lc)
+    elif name == 'ragged_dot_general':
+      a, b, g = (v.aval.shape for v in eqn.invars[:3])
+      out = eqn.outvars[0].aval.shape
+      total += 2.0 * math.sqrt(math.prod(a) * math.prod(b) * math.prod(out) / g[0])
+    elif name == 'cond':
+      total += max(jaxpr_matmul_flops(b.jaxpr) for b in eqn.params['branches'])
+    else:
+      inner = sum(jaxpr_matmul_flops(j) for j in _sub_jaxprs(eqn))
+      total += inner * (eqn.params['length'] if name == 'scan' else 1)
+  return total
+
+
+# --- compile ----------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Compiled:
+  setup: train.Setup
+  memory: dict        # per device, bytes
+  xla_flops: float    # per device, cost_analysis (while bodies once)
+  traced_flops: float  # global, jaxpr matmuls
+  compile_s: float
+
+
+def compile_step(config, mesh) -> Compiled:
+  setup = train.build(config, mesh)
+  batch = train.abstract_batch(config, setup)
+  t0 = time.perf_counter()
+  # One trace gives both the jaxpr (FLOP count) and the lowering; train.build sets the mesh and the
+  # logical rules while tracing, so the compiled program is the one training runs.
+  traced = setup.train_step.trace(setup.abstract_state, batch)
+  compiled = traced.lower().compile()
+  dt = time.perf_counter() - t0
+  ma = compiled.memory_analysis()
+  mem = dict(arguments=ma.argument_size_in_bytes, outputs=ma.output_size_in_bytes,
+             aliased=ma.alias_size_in_bytes, temp=ma.temp_size_in_bytes,
+             code=ma.generated_code_size_in_bytes)
+  mem['peak'] = mem['arguments'] + mem['outputs'] - mem['aliased'] + mem['temp'] + mem['code']
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return Compiled(setup, mem, float(cost.get('flops', 0.0)), jaxpr_matmul_flops(traced.jaxpr.jaxpr), dt)
+
+
+def make_mesh(config, target: Target):
+  return sharding.make_mesh(config.mesh, target.devices)
+
+
+def resolve_vocab(config) -> None:
+  """As training does: model.vocab_size 0 -> the tokenizer's vocabulary, padded."""
+  if config.model.vocab_size <= 0:
+    from sktlm import data
+    tok = data.get_tokenizer(config.data)
+    config.model.vocab_size = flops.resolved_vocab_size(config.model, tok.vocab_size)
+
+
+def plan(config, target: Target, mfu: float = 0.4, compile: bool = True) -> dict:
+  """The full report as a JSON-friendly dict (see format_report)."""
+  resolve_vocab(config)
+  mc = config.model
+  mesh = make_mesh(config, target)
+  n_dev = len(target.devices)
+  seq, batch = config.data.seq_len, config.train.batch_size
+  tokens = seq * batch
+  fpt = flops.flops_per_token(mc, seq)
+  rep = dict(
+      target=target.name, platform=target.platform, n_devices=n_dev,
+      chip=target.chip.name if target.chip else None, devices_per_chip=target.devices_per_chip,
+      hbm_per_device=target.hbm_per_device, peak_flops_per_device=target.peak_per_device,
+      mesh=dict(zip(mesh.axis_names, (int(s) for s in mesh.devices.shape), strict=True)),
+      seq_len=seq, batch_size=batch, grad_accum=config.train.grad_accum, tokens_per_step=tokens,
+      dtype=mc.dtype, param_dtype=mc.param_dtype, remat=mc.remat,
+      params=flops.param_counts(mc), flops_per_token=fpt,
+      analytic_flops_per_device=fpt['exact'] * tokens / n_dev,
+  )
+  if compile:
+    c = compile_step(config, mesh)
+    rep['state_bytes'] = state_bytes(c.setup.abstract_state)
+    rep.update(memory=c.memory, xla_flops_per_device=c.xla_flops,
+               traced_flops_per_device=c.traced_flops / n_dev, compile_s=c.compile_s)
+  else:
+    setup = train.build(config, mesh)
+    rep['state_bytes'] = state_bytes(setup.abstract_state)
+  peak_bytes = rep['memory']['peak'] if compile else None
+  if target.chip and peak_bytes is not None:
+    rep['fits'] = bool(peak_bytes <= target.hbm_per_device)
+    rep['headroom_bytes'] = target.hbm_per_device - peak_bytes
+  if target.chip:
+    step_s = rep['analytic_flops_per_device'] / (target.peak_per_device * mfu)
+    rep.update(mfu=mfu, step_time_s=step_s, tokens_per_s=tokens / step_s)
+  return rep
+
+
+def search_batch(config, target: Target, max_per_device: int = 4096, log=print) -> dict:
+  """Largest per-device batch (sequences per batch shard, grad_accum=1) whose compiled step fits."""
+  if not target.chip:
+    raise UserError('search needs a memory limit: use a TPU topology or --chip (e.g. --chip=h100)')
+  resolve_vocab(config)
+  mesh = make_mesh(config, target)
+  shards = sharding.batch_axis_size(mesh, sharding.logical_rules(config))
+  cache = {}
+
+  def fits(b):
+    if b not in cache:
+      config.train.batch_size, config.train.grad_accum = b * shards, 1
+      c = compile_step(config, mesh)
+      cache[b] = c.memory['peak']
+      log(f'  per-device batch {b:>5} (global {b * shards}): peak {cache[b] / GiB:8.2f} GiB  '
+          f"{'fits' if cache[b] <= target.hbm_per_device else 'does not fit'}  (compile {c.compile_s:.0f} s)")
+    return cache[b] <= target.hbm_per_device
+
+  lo, hi = 0, 1
+  while hi <= max_per_device and fits(hi):  # doubling, then bisection between the last fit and first miss
+    lo, hi = hi, hi * 2
+  hi = min(hi, max_per_device + 1)
+  while hi - lo > 1:
+    mid = (lo + hi) // 2
+    lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+  return dict(per_device_batch=lo, global_batch=lo * shards, batch_shards=shards,
+              peak_bytes=cache.get(lo), hbm_per_device=target.hbm_per_device)
+
+
+# --- text ---------------------------------------------------------------------------------------------------
+
+def _gib(b):
+  return f'{b / GiB:,.2f} GiB' if abs(b) >= GiB / 10 else f'{b / 2**20:,.1f} MiB'
+
+
+def _h(n):
+  return f'{n / 1e15:.3g}P' if abs(n) >= 1e15 else flops.human(n)
+
+
+def format_report(rep: dict, config_name: str = '') -> str:
+  h = _h
+  p, f = rep['params'], rep['flops_per_token']
+  lines = [f"sktlm plan {config_name} on {rep['target']}: {rep['n_devices']} devices"
+           + (f" ({rep['chip']}, {_gib(rep['hbm_per_device'])} and {rep['peak_flops_per_device'] / 1e12:.0f} "
+              f'TFLOP/s bf16 per device)' if rep['chip'] else ' (no chip: no memory verdict; see --chip)')]
+  lines.append('mesh: ' + ' '.join(f'{k}={v}' for k, v in rep['mesh'].items())
+               + f"; batch {rep['batch_size']} x {rep['seq_len']} = {h(rep['tokens_per_step'])} tokens/step"
+               + f" (grad_accum {rep['grad_accum']}); compute {rep['dtype']}, params {rep['param_dtype']}, "
+               + f"remat {rep['remat']}")
+  lines.append(f"params: total {h(p['total'])}, active/token {h(p['active'])}, embedding {h(p['embedding'])}, "
+               f"head {h(p['head'])}, non-embedding {h(p['non_embedding'])} (active {h(p['active_non_embedding'])})")
+  lines.append(f"train FLOPs/token: 6N {h(f['6N'])}, exact {h(f['exact'])} (full TxT attention), "
+               f"causal {h(f['causal'])}")
+  sb = rep['state_bytes']
+  lines.append(f"per device, from the abstract state: params {_gib(sb['params'])}, optimizer state "
+               f"{_gib(sb['opt_state'])}, grads {_gib(sb['grads'])} (params' shardings)")
+  if 'memory' in rep:
+    m = rep['memory']
+    lines.append(f"compiled step ({rep['platform']}, {rep['compile_s']:.0f} s): per device arguments "
+                 f"{_gib(m['arguments'])}, outputs {_gib(m['outputs'])} (aliased {_gib(m['aliased'])}), "
+                 f"temporaries {_gib(m['temp'])}, code {_gib(m['code'])} -> peak {_gib(m['peak'])}")
+    lines.append(f"FLOPs per device per step: analytic (exact) {h(rep['analytic_flops_per_device'])}, traced "
+                 f"matmuls {h(rep['traced_flops_per_device'])} "
+                 f"({rep['traced_flops_per_device'] / rep['analytic_flops_per_device']:.2f}x; counts remat recompute, "
+                 f"MoE capacity padding, one-hot embeddings), XLA cost_analysis {h(rep['xla_flops_per_device'])} "
+                 "(loop bodies counted once)")
+  if 'fits' in rep:
+    frac = rep['memory']['peak'] / rep['hbm_per_device']
+    verdict = 'FITS' if rep['fits'] else 'DOES NOT FIT'
+    how = (f"{_gib(rep['headroom_bytes'])} headroom" if rep['fits']
+           else f"{_gib(-rep['headroom_bytes'])} over")
+    lines.append(f"verdict: {verdict}: peak {_gib(rep['memory']['peak'])} of {_gib(rep['hbm_per_device'])} "
+                 f"per device ({frac:.0%}, {how})")
+  if 'step_time_s' in rep:
+    lines.append(f"estimate at {rep['mfu']:.0%} MFU: step {rep['step_time_s']:.2f} s, "
+                 f"{h(rep['tokens_per_s'])} tokens/s ({h(rep['tokens_per_s'] / rep['n_devices'])} per device)")
+  return '\n'.join(lines)

@@ -1,0 +1,119 @@
+"""Planners: runs with step counts derived from the one parameter/FLOP accounting (sktlm.flops) of each
+run's resolved config, so sweep files rarely write step counts by hand.
+
+  size_ladder: sizes x a token rule (D = tokens_per_param x N, or fixed tokens) -> steps.
+  isoflop:     per compute budget C, the sizes around the expected optimum,
+               steps = C / (FLOPs per token x tokens per step).
+  wsd:         per size one long warmup-stable-decay run plus short decay branches that start from its
+               stable-phase checkpoints: several token budgets per size for little more than one run.
+
+Each takes the sweep's BASE and COMMON (COMMON may set batch size, seq_len... which change the counts).
+"""
+
+from __future__ import annotations
+
+import math
+
+from sktlm import flops, sizes
+from sktlm.errors import UserError
+from sktlm.sweep import plan, spec
+
+
+def _counts(base: str, common: dict | None, size: str, param_kind: str = 'non_embedding'):
+  """-> (N by `param_kind`, exact-and-6N FLOPs per token, tokens per step) for a size."""
+  config = spec.load_run_config(base, {**(common or {}), 'arg.size': size})
+  mc = config.model
+  with mc.unlocked():
+    mc.vocab_size = plan.vocab_size(config)
+  counts = flops.param_counts(mc)
+  if param_kind not in counts:
+    raise UserError(f"param_kind '{param_kind}' is not one of {sorted(counts)}")
+  tokens_per_step = config.train.batch_size * config.data.seq_len
+  return counts[param_kind], flops.flops_per_token(mc, config.data.seq_len), tokens_per_step
+
+
+def _check_sizes(names):
+  unknown = [s for s in names if s not in sizes.SIZES]
+  if unknown:
+    raise UserError(f'unknown sizes {unknown} (known: {", ".join(sizes.SIZE_NAMES)})')
+
+
+def size_ladder(base: str, size_names, *, tokens_per_param: float = 20.0, tokens: int = 0,
+                param_kind: str = 'non_embedding', common: dict | None = None, min_steps: int = 1,
+                warmup_fraction: float = 0.0, extra: dict | None = None) -> list[spec.Run]:
+  """One run per size: D = tokens_per_param x N (or `tokens` for all), steps = ceil(D / tokens per step).
+
+  Runs are named by size only ('size-micro'); `extra` settings are added to every run. warmup_fraction > 0
+  sets each run's optim.warmup_steps to that fraction of its steps (runs of very different lengths).
+  """
+  _check_sizes(size_names)
+  runs = []
+  for size in size_names:
+    n, _, per_step = _counts(base, common, size, param_kind)
+    d = tokens if tokens > 0 else tokens_per_param * n
+    steps = max(min_steps, math.ceil(d / per_step))
+    settings = {'arg.size': size, 'config.train.steps': steps}
+    if warmup_fraction > 0:
+      settings['config.optim.warmup_steps'] = max(1, round(warmup_fraction * steps))
+    runs.append(spec.Run({**settings, **(extra or {})}, name_keys=('arg.size',)))
+  return [spec.normalise(r) for r in runs]
+
+
+def isoflop(base: str, budgets, *, size_names=None, per_budget: int = 5, tokens_per_param: float = 20.0,
+            convention: str = '6N', common: dict | None = None, min_steps: int = 20,
+            extra: dict | None = None) -> list[spec.Run]:
+  """For each budget C: the `per_budget` sizes whose D/N at that C is closest (in log) to tokens_per_param,
+  each with steps = C / (FLOPs per token x tokens per step). Named 'C-<budget>_size-<size>'."""
+  size_names = list(size_names or sizes.SIZE_NAMES)
+  _check_sizes(size_names)
+  info = {s: _counts(base, common, s) for s in size_names}
+  runs = []
+  for c in budgets:
+    cands = []
+    for s in size_names:
+      n, fpt, per_step = info[s]
+      if convention not in fpt:
+        raise UserError(f"convention '{convention}' is not one of {sorted(fpt)}")
+      steps = round(c / (fpt[convention] * per_step))
+      if steps < min_steps:
+        continue
+      ratio = steps * per_step / n
+      cands.append((abs(math.log(ratio / tokens_per_param)), s, steps))
+    chosen = sorted(cands)[:per_budget]
+    if len(chosen) < min(3, per_budget):
+      raise UserError(f'budget C={c:.3g} leaves fewer than 3 sizes with >= {min_steps} steps; raise it')
+    for _, s, steps in sorted(chosen, key=lambda t: size_names.index(t[1])):
+      runs.append(spec.Run({'arg.size': s, 'config.train.steps': steps, **(extra or {})},
+                           name=f'C-{c:.3g}_size-{s}'))
+  return [spec.normalise(r) for r in runs]
+
+
+def wsd(base: str, size_names, *, tokens_per_param=(5.0, 10.0, 20.0), decay_fraction: float = 0.2,
+        decay_shape: str = '1-sqrt', param_kind: str = 'non_embedding', common: dict | None = None,
+        extra: dict | None = None) -> list[spec.Run]:
+  """Per size: one WSD run to the largest budget, and for each smaller budget a branch that resumes the
+  long run's stable-phase checkpoint at step K and decays over its last `decay_fraction` of steps.
+
+  Every budget T (steps) keeps the same shape: decay starts at K = (1 - decay_fraction) T. The long run
+  checkpoints every p steps with all K multiples of p, and keeps all its checkpoints.
+  """
+  _check_sizes(size_names)
+  if not 0 < decay_fraction < 1:
+    raise UserError('decay_fraction must be in (0, 1)')
+  budgets = sorted(set(tokens_per_param))
+  runs = []
+  for size in size_names:
+    n, _, per_step = _counts(base, common, size, param_kind)
+    raw_k = [max(1.0, b * n / per_step * (1 - decay_fraction)) for b in budgets]
+    p = max(1, int(raw_k[0] // 4))
+    ks = sorted({max(p, round(k / p) * p) for k in raw_k})
+    total = [round(k / (1 - decay_fraction)) for k in ks]
+    sched = {'config.optim.schedule': 'wsd', 'config.optim.decay_shape': decay_shape}
+    long_name = f'size-{size}_steps-{total[-1]}'
+    runs.append(spec.Run({'arg.size': size, 'config.train.steps': total[-1], **sched,
+                          'config.optim.decay_start': ks[-1], 'config.train.checkpoint_every': p,
+                          'config.train.keep_checkpoints': 0, **(extra or {})}, name=long_name))
+    for k, t in zip(ks[:-1], total[:-1], strict=False):
+      runs.append(spec.Run({'arg.size': size, 'config.train.steps': t, **sched, 'config.optim.decay_start': k,
+                            **(extra or {})}, name=f'size-{size}_steps-{t}', parent=long_name, parent_step=k))
+  return [spec.normalise(r) for r in runs]

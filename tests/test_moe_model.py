@@ -1,0 +1,71 @@
+"""MoE inside the model and the training spine: same losses with an expert mesh axis, and it learns."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+from conftest import ROOT
+
+from sktlm import configs, data, flops, loop, sharding, train
+
+MOE = {'model.moe.num_experts': 4, 'model.moe.top_k': 2, 'model.moe.num_shared_experts': 1,
+       'model.moe.n_dense_layers': 1, 'model.moe.expert_d_ff': 96}
+
+
+def cfg(data_dir, **over):
+  base = {'data.data_dir': data_dir, 'data.seq_len': 64, 'train.batch_size': 8, 'train.log_every': 5,
+          'train.eval_every': 1000, 'train.eval_batches': 2, 'metrics.progress': False,
+          'metrics.tensorboard': False, 'optim.warmup_steps': 5, **MOE}
+  base.update(over)
+  return configs.load_config(f'{ROOT}/experiments/lm.py:size=pico', base)
+
+
+def run_steps(config, mesh, steps):
+  setup = train.build(config, mesh)
+  it = data.make_train_iter(config.data, batch_size=config.train.batch_size, seed=config.seed)
+  state = setup.init_state(jax.random.PRNGKey(0))
+  out = []
+  for _ in range(steps):
+    state, m = setup.train_step(state, train.device_batch(next(it), setup, config.train.batch_size))
+    out.append({k: np.asarray(v) for k, v in m.items()})
+  return out, state
+
+
+@pytest.mark.parametrize('cf', [1.0, 0.0])
+def test_same_losses_on_one_device_and_with_expert_axis(data_dir, cf):
+  config = cfg(data_dir, **{'optim.peak_lr': 1e-2, 'model.moe.capacity_factor': cf})
+  loop.resolve_vocab(config, data.get_tokenizer(config.data))
+  one = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])
+  ref, _ = run_steps(config, one, 3)
+  config.mesh.update(dict(data=2, fsdp=1, expert=4, tensor=1))
+  got, state = run_steps(config, sharding.make_mesh(config.mesh), 3)
+  for key in ('loss', 'moe_aux_loss', 'moe_z_loss', 'moe_dropped_frac', 'moe_expert_load'):
+    np.testing.assert_allclose([m[key] for m in got], [m[key] for m in ref], rtol=5e-5, atol=1e-6, err_msg=key)
+  wi = state.params['moe_layers']['moe']['wi_gate']  # [layers, E, D, F]: experts split over 'expert'
+  assert wi.sharding.shard_shape(wi.shape)[1] == 1
+  if cf > 0:
+    assert 0 <= float(got[0]['moe_dropped_frac']) < 0.5
+  else:
+    assert float(got[0]['moe_dropped_frac']) == 0
+
+
+def test_param_count_matches_accounting(data_dir):
+  config = cfg(data_dir)
+  loop.resolve_vocab(config, data.get_tokenizer(config.data))
+  setup = train.build(config, sharding.make_mesh(config.mesh, devices=jax.devices()[:1]))
+  n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(setup.abstract_state.params))
+  assert n == flops.param_counts(config.model)['total']
+
+
+def test_small_moe_loss_falls_and_logs_routing(data_dir, tmp_path):
+  config = cfg(data_dir, **{'train.steps': 60, 'optim.peak_lr': 3e-3, 'model.moe.capacity_factor': 1.25})
+  assert loop.run(config, str(tmp_path)) == 0
+  recs = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')]
+  tr = [r for r in recs if r['kind'] == 'train']
+  assert tr[0]['loss'] > 5.0 and tr[-1]['loss'] < tr[0]['loss'] - 1.5, [r['loss'] for r in tr]
+  last = tr[-1]
+  assert len(last['moe_expert_load']) == 4 and abs(sum(last['moe_expert_load']) - 1) < 1e-5
+  assert 0 <= last['moe_dropped_frac'] < 0.5
+  assert 1.0 <= last['moe_aux_loss'] < 2.0  # 1 at perfect balance, E at full collapse
+  assert np.isfinite(last['moe_z_loss'])

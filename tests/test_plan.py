@@ -1,0 +1,164 @@
+"""`sktlm plan`: bytes per device vs a real initialised state, FLOPs vs the analytic count, TPU AOT compile,
+batch search, CLI errors. Runs on the 8 simulated CPU devices of conftest.py."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from sktlm import configs, flops, model, plan, sharding, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HAS_LIBTPU = importlib.util.find_spec('libtpu') is not None
+
+
+def small_config(size='pico', **overrides):
+  base = {'model.vocab_size': 256, 'train.batch_size': 8, 'data.seq_len': 64, 'model.scan_layers': True}
+  base.update(overrides)
+  return configs.load_config(os.path.join(ROOT, f'experiments/lm.py:size={size}'), base)
+
+
+MOE = {'model.moe.num_experts': 4, 'model.moe.top_k': 2, 'model.moe.num_shared_experts': 1,
+       'model.moe.n_dense_layers': 1, 'model.moe.capacity_factor': 1.0}
+
+
+def device_bytes(tree, device) -> int:
+  return sum(s.data.nbytes for x in jax.tree.leaves(tree) for s in x.addressable_shards if s.device == device)
+
+
+@pytest.mark.parametrize('mesh, extra', [
+    (dict(data=2, fsdp=4), {}),
+    (dict(data=2, fsdp=2, expert=2), MOE),
+])
+def test_state_bytes_equal_real_state(mesh, extra):
+  over = {f'mesh.{k}': v for k, v in mesh.items()}
+  config = small_config(**over, **extra)
+  target = plan.get_target('cpu:8')
+  setup = train.build(config, plan.make_mesh(config, target))
+  predicted = plan.state_bytes(setup.abstract_state)
+  state = setup.init_state(jax.random.PRNGKey(0))
+  for d in target.devices[:3]:
+    assert predicted['params'] == device_bytes(state.params, d)
+    assert predicted['opt_state'] == device_bytes(state.opt_state, d)
+  # Sharding really splits something (else the test could not tell per-device from global bytes).
+  total_params = sum(x.nbytes for x in jax.tree.leaves(state.params))
+  assert predicted['params'] < total_params
+
+
+@pytest.mark.parametrize('scan, extra', [(False, {}), (True, {}), (True, MOE)])
+def test_compiled_flops_match_analytic(scan, extra):
+  """The analytic `exact` count (full T x T attention, as computed) within 10% of the compiled step.
+
+  XLA's cost_analysis counts a while-loop body once, so it is compared only without scan (on 'micro', where
+  elementwise work - norms, softmax, AdamW - is ~7% of it); the traced matmul FLOPs (jaxpr, scan bodies x
+  length) are compared in every case. The MoE case uses capacity factor 1.0: E x C slots = T x top_k, so the
+  computed expert FLOPs equal the active ones.
+  """
+  config = small_config('pico' if scan else 'micro', **{'model.scan_layers': scan}, **extra)
+  rep = plan.plan(config, plan.get_target('cpu:8'))
+  analytic = rep['analytic_flops_per_device']
+  assert analytic == pytest.approx(flops.flops_per_token(config.model, 64)['exact'] * 8 * 64 / 8)
+  assert rep['traced_flops_per_device'] == pytest.approx(analytic, rel=0.10)
+  # Sharper: small vocabularies embed with a one-hot matmul (sktlm/model.py), 4 V D FLOPs/token (fwd + grad)
+  # that 6N leaves out as a lookup; with it added the traced matmuls equal the analytic count.
+  v, d = config.model.vocab_size, config.model.d_model
+  one_hot = 4 * v * d * 8 * 64 / 8 if v <= model.ONE_HOT_EMBED_MAX_VOCAB else 0
+  assert rep['traced_flops_per_device'] == pytest.approx(analytic + one_hot, rel=0.005)
+  if not scan:
+    assert rep['xla_flops_per_device'] == pytest.approx(analytic + one_hot, rel=0.10)
+  m = rep['memory']
+  assert m['peak'] >= m['arguments'] > 0 and 'fits' not in rep  # no chip: no verdict
+
+
+def test_verdict_and_step_time():
+  config = small_config()
+  rep = plan.plan(config, plan.get_target('cpu:8', chip='h100'), mfu=0.5)
+  assert rep['fits'] and rep['headroom_bytes'] == rep['hbm_per_device'] - rep['memory']['peak']
+  assert rep['step_time_s'] == pytest.approx(rep['analytic_flops_per_device'] / (989e12 * 0.5))
+  assert rep['tokens_per_s'] == pytest.approx(8 * 64 / rep['step_time_s'])
+  text = plan.format_report(rep, 'pico')
+  assert 'verdict: FITS' in text and '50% MFU' in text
+
+
+def test_search_batch_finds_largest_fit():
+  config = small_config(**{'mesh.data': 2})
+  target = plan.get_target('cpu:2', chip='h100')
+  config.train.batch_size = 6  # per-device batch 3 on 2 batch shards
+  three = plan.compile_step(config, plan.make_mesh(config, target)).memory['peak']
+  import dataclasses
+  target.chip = dataclasses.replace(target.chip, hbm_bytes=three - 1)  # just below: 3 must not fit
+  logs = []
+  res = plan.search_batch(config, target, max_per_device=3, log=logs.append)
+  assert res['per_device_batch'] == 2 and res['global_batch'] == 4, logs
+  assert res['peak_bytes'] <= three - 1 and len(logs) == 3  # tried 1, 2, 3
+
+
+def test_flagship_counts_and_reduced_widths():
+  flag = configs.load_config(os.path.join(ROOT, 'experiments/flagship.py'))
+  p = flops.param_counts(flag.model)
+  assert 500e9 <= p['total'] <= 540e9, p['total']
+  assert 30e9 <= p['active'] <= 36e9, p['active']
+  small = configs.load_config(os.path.join(ROOT, 'experiments/flagship.py:layers=2,experts=8,top_k=2'))
+  for k in ('d_model', 'n_heads', 'n_kv_heads', 'head_dim', 'vocab_size'):
+    assert small.model[k] == flag.model[k]
+  assert small.model.moe.expert_d_ff == 2048 and small.model.n_layers == 2
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu absent (pip install 'jax[tpu]==0.10.2')")
+def test_reduced_flagship_compiles_for_v5p():
+  config = configs.load_config(os.path.join(
+      ROOT, 'experiments/flagship.py:layers=2,experts=8,top_k=2,fsdp=2,expert=2,batch=4,seq_len=1024'))
+  target = plan.get_target('v5p:2x2x1')
+  assert len(target.devices) == 4 and target.chip.name == 'v5p'
+  rep = plan.plan(config, target)
+  assert rep['fits'] and 0 < rep['memory']['peak'] < 95 * plan.GiB
+  assert rep['traced_flops_per_device'] == pytest.approx(rep['analytic_flops_per_device'], rel=0.25)
+
+
+def run_cli(*args, env_extra=None):
+  env = dict(os.environ, **(env_extra or {}))
+  return subprocess.run([sys.executable, '-m', 'sktlm.cli', 'plan', *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--topology=v9z:2x2'], "unknown target 'v9z:2x2'"),
+    (['--devices=cpu:8', '--config.mesh.fsdp=3'], 'do not divide the 8 devices'),
+    (['--devices=cpu:4', '--config.mesh.data=8'], 'has 8 devices but 4 are available'),
+    (['--devices=v5p:2x2x1'], '--devices must be cpu:N'),
+    ([], 'exactly one of'),
+    (['--devices=cpu:8', '--chip=tpu9'], "unknown chip 'tpu9'"),
+])
+def test_cli_errors_are_one_line(args, message):
+  r = run_cli('--config=experiments/lm.py:size=pico', '--config.model.vocab_size=256', *args)
+  assert r.returncode == 2, r.stderr
+  assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+@pytest.mark.skipif(HAS_LIBTPU, reason='checks the message shown when libtpu is absent')
+def test_cli_tpu_without_libtpu():
+  r = run_cli('--config=experiments/lm.py:size=pico', '--config.model.vocab_size=256', '--topology=v5p:2x2x1')
+  assert r.returncode == 2 and 'needs libtpu' in r.stderr
+
+
+def test_cli_cpu_sets_device_count(tmp_path):
+  """--devices=cpu:4 runs on 4 simulated devices even though this process's XLA_FLAGS asks for 8."""
+  out = tmp_path / 'plan.json'
+  r = run_cli('--config=experiments/lm.py:size=pico', '--config.model.vocab_size=256',
+              '--config.train.batch_size=4', '--devices=cpu:4', '--chip=v5e', f'--json={out}')
+  assert r.returncode == 0, r.stderr
+  rep = json.loads(out.read_text())
+  assert rep['n_devices'] == 4 and rep['mesh']['data'] == 4 and rep['fits'] is True
+  assert 'verdict: FITS' in r.stdout
+
+
+def test_mesh_matches_sharding_helper():
+  config = small_config(**{'mesh.data': -1, 'mesh.expert': 2})
+  mesh = plan.make_mesh(config, plan.get_target('cpu:8'))
+  assert dict(zip(mesh.axis_names, mesh.devices.shape, strict=True)) == dict(data=4, fsdp=1, expert=2, tensor=1)
+  assert sharding.batch_axis_size(mesh, sharding.logical_rules(config)) == 8
