@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from sktlm import configs, data
-from sktlm.data import packing, builders, sources
+from sktlm.data import builders, packing, sources
 from sktlm.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
