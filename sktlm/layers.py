@@ -62,6 +62,39 @@ class RMSNorm(nn.Module):
     return (y * scale.astype(jnp.float32)).astype(dtype(c.dtype))
 
 
+@jax.custom_vjp
+def swiglu(x_NxD, wi_gate_DxF, wi_up_DxF, wo_FxD):
+  """(silu(x Wg) * (x Wu)) Wo on flattened tokens x_NxD, with a hand-written backward pass.
+
+  Why: XLA:CPU autodiff of this block fuses the silu derivative into the transposes that feed the
+  weight-gradient matmuls and recomputes it there element by element; materialising the gate/up gradients
+  first (optimization_barrier), with plain 2-D matmuls, makes the whole train step ~1.7x faster on CPU.
+  Same math and residuals (the two matmul outputs) as autodiff; tests compare it with a float64 reference.
+  """
+  return _swiglu_fwd(x_NxD, wi_gate_DxF, wi_up_DxF, wo_FxD)[0]
+
+
+def _swiglu_fwd(x, wg, wu, wo):
+  gate_NxF = constrain(x @ wg, ('batch', 'act_mlp'))
+  up_NxF = constrain(x @ wu, ('batch', 'act_mlp'))
+  return (nn.silu(gate_NxF) * up_NxF) @ wo, (x, wg, wu, wo, gate_NxF, up_NxF)
+
+
+def _swiglu_bwd(res, dy_NxD):
+  x, wg, wu, wo, g, u = res
+  sig = jax.nn.sigmoid(g)
+  act = g * sig  # silu(g)
+  h = act * u
+  dh = constrain(dy_NxD @ wo.T, ('batch', 'act_mlp'))
+  dg = dh * u * (sig + act * (1 - sig))  # d silu(g)/dg = sig + g sig (1 - sig)
+  du = dh * act
+  h, dg, du = jax.lax.optimization_barrier((h, dg, du))
+  return dg @ wg.T + du @ wu.T, x.T @ dg, x.T @ du, h.T @ dy_NxD
+
+
+swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
+
+
 class Mlp(nn.Module):
   """SwiGLU feed-forward: (silu(x Wg) * (x Wu)) Wo."""
   config: object
@@ -75,12 +108,10 @@ class Mlp(nn.Module):
     wi_gate = self.param('wi_gate', nn.with_logical_partitioning(param_init(c), ('embed', 'mlp')), (D, F), pdt)
     wi_up = self.param('wi_up', nn.with_logical_partitioning(param_init(c), ('embed', 'mlp')), (D, F), pdt)
     wo = self.param('wo', nn.with_logical_partitioning(param_init(c, True), ('mlp', 'embed')), (F, D), pdt)
-    x = x_BxTxD.astype(cdt)
-    gate_BxTxF = jnp.einsum('btd,df->btf', x, wi_gate.astype(cdt))
-    up_BxTxF = jnp.einsum('btd,df->btf', x, wi_up.astype(cdt))
-    h_BxTxF = constrain(nn.silu(gate_BxTxF) * up_BxTxF, ('batch', 'length', 'act_mlp'))
-    out_BxTxD = jnp.einsum('btf,fd->btd', h_BxTxF, wo.astype(cdt))
-    return constrain(out_BxTxD, ('batch', 'length', 'act_embed'))
+    B, T, _ = x_BxTxD.shape
+    x_NxD = x_BxTxD.astype(cdt).reshape(B * T, D)
+    out_NxD = swiglu(x_NxD, wi_gate.astype(cdt), wi_up.astype(cdt), wo.astype(cdt))
+    return constrain(out_NxD.reshape(B, T, D), ('batch', 'length', 'act_embed'))
 
 
 def rope(x_BxTxHxK, positions_BxT, theta: float):
