@@ -116,12 +116,7 @@ def loss_vs_n(analyses, out: str) -> str | None:
       ax.scatter(*a.ln_points, s=36, color=color, edgecolor='k', lw=0.5, zorder=3,
                  label=f'{a.label}: best run per N')
     if a.fits.get('L(N)') is not None:
-      f = a.fits['L(N)']
-      lo, hi = np.log10(d['N'].min()), np.log10(max(d['N'].max(), a.opts.target_params or 0))
-      xs = np.logspace(lo - 0.1, hi + 0.1, 120)
-      ax.plot(xs, f.predict(xs), color=color, lw=1.8, label=f'{a.label}: {_law_label(f, "N")}')
-      _band(ax, f, xs, color)
-      ys += list(f.predict(xs))
+      ys += _draw_law(ax, a.fits['L(N)'], d['N'], a.opts.target_params, color, a.label, 'N')
   ax.set_xscale('log')
   _log_loss_axis(ax, ys)
   ax.set_xlabel(f'N ({analyses[0].opts.n_key} parameters)')
@@ -129,6 +124,15 @@ def loss_vs_n(analyses, out: str) -> str | None:
   ax.set_title(f'Loss vs model size (band: {fitlib.CI_LEVEL:.0%} bootstrap)')
   ax.legend(fontsize=8)
   return _save(fig, out, 'loss_vs_n')
+
+
+def _draw_law(ax, f, x_data, target, color, label: str, var: str) -> list[float]:
+  """The fitted law (extended to the target, if any) with its bootstrap band; returns the plotted losses."""
+  lo, hi = np.log10(x_data.min()), np.log10(max(x_data.max(), target or 0))
+  xs = np.logspace(lo - 0.1, hi + 0.1, 120)
+  ax.plot(xs, f.predict(xs), color=color, lw=1.8, label=f'{label}: {_law_label(f, var)}')
+  _band(ax, f, xs, color)
+  return list(f.predict(xs))
 
 
 def frontier(analyses, out: str) -> str | None:
@@ -151,12 +155,7 @@ def frontier(analyses, out: str) -> str | None:
       ax.scatter(*a.lc_points, s=36, color=color, edgecolor='k', lw=0.5, zorder=3,
                  label=f'{a.label}: frontier runs')
     if a.fits.get('L(C)') is not None:
-      f = a.fits['L(C)']
-      lo, hi = np.log10(d['C'].min()), np.log10(max(d['C'].max(), a.opts.target_flops or 0))
-      xs = np.logspace(lo - 0.1, hi + 0.1, 120)
-      ax.plot(xs, f.predict(xs), color=color, lw=1.8, label=f'{a.label}: {_law_label(f, "C")}')
-      _band(ax, f, xs, color)
-      ys += list(f.predict(xs))
+      ys += _draw_law(ax, a.fits['L(C)'], d['C'], a.opts.target_flops, color, a.label, 'C')
   ax.set_xscale('log')
   _log_loss_axis(ax, ys)
   ax.set_xlabel(f'training FLOPs C ({analyses[0].opts.flops_key})')
