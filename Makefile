@@ -6,7 +6,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 SWEEP_DIR ?= runs/model_sizes
 
-.PHONY: main test test-all setup setup-test lint bench clean
+.PHONY: main test test-all test-tpu setup setup-test lint bench clean
+TPU_EXTRA ?= .tpu-extra
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +26,12 @@ main: setup
 
 test: setup-test
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# AOT compile of a reduced flagship for a v5p topology: needs libtpu (684 MB), kept out of the venv so that
+# ordinary jax processes do not probe for TPUs.
+test-tpu: setup-test
+	$(BIN)/python -m pip install -q --target $(TPU_EXTRA) --no-deps 'libtpu==0.0.42.*'
+	PYTHONPATH=$(TPU_EXTRA) $(BIN)/python -m pytest -q -m slow tests/test_plan.py -k v5p
 
 test-all: setup-test
 	$(BIN)/python -m pytest -q

@@ -212,3 +212,13 @@ def test_non_converged_optimiser_is_flagged():
   warnings = fit._finish_warnings('L(N)', m, n_boot=100, n_dropped=30, n_points=5, n_params=3)
   assert any('did not converge (ABNORMAL' in w for w in warnings)
   assert any('30 of 100 bootstrap resamples' in w for w in warnings)
+
+
+def test_parametric_fit_refuses_collinear_n_and_d():
+  """A size ladder with D = k N cannot separate the N and D terms: refused, not a nonsense fit."""
+  n = np.array([1e5, 3e5, 1e6, 3e6, 1e7])
+  d = 0.3 * n
+  loss = 1.5 + 400 / n**0.3 + 900 / d**0.3
+  with pytest.raises(fit.FitError, match='cannot separate N from D'):
+    fit.fit_parametric(n, d, loss, n_boot=0)
+  assert not fit.allocation_defined({'alpha': -0.5, 'beta': 0.3})

@@ -155,6 +155,16 @@ def fit_power_law(x: np.ndarray, loss: np.ndarray, *, kind: str = 'L(N)', n_boot
   return fit
 
 
+# Above this |correlation| of log N and log D (e.g. a ladder with D = k N), A/N^alpha and B/D^beta trade off
+# freely along the line the runs lie on: the fit is not identifiable and its exponents are meaningless.
+MAX_ND_CORRELATION = 0.98
+
+
+def allocation_defined(values: dict) -> bool:
+  """The closed-form compute-optimal allocation needs both exponents positive."""
+  return values['alpha'] > 0 and values['beta'] > 0
+
+
 def fit_parametric(n: np.ndarray, d: np.ndarray, loss: np.ndarray, *, n_boot: int = 200, seed: int = 0,
                    delta: float = 1e-3, starts: np.ndarray | None = None) -> Fit:
   """Chinchilla Approach 3: L(N, D) = E + A/N^alpha + B/D^beta (Hoffmann et al. 2022, Huber in log space)."""
@@ -166,6 +176,10 @@ def fit_parametric(n: np.ndarray, d: np.ndarray, loss: np.ndarray, *, n_boot: in
   n_n, n_d = len(np.unique(n)), len(np.unique(d))
   if n_n < 2 or n_d < 2:
     raise FitError(f'{kind} needs runs that vary both N and D (distinct N: {n_n}, distinct D: {n_d})')
+  corr = float(np.corrcoef(np.log(n), np.log(d))[0, 1])
+  if abs(corr) > MAX_ND_CORRELATION:
+    raise FitError(f'{kind} cannot separate N from D: in these runs D moves with N (correlation of log N and '
+                   f'log D = {corr:.4f}); it needs runs that vary D at fixed N (an IsoFLOP or WSD sweep)')
   x = np.stack([np.log(n), np.log(d)], axis=1)
   ly = np.log(loss)
   m = lbfgs.minimize_grid(chinchilla_grid() if starts is None else starts, x, ly, delta=delta)

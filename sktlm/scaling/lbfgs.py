@@ -61,7 +61,13 @@ def predict_log(p_P: np.ndarray, x_Nxk: np.ndarray) -> np.ndarray:
   return m + np.log(np.exp(t - m[:, None]).sum(axis=1))
 
 
-def lbfgs_batched(fg, x0_KxP: np.ndarray, *, memory: int = 10, max_iter: int = 2000, ftol: float = 1e-13,
+def lbfgs_batched(*args, **kwargs):
+  """See _lbfgs_batched. Far-off grid starts overflow harmlessly (they are masked out): keep stderr quiet."""
+  with np.errstate(all='ignore'):
+    return _lbfgs_batched(*args, **kwargs)
+
+
+def _lbfgs_batched(fg, x0_KxP: np.ndarray, *, memory: int = 10, max_iter: int = 2000, ftol: float = 1e-13,
                   gtol: float = 1e-14) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Minimise K independent problems with L-BFGS (Armijo backtracking), vectorised over K.
 

@@ -143,7 +143,7 @@ def predictions(a: SweepAnalysis) -> list[dict]:
     at = dict(C=c_target)
     if f_c is not None:
       out.append(_pred('L(C)', 'loss', at, f_c.predict(c_target), f_c.predict_boot(c_target)))
-    if f_p is not None:
+    if f_p is not None and fitlib.allocation_defined(f_p.values):
       n_opt, d_opt, l_opt = fitlib.compute_optimal(f_p.values, c_target)
       nb, db, lb = fitlib.compute_optimal(f_p.boot, c_target)
       out.append(_pred('L(N,D)', 'compute-optimal N', at, n_opt, nb))
@@ -191,7 +191,9 @@ def _optimal_lines(analyses) -> list[str]:
   lines = []
   for a in analyses:
     f, iso = a.fits.get('L(N,D)'), a.fits.get('isoflop')
-    if f is not None:
+    if f is not None and not fitlib.allocation_defined(f.values):
+      lines.append(f'- **{a.label}**, from L(N,D): not defined (an exponent is <= 0: see the warnings)')
+    elif f is not None:
       v = f.values
       s = v['alpha'] + v['beta']
       g = (v['alpha'] * v['A'] / (v['beta'] * v['B'])) ** (1 / s)
