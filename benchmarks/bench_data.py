@@ -3,8 +3,9 @@
   python benchmarks/bench_data.py [--data_dir=DIR] [--batches=300] [--workers=0,2] [--tokenizer=PATH]
 
 Prints the one-off costs (stdlib build, length index) and, per grain worker count, the steady-state
-tokens/s, plus the ratio to the fastest setting measured in the same run. Training of the `small` model
-runs at a few thousand tokens/s on a laptop CPU, so the pipeline should be >= 10x that.
+tokens/s, plus the ratio to the fastest setting measured in the same run; then the training tokens/s of
+the `small` model (float32, same seq_len and batch, one device) measured in the same run and the ratio
+pipeline / training, which must stay >= 10 so that data never bounds training.
 """
 
 from __future__ import annotations
@@ -34,6 +35,30 @@ def _rate(cfg, batch_size: int, batches: int) -> tuple[float, float]:
     return batches * it.tokens_per_batch / (time.perf_counter() - t0), first
   finally:
     it.close()
+
+
+def _train_rate(cfg, batch_size: int, steps: int = 3) -> float:
+  """Steady-state training tokens/s of the `small` model on batches from the real pipeline."""
+  import jax
+
+  from sktlm import configs, sharding, train
+  config = configs.load_config(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                            'experiments/lm.py:size=small'),
+                               {'model.vocab_size': 384, 'data.seq_len': cfg.seq_len,
+                                'train.batch_size': batch_size, 'mesh.data': 1})
+  setup = train.build(config, sharding.make_mesh(config.mesh, devices=jax.devices()[:1]))
+  state = setup.init_state(jax.random.PRNGKey(0))
+  it = data.make_train_iter(cfg, batch_size=batch_size, seed=0)
+  batches = [train.device_batch(next(it), setup, batch_size) for _ in range(steps + 1)]
+  it.close()
+  step = setup.train_step.lower(state, batches[0]).compile()
+  state, m = step(state, batches[0])
+  jax.block_until_ready(m)
+  t0 = time.perf_counter()
+  for b in batches[1:]:
+    state, m = step(state, b)
+  jax.block_until_ready(m)
+  return steps * batch_size * cfg.seq_len / (time.perf_counter() - t0)
 
 
 def main():
@@ -70,6 +95,10 @@ def main():
     best = max(results.values())
     for w, r in results.items():
       print(f'ratio    workers={w}: {r / best:.2f} of the best setting')
+    cfg.num_workers = 0
+    trained = _train_rate(cfg, args.batch_size)
+    print(f'training `small` (float32, {args.batch_size}x{args.seq_len}, 1 device): {trained:,.0f} tokens/s; '
+          f'pipeline / training = {best / trained:,.0f}x (must be >= 10x)')
   finally:
     if tmp:
       shutil.rmtree(tmp, ignore_errors=True)
