@@ -29,3 +29,29 @@ def run_cli(*args, timeout=600, env=None):
   e.update(env or {})
   return subprocess.run([sys.executable, '-m', 'sktlm.cli', *args], cwd=ROOT, capture_output=True, text=True,
                         timeout=timeout, env=e)
+
+
+def train_config(data_dir, spec='experiments/lm.py:size=pico', **over):
+  """A small, quiet training config on the test session's data dir (`over`: {'train.steps': 5, ...})."""
+  from sktlm import configs
+  base = {'data.data_dir': data_dir, 'data.seq_len': 64, 'train.batch_size': 8, 'train.log_every': 5,
+          'train.eval_every': 1000, 'train.eval_batches': 2, 'metrics.progress': False,
+          'metrics.tensorboard': False, 'optim.warmup_steps': 5}
+  base.update(over)
+  return configs.load_config(f'{ROOT}/{spec}', base)
+
+
+def run_steps(config, mesh, steps):
+  """`steps` train steps of `config` on `mesh`, fed by the real pipeline: (per-step metrics, state, setup)."""
+  import jax
+  import numpy as np
+
+  from sktlm import data, train
+  setup = train.build(config, mesh)
+  it = data.make_train_iter(config.data, batch_size=config.train.batch_size, seed=config.seed)
+  state = setup.init_state(jax.random.PRNGKey(0))
+  metrics = []
+  for _ in range(steps):
+    state, m = setup.train_step(state, train.device_batch(next(it), setup, config.train.batch_size))
+    metrics.append({k: np.asarray(v) for k, v in m.items()})
+  return metrics, state, setup

@@ -5,31 +5,16 @@ import json
 import jax
 import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import run_steps, train_config
 
-from sktlm import configs, data, flops, loop, sharding, train
+from sktlm import data, flops, loop, sharding, train
 
 MOE = {'model.moe.num_experts': 4, 'model.moe.top_k': 2, 'model.moe.num_shared_experts': 1,
        'model.moe.n_dense_layers': 1, 'model.moe.expert_d_ff': 96}
 
 
 def cfg(data_dir, **over):
-  base = {'data.data_dir': data_dir, 'data.seq_len': 64, 'train.batch_size': 8, 'train.log_every': 5,
-          'train.eval_every': 1000, 'train.eval_batches': 2, 'metrics.progress': False,
-          'metrics.tensorboard': False, 'optim.warmup_steps': 5, **MOE}
-  base.update(over)
-  return configs.load_config(f'{ROOT}/experiments/lm.py:size=pico', base)
-
-
-def run_steps(config, mesh, steps):
-  setup = train.build(config, mesh)
-  it = data.make_train_iter(config.data, batch_size=config.train.batch_size, seed=config.seed)
-  state = setup.init_state(jax.random.PRNGKey(0))
-  out = []
-  for _ in range(steps):
-    state, m = setup.train_step(state, train.device_batch(next(it), setup, config.train.batch_size))
-    out.append({k: np.asarray(v) for k, v in m.items()})
-  return out, state
+  return train_config(data_dir, **{**MOE, **over})
 
 
 @pytest.mark.parametrize('cf', [1.0, 0.0])
@@ -37,9 +22,9 @@ def test_same_losses_on_one_device_and_with_expert_axis(data_dir, cf):
   config = cfg(data_dir, **{'optim.peak_lr': 1e-2, 'model.moe.capacity_factor': cf})
   loop.resolve_vocab(config, data.get_tokenizer(config.data))
   one = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])
-  ref, _ = run_steps(config, one, 3)
+  ref, _, _ = run_steps(config, one, 3)
   config.mesh.update(dict(data=2, fsdp=1, expert=4, tensor=1))
-  got, state = run_steps(config, sharding.make_mesh(config.mesh), 3)
+  got, state, _ = run_steps(config, sharding.make_mesh(config.mesh), 3)
   for key in ('loss', 'moe_aux_loss', 'moe_z_loss', 'moe_dropped_frac', 'moe_expert_load'):
     np.testing.assert_allclose([m[key] for m in got], [m[key] for m in ref], rtol=5e-5, atol=1e-6, err_msg=key)
   wi = state.params['moe_layers']['moe']['wi_gate']  # [layers, E, D, F]: experts split over 'expert'

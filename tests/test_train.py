@@ -11,18 +11,14 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_cli, run_steps, train_config
 
 from sktlm import configs, data, loop, sharding, train
 from sktlm.checkpoint import Checkpointer
 
 
 def cfg(data_dir, **over):
-  base = {'data.data_dir': data_dir, 'data.seq_len': 64, 'train.batch_size': 8, 'train.log_every': 5,
-          'train.eval_every': 1000, 'train.eval_batches': 2, 'metrics.progress': False,
-          'metrics.tensorboard': False, 'optim.warmup_steps': 5}
-  base.update(over)
-  return configs.load_config('experiments/lm.py:size=pico', base)
+  return train_config(data_dir, **over)
 
 
 def read_jsonl(path):
@@ -50,16 +46,9 @@ def test_loss_falls_on_the_embedded_corpus(data_dir, tmp_path):
   assert 0 < last['mfu'] < 1
 
 
-def run_steps(config, mesh, steps):
-  """Losses of `steps` train steps of `config` on `mesh`, fed from the real pipeline; and the final state."""
-  setup = train.build(config, mesh)
-  it = data.make_train_iter(config.data, batch_size=config.train.batch_size, seed=config.seed)
-  state = setup.init_state(jax.random.PRNGKey(0))
-  losses = []
-  for _ in range(steps):
-    state, m = setup.train_step(state, train.device_batch(next(it), setup, config.train.batch_size))
-    losses.append(float(m['loss']))
-  return np.array(losses), state, setup
+def losses_of(config, mesh, steps):
+  metrics, state, setup = run_steps(config, mesh, steps)
+  return np.array([float(m['loss']) for m in metrics]), state, setup
 
 
 @pytest.mark.parametrize('shape', [(8, 1, 1), (2, 2, 2), (1, 4, 2)])
@@ -68,11 +57,11 @@ def test_same_losses_on_one_device_and_on_mesh_shapes(data_dir, shape):
   resolve = data.get_tokenizer(config.data)
   loop.resolve_vocab(config, resolve)
   one = sharding.make_mesh(configs.load_config('experiments/lm.py', {}).mesh, devices=jax.devices()[:1])
-  ref, _, _ = run_steps(config, one, 4)
+  ref, _, _ = losses_of(config, one, 4)
   d, f, t = shape
   config.mesh.update(dict(data=d, fsdp=f, expert=1, tensor=t))
   mesh = sharding.make_mesh(config.mesh)
-  losses, state, setup = run_steps(config, mesh, 4)
+  losses, state, setup = losses_of(config, mesh, 4)
   # Different partitioning changes float32 summation order only: agree to ~1e-5 relative.
   np.testing.assert_allclose(losses, ref, rtol=2e-5)
   assert losses[-1] < losses[0]
@@ -91,9 +80,9 @@ def test_grad_accumulation_matches_one_big_batch(data_dir):
   config = cfg(data_dir, **{'train.batch_size': 16})
   loop.resolve_vocab(config, data.get_tokenizer(config.data))
   mesh = sharding.make_mesh(config.mesh)
-  l1, s1, _ = run_steps(config, mesh, 3)
+  l1, s1, _ = losses_of(config, mesh, 3)
   config.train.grad_accum = 2
-  l2, s2, _ = run_steps(config, mesh, 3)
+  l2, s2, _ = losses_of(config, mesh, 3)
   np.testing.assert_allclose(l1, l2, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params), strict=True):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
