@@ -96,7 +96,7 @@ class _StopFlag:
       signal.signal(s, h)
 
 
-def _restore_or_init(config, setup, ckpt, it, workdir, rng):
+def _restore_or_init(config, setup, ckpt, it, rng):
   """Returns (state, start_step, origin string)."""
   latest = ckpt.latest_step()
   if latest is not None:
@@ -151,7 +151,7 @@ def run(config, workdir: str) -> int:
                             process_count=pcount)
   ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), keep=t.keep_checkpoints,
                       async_save=t.async_checkpoint)
-  state, start, origin = _restore_or_init(config, setup, ckpt, it, workdir, jax.random.PRNGKey(config.seed))
+  state, start, origin = _restore_or_init(config, setup, ckpt, it, jax.random.PRNGKey(config.seed))
   if pidx == 0:
     print(f'{origin}; mesh {dict(mesh.shape)}; {flops.human(flops.param_counts(config.model)["total"])} params')
 
