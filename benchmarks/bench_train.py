@@ -14,7 +14,12 @@ import sys
 import time
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
+sys.path.insert(0, ROOT)
+
+from sktlm import hostmem  # noqa: E402
+
+MALLOC = hostmem.tune_malloc()  # as `sktlm train` does, before jax starts its threads
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -22,12 +27,14 @@ import numpy as np  # noqa: E402
 from sktlm import chips, configs, flops, sharding, train  # noqa: E402
 
 
-def bench(dtype, args, repeats):
-  config = configs.load_config('experiments/lm.py:size=tiny', {
+def build_step(dtype, args):
+  """(compiled step, state, batch, config, compile seconds) for the benchmark model."""
+  config = configs.load_config(os.path.join(ROOT, 'experiments/lm.py') + ':size=tiny', {
       'model.d_model': args.d_model, 'model.n_layers': args.n_layers, 'model.n_heads': args.n_heads,
       'model.n_kv_heads': args.n_heads, 'model.d_ff': args.d_ff or 4 * args.d_model,
       'model.vocab_size': 384, 'model.dtype': dtype, 'model.remat': args.remat,
-      'data.seq_len': args.seq_len, 'train.batch_size': args.batch, 'mesh.data': 1})
+      'data.seq_len': args.seq_len, 'train.batch_size': args.batch, 'mesh.data': 1,
+      **dict(kv.split('=', 1) for kv in args.set)})
   mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])
   setup = train.build(config, mesh)
   state = setup.init_state(jax.random.PRNGKey(0))
@@ -40,22 +47,19 @@ def bench(dtype, args, repeats):
   batch = train.device_batch(batch, setup, B)
   t0 = time.perf_counter()
   step = setup.train_step.lower(state, batch).compile()
-  compile_s = time.perf_counter() - t0
-  for _ in range(2):
+  return step, state, batch, config, time.perf_counter() - t0
+
+
+def time_steps(step, state, batch, steps):
+  """Seconds per step over `steps` steps (one sync at the end); returns (seconds, new state)."""
+  t0 = time.perf_counter()
+  for _ in range(steps):
     state, m = step(state, batch)
   jax.block_until_ready(m)
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-      state, m = step(state, batch)
-    jax.block_until_ready(m)
-    times.append((time.perf_counter() - t0) / args.steps)
-  fpt = flops.flops_per_token(config.model, T)['exact']
-  return min(times), compile_s, fpt, B * T
+  return (time.perf_counter() - t0) / steps, state
 
 
-def main():
+def parser():
   p = argparse.ArgumentParser()
   p.add_argument('--d_model', type=int, default=256)
   p.add_argument('--n_layers', type=int, default=6)
@@ -64,25 +68,45 @@ def main():
   p.add_argument('--seq_len', type=int, default=256)
   p.add_argument('--batch', type=int, default=16)
   p.add_argument('--steps', type=int, default=5)
-  p.add_argument('--repeats', type=int, default=3)
+  p.add_argument('--repeats', type=int, default=4, help='timing rounds (the best one counts)')
   p.add_argument('--remat', default='none')
+  p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
+                 help='any other config override, e.g. --set model.scan_layers=false')
+  return p
+
+
+def main():
+  p = parser()
   p.add_argument('--dtypes', default='float32,bfloat16')
   args = p.parse_args()
+  print(f'host malloc: {MALLOC}')
   print(f'devices: {jax.devices()[0].device_kind} x{jax.device_count()}; dims d={args.d_model} L={args.n_layers} '
         f'H={args.n_heads} T={args.seq_len} B={args.batch}')
-  results = {}
-  for dtype in args.dtypes.split(','):
-    peak_before = chips.measure_matmul_peak(dtype, n=2048, repeats=5)
-    step_s, compile_s, fpt, tokens = bench(dtype, args, args.repeats)
-    peak_after = chips.measure_matmul_peak(dtype, n=2048, repeats=5)
-    peak = max(peak_before, peak_after)
+  dtypes = args.dtypes.split(',')
+  runs = {}
+  for dtype in dtypes:
+    step, state, batch, config, compile_s = build_step(dtype, args)
+    _, state = time_steps(step, state, batch, 2)  # warm-up
+    runs[dtype] = dict(step=step, state=state, batch=batch, compile_s=compile_s, times=[], peaks=[],
+                       fpt=flops.flops_per_token(config.model, args.seq_len)['exact'])
+  # Rounds interleave the dtypes and their peaks so that all figures see the same machine load.
+  for _ in range(args.repeats):
+    for dtype, r in runs.items():
+      r['peaks'].append(chips.measure_matmul_peak(dtype, n=2048, repeats=3))
+      seconds, r['state'] = time_steps(r['step'], r['state'], r['batch'], args.steps)
+      r['times'].append(seconds)
+  tokens = args.batch * args.seq_len
+  for dtype, r in runs.items():
+    step_s, peak = min(r['times']), max(r['peaks'])
     tps = tokens / step_s
-    results[dtype] = tps
-    print(f'{dtype:>9}: {tps:10,.0f} tok/s  step {1e3 * step_s:7.1f} ms  compile {compile_s:5.1f} s  '
-          f'achieved {tps * fpt / 1e9:6.1f} GFLOP/s = {100 * tps * fpt / peak:5.1f}% of the {dtype} matmul peak '
-          f'({peak / 1e9:.0f} GFLOP/s)')
-  if 'float32' in results and 'bfloat16' in results:
-    print(f'bfloat16 / float32 tokens/s: {results["bfloat16"] / results["float32"]:.2f}x')
+    r['tps'] = tps
+    print(f'{dtype:>9}: {tps:10,.0f} tok/s  step {1e3 * step_s:7.1f} ms  compile {r["compile_s"]:5.1f} s  '
+          f'achieved {tps * r["fpt"] / 1e9:6.1f} GFLOP/s = {100 * tps * r["fpt"] / peak:5.1f}% of the {dtype} '
+          f'matmul peak ({peak / 1e9:.0f} GFLOP/s)')
+  if 'float32' in runs and 'bfloat16' in runs:
+    f32, bf16 = runs['float32'], runs['bfloat16']
+    print(f'bfloat16 / float32: tokens/s {bf16["tps"] / f32["tps"]:.2f}x, '
+          f'matmul peak {max(bf16["peaks"]) / max(f32["peaks"]):.2f}x')
 
 
 if __name__ == '__main__':

@@ -35,7 +35,10 @@ def model_config(size: str) -> ml_collections.ConfigDict:
       param_dtype='float32',
       scan_layers=True,      # nn.scan over the block stack: compile time independent of depth
       remat='none',          # none | full | dots (save matmul outputs only)
-      attention_impl='xla',
+      attention_dtype='float32',  # scores, softmax and the weighted sum ('': the compute dtype). float32 is the
+                                  # accurate choice and on XLA:CPU also the faster one; TPU/GPU runs use bfloat16
+      attention_impl='blocked',  # blocked | dense (see sktlm.model.causal_attention)
+      attention_block=64,        # blocked: queries per block; keys past a block's end are never computed
       moe=ml_collections.ConfigDict(dict(
           num_experts=0,         # 0: dense model
           top_k=2,

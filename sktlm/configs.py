@@ -122,7 +122,8 @@ def flatten(d: dict, prefix: str = '') -> dict[str, Any]:
 BREAKING_PREFIXES = ('model.', 'data.name', 'data.path', 'data.text_field', 'data.tokenizer',
                      'data.seq_len', 'seed', 'train.batch_size')
 # Keys under model.* that do not affect parameter shapes or the function computed.
-HARMLESS_MODEL_KEYS = ('model.remat', 'model.dtype', 'model.attention_impl', 'model.size')
+HARMLESS_MODEL_KEYS = ('model.remat', 'model.dtype', 'model.attention_impl', 'model.attention_block',
+                       'model.attention_dtype', 'model.size')
 
 
 def diff_configs(old: dict, new: dict) -> tuple[list[str], list[str]]:

@@ -13,7 +13,7 @@ import time
 import jax
 import numpy as np
 
-from sktlm import chips, configs, data, flops, sharding, train
+from sktlm import chips, configs, data, flops, hostmem, sharding, train
 from sktlm.checkpoint import Checkpointer
 from sktlm.errors import UserError
 from sktlm.metrics import MetricsWriter, write_json
@@ -153,7 +153,8 @@ def run(config, workdir: str) -> int:
                       async_save=t.async_checkpoint)
   state, start, origin = _restore_or_init(config, setup, ckpt, it, jax.random.PRNGKey(config.seed))
   if pidx == 0:
-    print(f'{origin}; mesh {dict(mesh.shape)}; {flops.human(flops.param_counts(config.model)["total"])} params')
+    print(f'{origin}; mesh {dict(mesh.shape)}; {flops.human(flops.param_counts(config.model)["total"])} params; '
+          f'host malloc {hostmem.status()}')
 
   counts = flops.param_counts(config.model)
   fpt = flops.flops_per_token(config.model, T)

@@ -133,6 +133,9 @@ def make_eval_step(config, model):
   return eval_step
 
 
+FLOAT_DTYPES = ('float32', 'bfloat16', 'float16')
+
+
 def check_config(config, n_batch_shards: int) -> None:
   t, m = config.train, config.model
   if m.vocab_size <= 0:
@@ -143,6 +146,15 @@ def check_config(config, n_batch_shards: int) -> None:
     raise UserError(f'model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}')
   if (m.head_dim or m.d_model // m.n_heads) % 2:
     raise UserError('head_dim must be even (RoPE rotates pairs)')
+  dtype_keys = (('dtype', FLOAT_DTYPES), ('param_dtype', FLOAT_DTYPES), ('attention_dtype', ('',) + FLOAT_DTYPES))
+  for key, allowed in dtype_keys:
+    if m[key] not in allowed:
+      raise UserError(f"model.{key} must be one of {', '.join(repr(a) for a in allowed)}, got {m[key]!r}")
+  if m.attention_impl not in model_lib.ATTENTION_IMPLS:
+    raise UserError(f"model.attention_impl must be one of {', '.join(model_lib.ATTENTION_IMPLS)}, "
+                    f"got '{m.attention_impl}'")
+  if m.attention_block < 0:
+    raise UserError(f'model.attention_block must be >= 0 (0: one block), got {m.attention_block}')
   if t.grad_accum < 1 or t.batch_size % t.grad_accum:
     raise UserError(f'train.batch_size={t.batch_size} must be a multiple of train.grad_accum={t.grad_accum}')
   micro = t.batch_size // t.grad_accum

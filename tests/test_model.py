@@ -96,9 +96,16 @@ def to_numpy64(params):
   return jax.tree.map(lambda x: np.asarray(x, np.float64), params)
 
 
+# Attention variants: one dense T x T block, and query blocks of 5 over T=16 (uneven last block; the document
+# boundary at row 9 falls inside a block).
+ATTENTION = {'dense': {'model.attention_impl': 'dense'},
+             'blocked': {'model.attention_impl': 'blocked', 'model.attention_block': 5}}
+
+
+@pytest.mark.parametrize('attention', ATTENTION)
 @pytest.mark.parametrize('tie', [False, True])
-def test_forward_matches_float64_numpy(tie):
-  config = small_config(**{'model.scan_layers': False, 'model.tie_embeddings': tie})
+def test_forward_matches_float64_numpy(tie, attention):
+  config = small_config(**{'model.scan_layers': False, 'model.tie_embeddings': tie, **ATTENTION[attention]})
   m, params = init_params(config)
   batch = make_batch()
   logits, _ = m.apply({'params': params}, batch['inputs'], batch['positions'], batch['segment_ids'])
@@ -108,10 +115,11 @@ def test_forward_matches_float64_numpy(tie):
   np.testing.assert_allclose(np.asarray(logits), ref, atol=2e-5 * np.abs(ref).max(), rtol=1e-4)
 
 
-def test_golden_loss_and_grad_norm():
+@pytest.mark.parametrize('attention', ATTENTION)
+def test_golden_loss_and_grad_norm(attention):
   """Loss and gradient norm of the train loss vs the float64 reference: the norm is checked as the
   directional derivative along the gradient, by central finite differences of the numpy loss."""
-  config = small_config(**{'model.scan_layers': False, 'model.z_loss': 0.0})
+  config = small_config(**{'model.scan_layers': False, 'model.z_loss': 0.0, **ATTENTION[attention]})
   m, params = init_params(config)
   batch = make_batch()
   loss_fn = train.make_loss_fn(config, m)
@@ -141,6 +149,43 @@ def test_golden_loss_and_grad_norm():
   assert abs((plus - minus) / (2 * eps) - dot) < 1e-3 * gnorm
 
 
+@pytest.mark.parametrize('block', [3, 7])  # uneven last blocks; 6 and 3 blocks
+def test_blocked_attention_equals_dense(block):
+  """The blocked form skips only fully masked work: same loss and gradients as one dense block (float32,
+  different summation order), for MHA and GQA."""
+  batch = make_batch()
+  denom = float(batch['weights'].sum())
+  for kv_heads in (4, 2):
+    dense = small_config(**{'model.attention_impl': 'dense', 'model.n_kv_heads': kv_heads})
+    blocked = small_config(**{'model.attention_block': block, 'model.n_kv_heads': kv_heads})
+    m, params = init_params(dense)
+    (l1, _), g1 = jax.jit(jax.value_and_grad(train.make_loss_fn(dense, m), has_aux=True))(params, batch, denom)
+    m2 = model.make_model(blocked.model)
+    (l2, _), g2 = jax.jit(jax.value_and_grad(train.make_loss_fn(blocked, m2), has_aux=True))(params, batch, denom)
+    assert abs(float(l1) - float(l2)) < 1e-6 * abs(float(l1))
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2), strict=True):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6 * np.abs(a).max())
+
+
+def test_bfloat16_compute_tracks_float32():
+  """bfloat16 compute (float32 params, accumulation, attention and softmax) stays within bf16 precision of
+  the float32 model: loss to 1e-2 relative, gradients to a few percent of their scale."""
+  batch = make_batch()
+  denom = float(batch['weights'].sum())
+  out = {}
+  for dt in ('float32', 'bfloat16'):
+    config = small_config(**{'model.dtype': dt, 'model.attention_block': 5})
+    m, params = init_params(config)
+    out[dt] = jax.jit(jax.value_and_grad(train.make_loss_fn(config, m), has_aux=True))(params, batch, denom)
+  (l32, _), g32 = out['float32']
+  (l16, _), g16 = out['bfloat16']
+  assert abs(float(l16) - float(l32)) < 1e-2 * float(l32)
+  for a, b in zip(jax.tree.leaves(g32), jax.tree.leaves(g16), strict=True):
+    assert b.dtype == jnp.float32
+    a, b = np.asarray(a), np.asarray(b)
+    assert np.abs(a - b).max() < 0.05 * np.abs(a).max() + 1e-7
+
+
 def stack_layers(params, n):
   """Unscanned params (layers_0..n-1) -> the scanned layout (leading layer axis under 'layers')."""
   out = {k: v for k, v in params.items() if not k.startswith('layers_')}
@@ -168,10 +213,11 @@ def test_scan_and_remat_match_plain_stack(remat):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6 * np.abs(a).max())
 
 
-def test_attention_never_crosses_documents():
+@pytest.mark.parametrize('attention', ATTENTION)
+def test_attention_never_crosses_documents(attention):
   """Changing document 2 of a packed row leaves every logit of document 1 unchanged (and vice versa
   changes document 2's logits)."""
-  config = small_config()
+  config = small_config(**ATTENTION[attention])
   m, params = init_params(config)
   batch = make_batch()
   changed = {k: v.copy() for k, v in batch.items()}

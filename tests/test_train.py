@@ -53,7 +53,7 @@ def losses_of(config, mesh, steps):
 
 @pytest.mark.parametrize('shape', [(8, 1, 1), (2, 2, 2), (1, 4, 2)])
 def test_same_losses_on_one_device_and_on_mesh_shapes(data_dir, shape):
-  config = cfg(data_dir, **{'optim.peak_lr': 1e-2})
+  config = cfg(data_dir, **{'optim.peak_lr': 1e-2, 'model.attention_block': 16})  # 4 query blocks
   resolve = data.get_tokenizer(config.data)
   loop.resolve_vocab(config, resolve)
   one = sharding.make_mesh(configs.load_config('experiments/lm.py', {}).mesh, devices=jax.devices()[:1])
@@ -74,6 +74,19 @@ def test_same_losses_on_one_device_and_on_mesh_shapes(data_dir, shape):
   assert shard_shape == (wi.shape[0], wi.shape[1] // f, wi.shape[2] // t)
   mu = state.opt_state[1][0].mu['layers']['mlp']['wi_gate']  # chain(clip, adamw): Adam's first moment
   assert mu.sharding.spec == wi.sharding.spec
+
+
+def test_bfloat16_same_losses_on_one_device_and_on_a_mesh(data_dir):
+  """bfloat16 compute (row-major transposes, float32 accumulation) partitions like float32 does."""
+  config = cfg(data_dir, **{'optim.peak_lr': 1e-2, 'model.dtype': 'bfloat16', 'model.attention_block': 16})
+  loop.resolve_vocab(config, data.get_tokenizer(config.data))
+  one = sharding.make_mesh(configs.load_config('experiments/lm.py', {}).mesh, devices=jax.devices()[:1])
+  ref, _, _ = losses_of(config, one, 4)
+  config.mesh.update(dict(data=2, fsdp=2, expert=1, tensor=2))
+  losses, _, _ = losses_of(config, sharding.make_mesh(config.mesh), 4)
+  # bf16 roundings differ with the summation order: agree to bf16 precision, and learn.
+  np.testing.assert_allclose(losses, ref, rtol=1e-2)
+  assert losses[-1] < losses[0]
 
 
 def test_grad_accumulation_matches_one_big_batch(data_dir):
@@ -178,6 +191,8 @@ def test_non_finite_loss_stops_with_a_clear_error(data_dir, tmp_path):
     (['--config.data.name=no_such_dataset_xyz'], 'no_such_dataset_xyz'),
     (['--config=experiments/lm.py:size=huge'], 'huge'),
     (['--config=experiments/nope.py'], 'nope.py'),
+    (['--config.model.attention_impl=flash'], 'model.attention_impl'),
+    (['--config.model.attention_dtype=int8'], 'model.attention_dtype'),
 ])
 def test_bad_input_is_one_line_and_nonzero(data_dir, tmp_path, args, expect):
   base = ['train', '--config=experiments/lm.py:size=pico', f'--workdir={tmp_path}',

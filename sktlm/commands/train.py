@@ -15,5 +15,7 @@ def main(argv):
     raise UserError('--config is required (e.g. --config=experiments/lm.py:size=tiny)')
   if not _WORKDIR.value:
     raise UserError('--workdir is required')
+  from sktlm import hostmem
+  hostmem.tune_malloc()  # before jax starts its threads
   from sktlm import loop
   return loop.run(_CONFIG.value, _WORKDIR.value)
