@@ -19,6 +19,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from sktlm import hostmem  # noqa: E402
+
+hostmem.tune_malloc()  # training is measured as `sktlm train` runs it
+
 from sktlm import data  # noqa: E402
 from sktlm.data import pipeline, sources  # noqa: E402
 
