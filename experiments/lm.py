@@ -34,6 +34,7 @@ def model_config(size: str) -> ml_collections.ConfigDict:
       dtype='float32',       # compute dtype; params are always param_dtype
       param_dtype='float32',
       scan_layers=True,      # nn.scan over the block stack: compile time independent of depth
+      scan_unroll=0,         # layers per scan iteration; 0: all on CPU (faster step), 1 on TPU/GPU (model.py)
       remat='none',          # none | full | dots (save matmul outputs only)
       attention_dtype='float32',  # scores, softmax and the weighted sum ('': the compute dtype). float32 is the
                                   # accurate choice and on XLA:CPU also the faster one; TPU/GPU runs use bfloat16

@@ -153,6 +153,8 @@ def check_config(config, n_batch_shards: int) -> None:
   if m.attention_impl not in model_lib.ATTENTION_IMPLS:
     raise UserError(f"model.attention_impl must be one of {', '.join(model_lib.ATTENTION_IMPLS)}, "
                     f"got '{m.attention_impl}'")
+  if m.scan_unroll < 0:
+    raise UserError(f'model.scan_unroll must be >= 0 (0: auto), got {m.scan_unroll}')
   if m.attention_block < 0:
     raise UserError(f'model.attention_block must be >= 0 (0: one block), got {m.attention_block}')
   if t.grad_accum < 1 or t.batch_size % t.grad_accum:

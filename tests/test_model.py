@@ -193,10 +193,12 @@ def stack_layers(params, n):
   return out
 
 
-@pytest.mark.parametrize('remat', ['none', 'full', 'dots'])
-def test_scan_and_remat_match_plain_stack(remat):
+# scan_unroll 0 is auto (all layers on CPU), 1 a rolled loop.
+@pytest.mark.parametrize('remat, unroll', [('none', 0), ('none', 1), ('full', 0), ('full', 1), ('dots', 1)])
+def test_scan_and_remat_match_plain_stack(remat, unroll):
   plain = small_config(**{'model.scan_layers': False, 'model.remat': 'none', 'model.z_loss': 1e-4})
-  other = small_config(**{'model.scan_layers': True, 'model.remat': remat, 'model.z_loss': 1e-4})
+  other = small_config(**{'model.scan_layers': True, 'model.remat': remat, 'model.z_loss': 1e-4,
+                          'model.scan_unroll': unroll})
   m_plain, params = init_params(plain)
   m_other = model.make_model(other.model)
   batch = make_batch()
@@ -211,6 +213,17 @@ def test_scan_and_remat_match_plain_stack(remat):
   g1 = stack_layers(g1, 2)
   for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2), strict=True):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6 * np.abs(a).max())
+
+
+def test_scan_unroll_auto_is_full_on_cpu():  # and rolled on TPU: tests/test_plan.py (needs libtpu)
+  config = small_config(**{'model.n_layers': 5})
+  assert model.scan_unroll(config.model, 5) == 5  # the test session runs on CPU devices
+  config.model.scan_unroll = 2
+  assert model.scan_unroll(config.model, 5) == 2
+  config.model.scan_unroll = 0
+  from sktlm import layers, plan
+  with layers.activation_mesh(plan.make_mesh(config, plan.get_target('cpu:8'))):
+    assert model.scan_unroll(config.model, 5) == 5
 
 
 @pytest.mark.parametrize('attention', ATTENTION)

@@ -10,7 +10,7 @@ import sys
 import jax
 import pytest
 
-from sktlm import configs, flops, model, plan, sharding, train
+from sktlm import configs, flops, layers, model, plan, sharding, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAS_LIBTPU = importlib.util.find_spec('libtpu') is not None
@@ -118,6 +118,10 @@ def test_reduced_flagship_compiles_for_v5p():
   rep = plan.plan(config, target)
   assert rep['fits'] and 0 < rep['memory']['peak'] < 95 * plan.GiB
   assert rep['traced_flops_per_device'] == pytest.approx(rep['analytic_flops_per_device'], rel=0.25)
+  # scan_unroll=0 (auto) keeps a rolled loop for TPU devices although the host tracing the step is a CPU.
+  config.model.scan_unroll = 0
+  with layers.activation_mesh(plan.make_mesh(config, target)):
+    assert model.scan_unroll(config.model, 2) == 1
 
 
 def run_cli(*args, env_extra=None):
