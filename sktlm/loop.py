@@ -221,8 +221,11 @@ def run(config, workdir: str) -> int:
     summary.update(final_eval_loss=loss, best_eval_loss=min(evals))
     last_log['time'] = time.time()  # eval time is not training time
 
+  saved = {'step': None}
+
   def save(s, force=False):
     ckpt.save(s, state, it.get_state(), force=force)
+    saved['step'] = s
 
   exit_code = 0
   pending = None
@@ -250,7 +253,8 @@ def run(config, workdir: str) -> int:
       if pending is not None:
         consume(*pending)
       if stop.signum is not None and step < t.steps:
-        save(step, force=True)
+        if saved['step'] != step:  # the signal may land just after this step's periodic save
+          save(step, force=True)
         ckpt.wait()
         summary.update(status='preempted', message=f'stopped by signal {stop.signum} at step {step}')
         exit_code = PREEMPTED_EXIT_CODE

@@ -135,8 +135,10 @@ def test_resume_after_sigterm_and_sigkill_is_exact(data_dir, tmp_path):
 
   for sig in (signal.SIGTERM, signal.SIGKILL):
     wd = tmp_path / f'interrupted_{sig.name}'
-    proc = subprocess.Popen([sys.executable, '-m', 'sktlm.cli', *train_args(data_dir, wd, steps)], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    err_path = tmp_path / f'{sig.name}.stderr'
+    with open(err_path, 'w') as err:
+      proc = subprocess.Popen([sys.executable, '-m', 'sktlm.cli', *train_args(data_dir, wd, steps)], cwd=ROOT,
+                              stdout=subprocess.DEVNULL, stderr=err)
     deadline = time.time() + 300
     # Interrupt once a checkpoint past step 20 exists and training is still going.
     while time.time() < deadline and proc.poll() is None:
@@ -146,7 +148,7 @@ def test_resume_after_sigterm_and_sigkill_is_exact(data_dir, tmp_path):
       time.sleep(0.02)
     proc.send_signal(sig)
     rc = proc.wait(timeout=120)
-    assert rc == (loop.PREEMPTED_EXIT_CODE if sig == signal.SIGTERM else -9), rc
+    assert rc == (loop.PREEMPTED_EXIT_CODE if sig == signal.SIGTERM else -9), (rc, err_path.read_text()[-3000:])
     if sig == signal.SIGTERM:
       summary = json.loads((wd / 'summary.json').read_text())
       assert summary['status'] == 'preempted' and summary['step'] < steps
@@ -156,6 +158,27 @@ def test_resume_after_sigterm_and_sigkill_is_exact(data_dir, tmp_path):
     got, got_data = final_params(str(wd), steps)
     assert_same_state(ref, got)
     assert got_data == ref_data
+
+
+def test_sigterm_right_after_a_periodic_save_still_exits_preempted(data_dir, tmp_path):
+  """With a checkpoint every step, SIGTERM always lands after the current step's save: the preemption path
+  must not save that step again (Orbax refuses: StepAlreadyExistsError, which used to exit 1)."""
+  wd = tmp_path / 'run'
+  args = train_args(data_dir, wd, 500, **{'train.checkpoint_every': 1})
+  with open(tmp_path / 'stderr', 'w') as err:
+    proc = subprocess.Popen([sys.executable, '-m', 'sktlm.cli', *args], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=err)
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    ck = wd / 'checkpoints'
+    if ck.exists() and any(p.name.isdigit() and int(p.name) >= 5 for p in ck.iterdir()):
+      break
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGTERM)
+  rc = proc.wait(timeout=120)
+  assert rc == loop.PREEMPTED_EXIT_CODE, (rc, (tmp_path / 'stderr').read_text()[-3000:])
+  summary = json.loads((wd / 'summary.json').read_text())
+  assert summary['status'] == 'preempted' and summary['step'] < 500
 
 
 def test_restore_onto_a_different_mesh(data_dir, tmp_path):
