@@ -120,6 +120,16 @@ def train_args(data_dir, workdir, steps, **over):
   return args + [f'--config.{k}={v}' for k, v in over.items()]
 
 
+def wait_for_checkpoint(proc, workdir, min_step, timeout=300):
+  """Polls until a checkpoint at or past `min_step` exists in `workdir` (or the process ended)."""
+  deadline = time.time() + timeout
+  while time.time() < deadline and proc.poll() is None:
+    ck = workdir / 'checkpoints'
+    if ck.exists() and any(p.name.isdigit() and int(p.name) >= min_step for p in ck.iterdir()):
+      return
+    time.sleep(0.02)
+
+
 def assert_same_state(a, b):
   assert int(a.step) == int(b.step)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
@@ -139,13 +149,7 @@ def test_resume_after_sigterm_and_sigkill_is_exact(data_dir, tmp_path):
     with open(err_path, 'w') as err:
       proc = subprocess.Popen([sys.executable, '-m', 'sktlm.cli', *train_args(data_dir, wd, steps)], cwd=ROOT,
                               stdout=subprocess.DEVNULL, stderr=err)
-    deadline = time.time() + 300
-    # Interrupt once a checkpoint past step 20 exists and training is still going.
-    while time.time() < deadline and proc.poll() is None:
-      ck = wd / 'checkpoints'
-      if ck.exists() and any(p.name.isdigit() and int(p.name) >= 20 for p in ck.iterdir()):
-        break
-      time.sleep(0.02)
+    wait_for_checkpoint(proc, wd, 20)  # interrupt once training is past step 20 and still going
     proc.send_signal(sig)
     rc = proc.wait(timeout=120)
     assert rc == (loop.PREEMPTED_EXIT_CODE if sig == signal.SIGTERM else -9), (rc, err_path.read_text()[-3000:])
@@ -168,12 +172,7 @@ def test_sigterm_right_after_a_periodic_save_still_exits_preempted(data_dir, tmp
   with open(tmp_path / 'stderr', 'w') as err:
     proc = subprocess.Popen([sys.executable, '-m', 'sktlm.cli', *args], cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=err)
-  deadline = time.time() + 300
-  while time.time() < deadline and proc.poll() is None:
-    ck = wd / 'checkpoints'
-    if ck.exists() and any(p.name.isdigit() and int(p.name) >= 5 for p in ck.iterdir()):
-      break
-    time.sleep(0.02)
+  wait_for_checkpoint(proc, wd, 5)
   proc.send_signal(signal.SIGTERM)
   rc = proc.wait(timeout=120)
   assert rc == loop.PREEMPTED_EXIT_CODE, (rc, (tmp_path / 'stderr').read_text()[-3000:])
