@@ -36,10 +36,11 @@ def model_config(size: str) -> ml_collections.ConfigDict:
       scan_layers=True,      # nn.scan over the block stack: compile time independent of depth
       scan_unroll=0,         # layers per scan iteration; 0: all on CPU (faster step), 1 on TPU/GPU (model.py)
       remat='none',          # none | full | dots (save matmul outputs only)
-      attention_dtype='float32',  # scores, softmax and the weighted sum ('': the compute dtype). float32 is the
-                                  # accurate choice and on XLA:CPU also the faster one; TPU/GPU runs use bfloat16
-      attention_impl='blocked',  # blocked | dense (see sktlm.model.causal_attention)
-      attention_block=64,        # blocked: queries per block; keys past a block's end are never computed
+      attention_dtype='',    # q, k, v and the probabilities as matmul operands ('': the compute dtype); scores,
+                             # softmax and accumulation are float32 whatever it is
+      attention_impl='auto',   # auto | blocked | blocked_vjp | dense (sktlm/attention.py); auto: blocked_vjp
+                               # for 16-bit attention on CPU, blocked otherwise
+      attention_block=64,      # queries per block; keys past a block's end are never computed
       moe=ml_collections.ConfigDict(dict(
           num_experts=0,         # 0: dense model
           top_k=2,

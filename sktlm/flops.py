@@ -10,7 +10,7 @@ Conventions (per token, training = forward + backward = 3x forward):
 - `exact`: 6N + 12 * L * (n_heads * head_dim) * T: adds the two attention matmuls (QK^T and AV) over the
   full T x T score matrix: PaLM's MFU convention, and the work of `model.attention_impl='dense'`. MFU uses
   this count. The default blocked attention skips fully masked key blocks and computes (1 + block/T)/2 of
-  the attention term (sktlm.model.causal_attention).
+  the attention term (sktlm.attention.causal_attention).
 - `causal`: 6N + 6 * L * (n_heads * head_dim) * T: only the unmasked half, i.e. useful work.
 """
 

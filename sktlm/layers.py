@@ -72,10 +72,15 @@ def transposed(x_AxB):
   through a unit axis makes XLA copy the data into row-major order (a cheap, memory-bound transpose). float32
   matmuls do not need it, and there the plain x.T (which XLA can fold into the producer) is faster.
   """
-  if x_AxB.dtype.itemsize >= 4:
-    return x_AxB.T
-  A, B = x_AxB.shape
-  return x_AxB[None].transpose(2, 0, 1).reshape(B, A)
+  return permuted(x_AxB, (1, 0))
+
+
+def permuted(x, perm):
+  """x.transpose(perm), materialised row-major for 16-bit dtypes (the detour of `transposed`, any rank)."""
+  if x.dtype.itemsize >= 4:
+    return x.transpose(perm)
+  y = x[None].transpose((perm[0] + 1, 0) + tuple(p + 1 for p in perm[1:]))
+  return y.reshape(tuple(x.shape[p] for p in perm))
 
 
 def matmul(a_MxK, b_KxN):

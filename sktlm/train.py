@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sktlm import layers, optim, sharding
+from sktlm import attention, layers, optim, sharding
 from sktlm import model as model_lib
 from sktlm.errors import UserError
 
@@ -150,8 +150,8 @@ def check_config(config, n_batch_shards: int) -> None:
   for key, allowed in dtype_keys:
     if m[key] not in allowed:
       raise UserError(f"model.{key} must be one of {', '.join(repr(a) for a in allowed)}, got {m[key]!r}")
-  if m.attention_impl not in model_lib.ATTENTION_IMPLS:
-    raise UserError(f"model.attention_impl must be one of {', '.join(model_lib.ATTENTION_IMPLS)}, "
+  if m.attention_impl not in attention.IMPLS:
+    raise UserError(f"model.attention_impl must be one of {', '.join(attention.IMPLS)}, "
                     f"got '{m.attention_impl}'")
   if m.scan_unroll < 0:
     raise UserError(f'model.scan_unroll must be >= 0 (0: auto), got {m.scan_unroll}')

@@ -2,6 +2,7 @@
 
 import os
 import pathlib
+import re
 import sys
 
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
@@ -55,3 +56,17 @@ def run_steps(config, mesh, steps):
     state, m = setup.train_step(state, train.device_batch(next(it), setup, config.train.batch_size))
     metrics.append({k: np.asarray(v) for k, v in m.items()})
   return metrics, state, setup
+
+
+def dot_operand_dtypes(hlo_text):
+  """Element types of the operands of every dot in compiled HLO (fused computations included)."""
+  types, out = {}, []
+  for line in hlo_text.splitlines():
+    m = re.match(r'\s*(?:ROOT )?%([\w.\-]+) = (\w+)\[', line)
+    if not m:
+      continue
+    types[m.group(1)] = m.group(2)
+    d = re.search(r' dot\(%([\w.\-]+), %([\w.\-]+)\)', line)
+    if d:
+      out.append((types.get(d.group(1)), types.get(d.group(2)), m.group(2)))
+  return out

@@ -5,12 +5,11 @@ bfloat16 backward pass is checked to keep every matmul bf16 x bf16 -> f32: the C
 rests on that (see layers.transposed).
 """
 
-import re
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import dot_operand_dtypes
 
 from sktlm import layers
 
@@ -88,20 +87,6 @@ def test_swiglu_value_and_gradients_match_float64(dtype):
   assert grads[0].dtype == x.dtype and all(g.dtype == jnp.float32 for g in grads[1:])
   for got, want in zip(grads, np_swiglu_grads(xr, *wr, dy), strict=True):
     close(got, want, dtype)
-
-
-def dot_operand_dtypes(hlo_text):
-  """Element types of the operands of every dot in compiled HLO (fused computations included)."""
-  types, out = {}, []
-  for line in hlo_text.splitlines():
-    m = re.match(r'\s*(?:ROOT )?%([\w.\-]+) = (\w+)\[', line)
-    if not m:
-      continue
-    types[m.group(1)] = m.group(2)
-    d = re.search(r' dot\(%([\w.\-]+), %([\w.\-]+)\)', line)
-    if d:
-      out.append((types.get(d.group(1)), types.get(d.group(2)), m.group(2)))
-  return out
 
 
 def test_bfloat16_backward_matmuls_are_not_upcast():

@@ -97,9 +97,10 @@ def to_numpy64(params):
 
 
 # Attention variants: one dense T x T block, and query blocks of 5 over T=16 (uneven last block; the document
-# boundary at row 9 falls inside a block).
+# boundary at row 9 falls inside a block), differentiated by JAX or by hand (blocked_vjp).
 ATTENTION = {'dense': {'model.attention_impl': 'dense'},
-             'blocked': {'model.attention_impl': 'blocked', 'model.attention_block': 5}}
+             'blocked': {'model.attention_impl': 'blocked', 'model.attention_block': 5},
+             'blocked_vjp': {'model.attention_impl': 'blocked_vjp', 'model.attention_block': 5}}
 
 
 @pytest.mark.parametrize('attention', ATTENTION)
@@ -149,15 +150,17 @@ def test_golden_loss_and_grad_norm(attention):
   assert abs((plus - minus) / (2 * eps) - dot) < 1e-3 * gnorm
 
 
+@pytest.mark.parametrize('impl', ['blocked', 'blocked_vjp'])
 @pytest.mark.parametrize('block', [3, 7])  # uneven last blocks; 6 and 3 blocks
-def test_blocked_attention_equals_dense(block):
+def test_blocked_attention_equals_dense(block, impl):
   """The blocked form skips only fully masked work: same loss and gradients as one dense block (float32,
   different summation order), for MHA and GQA."""
   batch = make_batch()
   denom = float(batch['weights'].sum())
   for kv_heads in (4, 2):
     dense = small_config(**{'model.attention_impl': 'dense', 'model.n_kv_heads': kv_heads})
-    blocked = small_config(**{'model.attention_block': block, 'model.n_kv_heads': kv_heads})
+    blocked = small_config(**{'model.attention_impl': impl, 'model.attention_block': block,
+                              'model.n_kv_heads': kv_heads})
     m, params = init_params(dense)
     (l1, _), g1 = jax.jit(jax.value_and_grad(train.make_loss_fn(dense, m), has_aux=True))(params, batch, denom)
     m2 = model.make_model(blocked.model)
@@ -167,14 +170,17 @@ def test_blocked_attention_equals_dense(block):
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6 * np.abs(a).max())
 
 
-def test_bfloat16_compute_tracks_float32():
-  """bfloat16 compute (float32 params, accumulation, attention and softmax) stays within bf16 precision of
-  the float32 model: loss to 1e-2 relative, gradients to a few percent of their scale."""
+@pytest.mark.parametrize('attention_dtype', ['', 'float32'])
+def test_bfloat16_compute_tracks_float32(attention_dtype):
+  """bfloat16 compute (float32 params, accumulation and softmax; attention operands bf16 by default, via
+  blocked_vjp on CPU, or float32) stays within bf16 precision of the float32 model: loss to 1e-2 relative,
+  gradients to a few percent of their scale."""
   batch = make_batch()
   denom = float(batch['weights'].sum())
   out = {}
   for dt in ('float32', 'bfloat16'):
-    config = small_config(**{'model.dtype': dt, 'model.attention_block': 5})
+    config = small_config(**{'model.dtype': dt, 'model.attention_block': 5,
+                             'model.attention_dtype': attention_dtype if dt == 'bfloat16' else ''})
     m, params = init_params(config)
     out[dt] = jax.jit(jax.value_and_grad(train.make_loss_fn(config, m), has_aux=True))(params, batch, denom)
   (l32, _), g32 = out['float32']

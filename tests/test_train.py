@@ -213,7 +213,7 @@ def test_non_finite_loss_stops_with_a_clear_error(data_dir, tmp_path):
     (['--config.data.name=no_such_dataset_xyz'], 'no_such_dataset_xyz'),
     (['--config=experiments/lm.py:size=huge'], 'huge'),
     (['--config=experiments/nope.py'], 'nope.py'),
-    (['--config.model.attention_impl=flash'], 'model.attention_impl'),
+    (['--config.model.attention_impl=paged'], 'model.attention_impl'),
     (['--config.model.attention_dtype=int8'], 'model.attention_dtype'),
 ])
 def test_bad_input_is_one_line_and_nonzero(data_dir, tmp_path, args, expect):
