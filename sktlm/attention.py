@@ -36,9 +36,8 @@ def resolve_impl(impl: str, attention_dtype) -> str:
     raise ValueError(f"model.attention_impl must be one of {', '.join(IMPLS)}; got {impl!r}")
   if impl != 'auto':
     return impl
-  mesh = layers.current_mesh()
-  platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
-  return 'blocked_vjp' if platform == 'cpu' and jnp.dtype(attention_dtype).itemsize < 4 else 'blocked'
+  cpu = layers.current_platform() == 'cpu'
+  return 'blocked_vjp' if cpu and jnp.dtype(attention_dtype).itemsize < 4 else 'blocked'
 
 
 def causal_attention(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, segment_ids_BxT, impl: str = 'blocked', block: int = 64):

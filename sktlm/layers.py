@@ -45,6 +45,13 @@ def current_mesh():
   return _MESH[-1] if _MESH else None
 
 
+def current_platform() -> str:
+  """Platform of the devices the traced step runs on (the activation mesh's), else JAX's default backend.
+  Why not jax.default_backend() alone: `sktlm plan` traces on a CPU host for a TPU mesh."""
+  mesh = current_mesh()
+  return mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+
+
 def constrain(x, names):
   """Logical sharding constraint on an activation; a no-op outside activation_mesh (e.g. plain init)."""
   return nn.with_logical_constraint(x, names, mesh=current_mesh())

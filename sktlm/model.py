@@ -100,9 +100,7 @@ def scan_unroll(config, n_layers: int) -> int:
   either way, so checkpoints do not depend on it."""
   if config.scan_unroll > 0:
     return min(config.scan_unroll, n_layers)
-  mesh = layers.current_mesh()
-  platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
-  return n_layers if platform == 'cpu' else 1
+  return n_layers if layers.current_platform() == 'cpu' else 1
 
 
 def layer_groups(config) -> list[tuple[str, int, bool]]:
