@@ -23,7 +23,7 @@ from sktlm import hostmem  # noqa: E402
 
 hostmem.tune_malloc()  # training is measured as `sktlm train` runs it
 
-from sktlm import data  # noqa: E402
+from sktlm import base_config, data  # noqa: E402
 from sktlm.data import pipeline, sources  # noqa: E402
 
 
@@ -78,7 +78,7 @@ def main():
   if not args.data_dir:
     tmp = args.data_dir = tempfile.mkdtemp(prefix='sktlm_bench_')
   try:
-    cfg = data.default_data_config()
+    cfg = base_config.get_config().data
     cfg.update(dict(data_dir=args.data_dir, seq_len=args.seq_len, tokenizer=args.tokenizer))
     t0 = time.perf_counter()
     src = sources.get_source(cfg)

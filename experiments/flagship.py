@@ -26,17 +26,15 @@ Arguments: layers=61, experts=192, top_k=8, seq_len=4096, batch=2048, fsdp=32, e
 capacity=1.25. Reduced variants keep every width (d_model, heads, expert d_ff, vocab).
 """
 
-import os
-
 import ml_collections
 
-from sktlm import configs
+from sktlm import base_config, configs
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   arg = configs.parse_arg(arg, layers=61, experts=192, top_k=8, seq_len=4096, batch=2048, fsdp=32, expert=64,
                           remat='full', capacity=1.25)
-  config = configs.load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'lm.py'))
+  config = base_config.get_config()
   m = config.model
   m.size = 'flagship'
   m.n_layers = arg.layers
@@ -75,6 +73,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.mesh.data = -1
   config.mesh.fsdp = arg.fsdp
   config.mesh.expert = arg.expert
+  config.lock()
   return config
 
 

@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from sktlm import configs, data
+from sktlm import base_config, configs, data
 from sktlm.data import builders, packing, sources
 from sktlm.errors import UserError
 
@@ -26,7 +26,7 @@ def stdlib_dir(tmp_path_factory):
 
 
 def _cfg(data_dir, **kw):
-  cfg = data.default_data_config()
+  cfg = base_config.get_config().data
   cfg.data_dir = data_dir
   cfg.seq_len = 64
   cfg.update(kw)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from sktlm import data
+from sktlm import base_config, data
 from sktlm.data import sources
 from sktlm.errors import UserError
 
@@ -19,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _cfg(data_dir, **kw):
-  cfg = data.default_data_config()
+  cfg = base_config.get_config().data
   cfg.data_dir = str(data_dir)
   cfg.seq_len = 32
   cfg.update(kw)
@@ -207,7 +207,8 @@ def test_cli_prepare_and_info_text_files(tmp_path):
 
 def test_concurrent_first_use_builds_once(tmp_path):
   """A sweep starting several runs at once: all see the same prepared dataset, nobody crashes."""
-  code = ('import sys; from sktlm import data; c = data.default_data_config(); c.data_dir = sys.argv[1]; '
+  code = ('import sys; from sktlm import base_config, data; c = base_config.get_config().data; '
+          'c.data_dir = sys.argv[1]; '
           'c.seq_len = 16; b = next(data.make_train_iter(c, batch_size=2, seed=0)); '
           'print(int(b["inputs"].sum()))')
   procs = [subprocess.Popen([sys.executable, '-c', code, str(tmp_path)], stdout=subprocess.PIPE,

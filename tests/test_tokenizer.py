@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from sktlm import data, tokenizers
+from sktlm import base_config, data, tokenizers
 from sktlm.data import sources
 from sktlm.errors import UserError
 
@@ -75,7 +75,7 @@ def test_pipeline_with_sentencepiece(sp_model, tmp_path):
   code = _corpus()[0]
   for i in range(30):  # small documents, so whole ones fit in the rows read below
     (corpus / f'{i}.py').write_text(code[i * 400:(i + 1) * 400 + i])
-  cfg = data.default_data_config()
+  cfg = base_config.get_config().data
   cfg.update(dict(name='text_files', path=str(corpus), data_dir=str(tmp_path / 'tfds'), seq_len=32,
                   tokenizer=sp_model.path))
   assert data.get_tokenizer(cfg).fingerprint == sp_model.fingerprint

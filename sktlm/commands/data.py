@@ -16,8 +16,8 @@ USAGE = 'usage: sktlm data prepare [NAME] [--config=...] [--data_dir=...] | sktl
 
 
 def _data_config(name: str | None):
-  from sktlm.data import default_data_config
-  data_cfg = default_data_config() if _CONFIG.value is None else _CONFIG.value.data
+  from sktlm import base_config
+  data_cfg = base_config.get_config().data if _CONFIG.value is None else _CONFIG.value.data
   data_cfg = data_cfg.copy_and_resolve_references()
   if name:
     data_cfg.name = name

@@ -34,8 +34,8 @@ def main(argv):
     raise UserError(f'unexpected arguments: {" ".join(args[1:])}')
   if not _OUT.value:
     raise UserError('--out=PATH.model is required')
-  from sktlm import data
-  data_cfg = data.default_data_config() if _CONFIG.value is None else _CONFIG.value.data
+  from sktlm import base_config, data
+  data_cfg = base_config.get_config().data if _CONFIG.value is None else _CONFIG.value.data
   import time
   t0 = time.perf_counter()
   tok = tokenizers.train_sentencepiece(data.iter_texts(data_cfg, 'train', max_docs=_MAX_DOCS.value),

@@ -13,8 +13,6 @@ See docs/data.md.
 
 from __future__ import annotations
 
-import ml_collections
-
 from sktlm import tokenizers
 from sktlm.data import packing, pipeline, sources
 from sktlm.data.pipeline import DataIterator
@@ -77,12 +75,6 @@ def prepare(data_cfg, allow_download: bool = False) -> float:
   if allow_download and data_cfg.name not in ('stdlib', 'text_files'):
     return sources.prepare_catalog(data_cfg.name, sources.data_dir(data_cfg))
   return sources.get_source(data_cfg).build_seconds
-
-
-def default_data_config() -> ml_collections.ConfigDict:
-  """config.data of experiments/lm.py (for commands run without --config)."""
-  return ml_collections.ConfigDict(dict(name='stdlib', path='', text_field='text', data_dir='',
-                                        tokenizer='bytes', seq_len=256, num_workers=0))
 
 
 def iter_texts(data_cfg, split: str = 'train', max_docs: int = 0):
