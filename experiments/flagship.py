@@ -50,8 +50,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   m.attention_dtype = 'bfloat16'
   m.param_dtype = 'float32'
   m.scan_layers = True
-  m.scan_unroll = 1            # a rolled loop whatever the compiling host (`sktlm plan` traces on CPU)
-  m.attention_impl = 'blocked'  # the plan's figures whatever the compiling host (auto is the same on TPU)
   m.attention_block = 512      # 8 query blocks at T=4096: 56% of the dense score work, 1/8 of its memory
   m.remat = arg.remat
   m.moe.num_experts = arg.experts

@@ -34,12 +34,14 @@ def model_config(size: str) -> ml_collections.ConfigDict:
       dtype='float32',       # compute dtype; params are always param_dtype
       param_dtype='float32',
       scan_layers=True,      # nn.scan over the block stack: compile time independent of depth
-      scan_unroll=0,         # layers per scan iteration; 0: all on CPU (faster step), 1 on TPU/GPU (model.py)
+      kernels='auto',        # auto | plain | cpu | tpu | gpu: platform kernel set (sktlm/kernels); auto: the mesh's
+                             # platform, resolved in train.build and recorded in config.json
+      scan_unroll=0,         # layers per scan iteration; 0 (auto): all on CPU (faster step), 1 on TPU/GPU
       remat='none',          # none | full | dots (save matmul outputs only)
       attention_dtype='',    # q, k, v and the probabilities as matmul operands ('': the compute dtype); scores,
                              # softmax and accumulation are float32 whatever it is
-      attention_impl='auto',   # auto | blocked | blocked_vjp | dense (sktlm/attention.py); auto: blocked_vjp
-                               # for 16-bit attention on CPU, blocked otherwise
+      attention_impl='auto',   # auto | dense | blocked | blocked_vjp | splash | flash (sktlm/kernels); auto: by
+                               # the kernels: cpu blocked_vjp (16-bit) or blocked, tpu splash, gpu flash, else blocked
       attention_block=64,      # queries per block; keys past a block's end are never computed
       moe=ml_collections.ConfigDict(dict(
           num_experts=0,         # 0: dense model

@@ -123,7 +123,7 @@ BREAKING_PREFIXES = ('model.', 'data.name', 'data.path', 'data.text_field', 'dat
                      'data.seq_len', 'seed', 'train.batch_size')
 # Keys under model.* that do not affect parameter shapes or the function computed.
 HARMLESS_MODEL_KEYS = ('model.remat', 'model.dtype', 'model.attention_impl', 'model.attention_block',
-                       'model.attention_dtype', 'model.scan_unroll', 'model.size')
+                       'model.attention_dtype', 'model.scan_unroll', 'model.size', 'model.kernels')
 
 
 def diff_configs(old: dict, new: dict) -> tuple[list[str], list[str]]:

@@ -10,7 +10,7 @@ Conventions (per token, training = forward + backward = 3x forward):
 - `exact`: 6N + 12 * L * (n_heads * head_dim) * T: adds the two attention matmuls (QK^T and AV) over the
   full T x T score matrix: PaLM's MFU convention, and the work of `model.attention_impl='dense'`. MFU uses
   this count. The default blocked attention skips fully masked key blocks and computes (1 + block/T)/2 of
-  the attention term (sktlm.attention.causal_attention).
+  the attention term (sktlm.attention.blocked).
 - `causal`: 6N + 6 * L * (n_heads * head_dim) * T: only the unmasked half, i.e. useful work.
 """
 
@@ -46,13 +46,22 @@ def _layer_counts(mc) -> dict[str, int]:
   return out
 
 
-def _layer_split(mc) -> tuple[int, int]:
-  """(number of dense-MLP layers, number of MoE layers)."""
+def layer_groups(mc) -> list[tuple[str, int, bool]]:
+  """(name, number of layers, uses MoE) of each homogeneous stack of layers, in order: the model's parameter
+  tree (sktlm/model.py) and the counts here both follow it. MoE models keep a dense MLP in the first
+  moe.n_dense_layers layers."""
   moe = _moe(mc)
   if not moe:
-    return mc.n_layers, 0
+    return [('layers', mc.n_layers, False)]
   n_dense = min(moe.n_dense_layers, mc.n_layers)
-  return n_dense, mc.n_layers - n_dense
+  groups = [('dense_layers', n_dense, False), ('moe_layers', mc.n_layers - n_dense, True)]
+  return [g for g in groups if g[1] > 0]
+
+
+def _layer_split(mc) -> tuple[int, int]:
+  """(number of dense-MLP layers, number of MoE layers)."""
+  groups = layer_groups(mc)
+  return sum(n for _, n, m in groups if not m), sum(n for _, n, m in groups if m)
 
 
 def param_counts(mc) -> dict[str, int]:

@@ -17,19 +17,13 @@ from sktlm import chips, configs, data, flops, hostmem, sharding, train
 from sktlm.checkpoint import Checkpointer
 from sktlm.errors import UserError
 from sktlm.metrics import MetricsWriter, write_json
+from sktlm.train import resolve_vocab
 
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: the run saved a checkpoint and can be resumed
 
 
 class Diverged(Exception):
   pass
-
-
-def resolve_vocab(config, tokenizer) -> None:
-  vocab = flops.resolved_vocab_size(config.model, tokenizer.vocab_size)
-  if vocab < tokenizer.vocab_size:
-    raise UserError(f'model.vocab_size={vocab} is smaller than the tokenizer vocabulary ({tokenizer.vocab_size})')
-  config.model.vocab_size = vocab
 
 
 def _check_workdir_config(workdir: str, config) -> list[str]:
@@ -135,6 +129,8 @@ def run(config, workdir: str) -> int:
   t_start = time.time()
   tokenizer = data.get_tokenizer(config.data)
   resolve_vocab(config, tokenizer)
+  mesh = sharding.make_mesh(config.mesh)
+  train.resolve_platform(config, mesh)  # the kernels, attention and unrolling config.json records
   harmless = _check_workdir_config(workdir, config)
   if jax.process_index() == 0:
     _check_tokenizer(workdir, tokenizer)
@@ -143,7 +139,6 @@ def run(config, workdir: str) -> int:
   if jax.process_index() == 0:
     write_json(os.path.join(workdir, 'config.json'), configs.to_dict(config))
 
-  mesh = sharding.make_mesh(config.mesh)
   setup = train.build(config, mesh)
   t, B, T = config.train, config.train.batch_size, config.data.seq_len
   pidx, pcount = jax.process_index(), jax.process_count()

@@ -3,7 +3,8 @@
 Token embedding -> N x [pre-norm GQA attention with RoPE, pre-norm SwiGLU MLP or MoE] -> final RMSNorm ->
 tied or untied output head. Packed rows: `segment_ids` (0 = padding) and `positions` keep attention inside
 each document. Blocks are stacked with nn.scan (compile time independent of depth) or a Python loop, with an
-optional remat policy; both give the same function (tests/test_model.py).
+optional remat policy; both give the same function (tests/test_model.py). The matmuls, the embedding and
+attention come from the config's kernel set (`kernels.ops`: plain jnp unless train.build resolved a platform's).
 """
 
 from __future__ import annotations
@@ -13,10 +14,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from sktlm import attention, flops, layers
-from sktlm.layers import Mlp, RMSNorm, constrain, dense, dtype, embed_one_hot, param_init, rope, transposed
-
-ONE_HOT_EMBED_MAX_VOCAB = 2048  # above this, a gather is cheaper than the one-hot matmul
+from sktlm import flops, kernels
+from sktlm.layers import Mlp, RMSNorm, dtype, param_init, rope
+from sktlm.sharding import constrain
 
 
 class Attention(nn.Module):
@@ -27,6 +27,7 @@ class Attention(nn.Module):
     c = self.config
     D, H, KV, K = c.d_model, c.n_heads, c.n_kv_heads, flops.head_dim(c)
     cdt, pdt = dtype(c.dtype), dtype(c.param_dtype)
+    ops = kernels.ops(c)
 
     def w(name, shape, names, out=False):
       init = param_init(c, scale_by_depth=out)
@@ -39,9 +40,9 @@ class Attention(nn.Module):
 
     B, T, _ = x_BxTxD.shape
     x_NxD = x_BxTxD.astype(cdt).reshape(B * T, D)
-    q_BxTxHxK = dense(x_NxD, wq.reshape(D, H * K)).reshape(B, T, H, K)
-    k_BxTxGxK = dense(x_NxD, wk.reshape(D, KV * K)).reshape(B, T, KV, K)
-    v_BxTxGxK = dense(x_NxD, wv.reshape(D, KV * K)).reshape(B, T, KV, K)
+    q_BxTxHxK = ops.dense(x_NxD, wq.reshape(D, H * K)).reshape(B, T, H, K)
+    k_BxTxGxK = ops.dense(x_NxD, wk.reshape(D, KV * K)).reshape(B, T, KV, K)
+    v_BxTxGxK = ops.dense(x_NxD, wv.reshape(D, KV * K)).reshape(B, T, KV, K)
     adt = dtype(c.attention_dtype or c.dtype)
     q_BxTxHxK = (rope(q_BxTxHxK, positions_BxT, c.rope_theta, jnp.float32) * K**-0.5).astype(adt)
     k_BxTxGxK = rope(k_BxTxGxK, positions_BxT, c.rope_theta, adt)
@@ -50,11 +51,10 @@ class Attention(nn.Module):
     k_BxTxGxK = constrain(k_BxTxGxK, ('batch', 'length', 'act_kv_heads', 'kv'))
     v_BxTxGxK = constrain(v_BxTxGxK, ('batch', 'length', 'act_kv_heads', 'kv'))
 
-    impl = attention.resolve_impl(c.attention_impl, adt)
-    out_BxTxHxK = attention.causal_attention(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, segment_ids_BxT, impl,
-                                             c.attention_block).astype(cdt)
+    out_BxTxHxK = ops.causal_attention(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, segment_ids_BxT,
+                                       block=c.attention_block).astype(cdt)
     out_BxTxHxK = constrain(out_BxTxHxK, ('batch', 'length', 'act_heads', 'kv'))
-    out_BxTxD = dense(out_BxTxHxK.reshape(B * T, H * K), wo.reshape(H * K, D)).reshape(B, T, D)
+    out_BxTxD = ops.dense(out_BxTxHxK.reshape(B * T, H * K), wo.reshape(H * K, D)).reshape(B, T, D)
     return constrain(out_BxTxD, ('batch', 'length', 'act_embed'))
 
 
@@ -94,23 +94,10 @@ def _block_cls(config):
 
 
 def scan_unroll(config, n_layers: int) -> int:
-  """Layers per iteration of the scanned stack. 0 (auto): all of them when the step runs on CPU devices, where
-  the rolled loop's stacked per-layer activations (zero-filled, copied in and out) cost 5-13% of a step, and 1
-  on TPU/GPU, where a rolled loop keeps compile time independent of depth. Parameters keep the scanned layout
-  either way, so checkpoints do not depend on it."""
-  if config.scan_unroll > 0:
-    return min(config.scan_unroll, n_layers)
-  return n_layers if layers.current_platform() == 'cpu' else 1
-
-
-def layer_groups(config) -> list[tuple[str, int, bool]]:
-  """(name, number of layers, uses MoE) for each homogeneous stack of layers."""
-  moe = config.moe
-  if moe.num_experts <= 0:
-    return [('layers', config.n_layers, False)]
-  n_dense = min(moe.n_dense_layers, config.n_layers)
-  groups = [('dense_layers', n_dense, False), ('moe_layers', config.n_layers - n_dense, True)]
-  return [g for g in groups if g[1] > 0]
+  """Layers per iteration of a scanned stack of n_layers. train.build resolves 0 (auto) for the platform
+  (sktlm/kernels: all layers on CPU, 1 on TPU/GPU); unresolved it means a rolled loop. Parameters keep the
+  scanned layout either way, so checkpoints do not depend on it."""
+  return min(max(config.scan_unroll, 1), n_layers)
 
 
 class Transformer(nn.Module):
@@ -127,19 +114,16 @@ class Transformer(nn.Module):
     if segment_ids_BxT is None:
       segment_ids_BxT = jnp.ones((B, T), jnp.int32)
     cdt, pdt = dtype(c.dtype), dtype(c.param_dtype)
+    ops = kernels.ops(c)
 
     embedding = self.param('embedding', nn.with_logical_partitioning(param_init(c), ('vocab', 'embed')),
                            (c.vocab_size, c.d_model), pdt)
-    if c.vocab_size <= ONE_HOT_EMBED_MAX_VOCAB:
-      # Small vocabularies: a one-hot matmul, whose gradient is a matmul rather than a scatter-add.
-      x_BxTxD = embed_one_hot(tokens_BxT.reshape(B * T), embedding, cdt).reshape(B, T, c.d_model)
-    else:
-      x_BxTxD = jnp.take(embedding, tokens_BxT, axis=0).astype(cdt)
+    x_BxTxD = ops.embed(tokens_BxT.reshape(B * T), embedding, cdt).reshape(B, T, c.d_model)
     x_BxTxD = constrain(x_BxTxD, ('batch', 'length', 'act_embed'))
 
     block_cls = _block_cls(c)
     aux_all = {}
-    for name, n, use_moe in layer_groups(c):
+    for name, n, use_moe in flops.layer_groups(c):
       if c.scan_layers:
         stack = nn.scan(block_cls, variable_axes={'params': 0}, split_rngs={'params': True},
                         in_axes=(nn.broadcast, nn.broadcast), length=n,
@@ -156,11 +140,11 @@ class Transformer(nn.Module):
 
     x_BxTxD = RMSNorm(c, name='final_norm')(x_BxTxD)
     if c.tie_embeddings:
-      head_DxV = transposed(embedding)
+      head_DxV = ops.transposed(embedding)
     else:
       head_DxV = self.param('head', nn.with_logical_partitioning(param_init(c), ('embed', 'vocab')),
                             (c.d_model, c.vocab_size), pdt)
-    logits_NxV = dense(x_BxTxD.reshape(B * T, c.d_model), head_DxV, jnp.float32)
+    logits_NxV = ops.dense(x_BxTxD.reshape(B * T, c.d_model), head_DxV, jnp.float32)
     logits_BxTxV = logits_NxV.reshape(B, T, c.vocab_size)
     return constrain(logits_BxTxV, ('batch', 'length', 'act_vocab')), aux_all
 

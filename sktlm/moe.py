@@ -34,6 +34,7 @@ import jax.numpy as jnp
 
 from sktlm import layers
 from sktlm.errors import UserError
+from sktlm.sharding import constrain
 
 
 def capacity(config, group_size: int) -> int:
@@ -65,9 +66,8 @@ def _ep_rules():
 
 
 def _constrain_ep(x, names, rules):
-  # Same mesh binding as layers.constrain (the mesh train.build sets while tracing), with the EP rules.
-  mesh = layers.current_mesh()
-  return nn.with_logical_constraint(x, names, rules=rules, mesh=mesh)
+  # The mesh train.build sets while tracing (sharding.activation_context), with the EP rules.
+  return constrain(x, names, rules=rules)
 
 
 def route(config, logits_NxE):
@@ -134,7 +134,7 @@ class MoEFeedForward(nn.Module):
         dropped_frac=dropped,
         expert_load=load_E,
     )
-    return layers.constrain(y_BxTxD.astype(cdt), ('batch', 'length', 'act_embed')), aux
+    return constrain(y_BxTxD.astype(cdt), ('batch', 'length', 'act_embed')), aux
 
   def _capacity(self, x_BxTxD, w_BxTxK, e_BxTxK, weights):
     c = self.config
@@ -160,7 +160,7 @@ class MoEFeedForward(nn.Module):
     h = nn.silu(jnp.einsum('becd,edf->becf', xd_BxExCxD, wg)) * jnp.einsum('becd,edf->becf', xd_BxExCxD, wu)
     h = _constrain_ep(h, ('exp_batch', 'exp', None, 'act_mlp'), rules)
     yd_BxExCxD = _constrain_ep(jnp.einsum('becf,efd->becd', h, wo), ep, rules)
-    yd_BxExCxD = layers.constrain(yd_BxExCxD, ('batch', None, None, 'act_embed'))
+    yd_BxExCxD = constrain(yd_BxExCxD, ('batch', None, None, 'act_embed'))
 
     y_pad = jnp.concatenate([yd_BxExCxD.reshape(B, E * C, D), jnp.zeros((B, 1, D), yd_BxExCxD.dtype)], axis=1)
     ys_BxSxD = jnp.take_along_axis(y_pad, dest_BxS[..., None], axis=1)

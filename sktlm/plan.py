@@ -187,19 +187,12 @@ def make_mesh(config, target: Target):
   return sharding.make_mesh(config.mesh, target.devices)
 
 
-def resolve_vocab(config) -> None:
-  """As training does: model.vocab_size 0 -> the tokenizer's vocabulary, padded."""
-  if config.model.vocab_size <= 0:
-    from sktlm import data
-    tok = data.get_tokenizer(config.data)
-    config.model.vocab_size = flops.resolved_vocab_size(config.model, tok.vocab_size)
-
-
 def plan(config, target: Target, mfu: float = 0.4, compile: bool = True) -> dict:
   """The full report as a JSON-friendly dict (see format_report)."""
-  resolve_vocab(config)
+  train.resolve_vocab(config)
   mc = config.model
   mesh = make_mesh(config, target)
+  train.resolve_platform(config, mesh)  # as training does: the kernels of the target's platform
   n_dev = len(target.devices)
   seq, batch = config.data.seq_len, config.train.batch_size
   tokens = seq * batch
@@ -211,6 +204,7 @@ def plan(config, target: Target, mfu: float = 0.4, compile: bool = True) -> dict
       mesh=dict(zip(mesh.axis_names, (int(s) for s in mesh.devices.shape), strict=True)),
       seq_len=seq, batch_size=batch, grad_accum=config.train.grad_accum, tokens_per_step=tokens,
       dtype=mc.dtype, param_dtype=mc.param_dtype, remat=mc.remat,
+      kernels=dict(kernels=mc.kernels, attention_impl=mc.attention_impl, scan_unroll=mc.scan_unroll),
       params=flops.param_counts(mc), flops_per_token=fpt,
       analytic_flops_per_device=fpt['exact'] * tokens / n_dev,
   )
@@ -236,7 +230,7 @@ def search_batch(config, target: Target, max_per_device: int = 4096, log=print) 
   """Largest per-device batch (sequences per batch shard, grad_accum=1) whose compiled step fits."""
   if not target.chip:
     raise UserError('search needs a memory limit: use a TPU topology or --chip (e.g. --chip=h100)')
-  resolve_vocab(config)
+  train.resolve_vocab(config)
   mesh = make_mesh(config, target)
   shards = sharding.batch_axis_size(mesh, sharding.logical_rules(config))
   cache = {}
@@ -281,6 +275,9 @@ def format_report(rep: dict, config_name: str = '') -> str:
                + f"; batch {rep['batch_size']} x {rep['seq_len']} = {h(rep['tokens_per_step'])} tokens/step"
                + f" (grad_accum {rep['grad_accum']}); compute {rep['dtype']}, params {rep['param_dtype']}, "
                + f"remat {rep['remat']}")
+  if 'kernels' in rep:
+    k = rep['kernels']
+    lines.append(f"kernels: {k['kernels']} (attention {k['attention_impl']}, scan_unroll {k['scan_unroll']})")
   lines.append(f"params: total {h(p['total'])}, active/token {h(p['active'])}, embedding {h(p['embedding'])}, "
                f"head {h(p['head'])}, non-embedding {h(p['non_embedding'])} (active {h(p['active_non_embedding'])})")
   lines.append(f"train FLOPs/token: 6N {h(f['6N'])}, exact {h(f['exact'])} (full TxT attention), "

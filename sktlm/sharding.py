@@ -1,12 +1,15 @@
-"""Device mesh from config.mesh, and logical-axis -> mesh-axis sharding (rules live in the config).
+"""Device mesh from config.mesh, logical-axis -> mesh-axis sharding (rules live in the config), and the
+activation sharding context the model's constraints bind to.
 
 Model code names axes logically ('embed', 'mlp', 'heads', 'batch', ...); `config.sharding_rules` maps them
 to the mesh axes ('data', 'fsdp', 'expert', 'tensor'). Pure data parallelism (the old pmap) is a mesh with
-only `data` > 1.
+only `data` > 1. The model never sees a mesh: `constrain` binds to the mesh of `activation_context`, which
+train.build enters while tracing the step (outside it, e.g. a plain `model.init`, constraints are no-ops).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import flax.linen as nn
@@ -100,6 +103,19 @@ def batch_axis_size(mesh: Mesh, rules) -> int:
     return 1
   axes = spec if isinstance(spec, tuple) else (spec,)
   return math.prod(mesh.shape[a] for a in axes)
+
+
+@contextlib.contextmanager
+def activation_context(mesh: Mesh, rules):
+  """Binds `constrain` to `mesh` and `rules` while a step is traced: jax's abstract-mesh context (unlike
+  jax.set_mesh it may be entered inside jit) and flax's logical axis rules. No module state of our own."""
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
+    yield
+
+
+def constrain(x, names, rules=None):
+  """Logical sharding constraint on an activation; a no-op outside `activation_context`."""
+  return nn.with_logical_constraint(x, names, rules=rules)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

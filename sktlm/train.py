@@ -1,14 +1,17 @@
 """Train state, the jitted sharded train/eval steps, and their construction for a config on a mesh.
 
-`build(config, mesh)` is shared by the training loop (sktlm/loop.py) and `sktlm plan`: it derives the
-abstract state and its shardings from the logical axis names with jax.eval_shape, so nothing is
+`build(config, mesh)` is shared by the training loop (sktlm/loop.py) and `sktlm plan`: it resolves the
+platform choices once (`resolve_platform`: kernels, attention, scan unrolling, from the mesh's devices),
+derives the abstract state and its shardings from the logical axis names with jax.eval_shape, so nothing is
 materialised on one host, and returns `train_step` = jax.jit with explicit in/out shardings and the state
-donated. The step is a pure function (state, batch) -> (state, metrics).
+donated, traced inside the mesh's activation sharding context. The step is a pure function
+(state, batch) -> (state, metrics).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any
 
 import flax
@@ -17,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sktlm import attention, layers, optim, sharding
+from sktlm import flops, kernels, optim, sharding
 from sktlm import model as model_lib
 from sktlm.errors import UserError
 
@@ -150,9 +153,11 @@ def check_config(config, n_batch_shards: int) -> None:
   for key, allowed in dtype_keys:
     if m[key] not in allowed:
       raise UserError(f"model.{key} must be one of {', '.join(repr(a) for a in allowed)}, got {m[key]!r}")
-  if m.attention_impl not in attention.IMPLS:
-    raise UserError(f"model.attention_impl must be one of {', '.join(attention.IMPLS)}, "
+  if m.attention_impl not in kernels.ATTENTION_IMPLS:
+    raise UserError(f"model.attention_impl must be one of {', '.join(kernels.ATTENTION_IMPLS)}, "
                     f"got '{m.attention_impl}'")
+  if m.kernels not in kernels.KERNELS:
+    raise UserError(f"model.kernels must be one of {', '.join(kernels.KERNELS)}, got '{m.kernels}'")
   if m.scan_unroll < 0:
     raise UserError(f'model.scan_unroll must be >= 0 (0: auto), got {m.scan_unroll}')
   if m.attention_block < 0:
@@ -165,8 +170,37 @@ def check_config(config, n_batch_shards: int) -> None:
                     f'{n_batch_shards} batch shards of the mesh (data x fsdp x expert)')
 
 
+def resolve_vocab(config, tokenizer=None) -> None:
+  """model.vocab_size 0 -> the tokenizer's vocabulary padded to model.vocab_multiple; a configured one must
+  hold the tokenizer's. Without a tokenizer (`sktlm plan`), a configured vocab_size is taken as it is."""
+  if tokenizer is None:
+    if config.model.vocab_size > 0:
+      return
+    from sktlm import data  # the input pipeline's modules: only when a tokenizer must be read
+    tokenizer = data.get_tokenizer(config.data)
+  vocab = flops.resolved_vocab_size(config.model, tokenizer.vocab_size)
+  if vocab < tokenizer.vocab_size:
+    raise UserError(f'model.vocab_size={vocab} is smaller than the tokenizer vocabulary ({tokenizer.vocab_size})')
+  config.model.vocab_size = vocab
+
+
+def platform_of(mesh) -> str:
+  """The platform of the mesh's devices ('cpu', 'tpu', 'gpu'): not jax.default_backend(), because
+  `sktlm plan` traces on a CPU host for TPU devices."""
+  return mesh.devices.flat[0].platform
+
+
+def resolve_platform(config, mesh) -> None:
+  """Resolves the platform choices left `auto` in config.model (kernels, attention_impl, scan_unroll) for the
+  mesh's devices, in place, so that the config a run records says what ran (sktlm/kernels). Idempotent; the
+  loop calls it before writing config.json, build calls it again."""
+  for note in kernels.resolve(config.model, platform_of(mesh)):
+    logging.warning('%s', note)
+
+
 def build(config, mesh) -> Setup:
   rules = sharding.logical_rules(config)
+  resolve_platform(config, mesh)
   check_config(config, sharding.batch_axis_size(mesh, rules))
   model = model_lib.make_model(config.model)
   tx, schedule = optim.make_optimizer(config.optim, config.train.steps)
@@ -189,7 +223,7 @@ def build(config, mesh) -> Setup:
   def with_context(fn):
     # The mesh and rules must be set while tracing, or activation constraints are silently skipped.
     def wrapped(*args):
-      with layers.activation_mesh(mesh), nn.logical_axis_rules(rules):
+      with sharding.activation_context(mesh, rules):
         return fn(*args)
     return wrapped
 

@@ -1,4 +1,5 @@
-"""The attention implementations (sktlm/attention.py) against a float64 numpy reference and each other.
+"""The attention implementations (plain sktlm/attention.py; blocked_vjp of sktlm/kernels/cpu.py) against a
+float64 numpy reference and each other.
 
 Values: every implementation vs float64 numpy loops. Gradients: `blocked` and `blocked_vjp` (hand-written
 backward) vs JAX's autodiff of `dense` (itself checked against float64 finite differences in test_model.py).
@@ -12,7 +13,8 @@ import numpy as np
 import pytest
 from conftest import dot_operand_dtypes
 
-from sktlm import attention, layers
+from sktlm import kernels
+from sktlm.kernels import cpu
 
 B, T, K = 2, 13, 8
 RNG = np.random.default_rng(0)
@@ -47,7 +49,7 @@ def np_attention(q, k, v, seg):
 
 def value_and_grads(impl, block, q, k, v, seg, dout):
   def f(q, k, v):
-    out = attention.causal_attention(q, k, v, seg, impl, block)
+    out = kernels.attention_fn(impl)(q, k, v, seg, block=block)
     return jnp.vdot(out.astype(jnp.float32), dout), out
   (_, out), grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))(q, k, v)
   return out, grads
@@ -85,14 +87,14 @@ def test_bfloat16_blocked_vjp_tracks_float32(heads):
 
 
 def test_bfloat16_blocked_vjp_matmuls_are_not_upcast():
-  """Every matmul of the bf16 forward and backward stays bf16 x bf16 -> f32 on XLA:CPU (see layers.permuted);
+  """Every matmul of the bf16 forward and backward stays bf16 x bf16 -> f32 on XLA:CPU (see cpu.permuted);
   JAX's backward of `blocked` does not (that is why blocked_vjp exists)."""
   q, k, v, dout = (jnp.asarray(x, jnp.bfloat16) for x in inputs(4, 2))
   seg = jnp.asarray(segments())
 
   def hlo(impl):
     def loss(q, k, v):
-      return jnp.vdot(attention.causal_attention(q, k, v, seg, impl, 5).astype(jnp.float32),
+      return jnp.vdot(kernels.attention_fn(impl)(q, k, v, seg, block=5).astype(jnp.float32),
                       dout.astype(jnp.float32))
     return jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, v).compile().as_text()
 
@@ -106,14 +108,12 @@ def test_bfloat16_blocked_vjp_matmuls_are_not_upcast():
 @pytest.mark.parametrize('perm', [(1, 0, 2), (0, 2, 3, 1), (0, 1, 4, 2, 3)])
 def test_permuted_is_the_exact_transpose(dtype, perm):
   x = jnp.asarray(RNG.standard_normal((2, 3, 4, 5, 6)[:len(perm)]), dtype)
-  out = jax.jit(lambda x: layers.permuted(x, perm))(x)
+  out = jax.jit(lambda x: cpu.permuted(x, perm))(x)
   assert out.dtype == x.dtype
   np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(x, np.float32).transpose(perm))
 
 
-def test_auto_resolves_by_dtype_and_platform():
-  assert attention.resolve_impl('auto', jnp.bfloat16) == 'blocked_vjp'  # the test devices are CPUs
-  assert attention.resolve_impl('auto', jnp.float32) == 'blocked'
-  assert attention.resolve_impl('dense', jnp.bfloat16) == 'dense'
-  with pytest.raises(ValueError, match='attention_impl'):
-    attention.resolve_impl('flash', jnp.float32)
+def test_unknown_impl_is_a_user_error():
+  from sktlm.errors import UserError
+  with pytest.raises(UserError, match='attention_impl'):
+    kernels.attention_fn('flash2')

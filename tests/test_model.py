@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from sktlm import configs, flops, model, train
+from sktlm import kernels as sktlm_kernels
 
 
 def small_config(**over):
@@ -97,10 +98,12 @@ def to_numpy64(params):
 
 
 # Attention variants: one dense T x T block, and query blocks of 5 over T=16 (uneven last block; the document
-# boundary at row 9 falls inside a block), differentiated by JAX or by hand (blocked_vjp).
-ATTENTION = {'dense': {'model.attention_impl': 'dense'},
-             'blocked': {'model.attention_impl': 'blocked', 'model.attention_block': 5},
-             'blocked_vjp': {'model.attention_impl': 'blocked_vjp', 'model.attention_block': 5}}
+# boundary at row 9 falls inside a block), differentiated by JAX (plain kernels) or by hand (the cpu kernels:
+# blocked_vjp attention and hand-written dense / swiglu / embedding backward passes).
+ATTENTION = {'dense': {'model.attention_impl': 'dense', 'model.kernels': 'plain'},
+             'blocked': {'model.attention_impl': 'blocked', 'model.attention_block': 5, 'model.kernels': 'plain'},
+             'blocked_vjp': {'model.attention_impl': 'blocked_vjp', 'model.attention_block': 5,
+                             'model.kernels': 'cpu'}}
 
 
 @pytest.mark.parametrize('attention', ATTENTION)
@@ -170,17 +173,19 @@ def test_blocked_attention_equals_dense(block, impl):
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6 * np.abs(a).max())
 
 
+@pytest.mark.parametrize('kernels', ['cpu', 'plain'])
 @pytest.mark.parametrize('attention_dtype', ['', 'float32'])
-def test_bfloat16_compute_tracks_float32(attention_dtype):
+def test_bfloat16_compute_tracks_float32(attention_dtype, kernels):
   """bfloat16 compute (float32 params, accumulation and softmax; attention operands bf16 by default, via
-  blocked_vjp on CPU, or float32) stays within bf16 precision of the float32 model: loss to 1e-2 relative,
-  gradients to a few percent of their scale."""
+  blocked_vjp with the cpu kernels, or float32) stays within bf16 precision of the float32 model: loss to 1e-2
+  relative, gradients to a few percent of their scale. Kernels and attention resolved as train.build does."""
   batch = make_batch()
   denom = float(batch['weights'].sum())
   out = {}
   for dt in ('float32', 'bfloat16'):
-    config = small_config(**{'model.dtype': dt, 'model.attention_block': 5,
+    config = small_config(**{'model.dtype': dt, 'model.attention_block': 5, 'model.kernels': kernels,
                              'model.attention_dtype': attention_dtype if dt == 'bfloat16' else ''})
+    sktlm_kernels.resolve(config.model, 'cpu')
     m, params = init_params(config)
     out[dt] = jax.jit(jax.value_and_grad(train.make_loss_fn(config, m), has_aux=True))(params, batch, denom)
   (l32, _), g32 = out['float32']
@@ -199,8 +204,8 @@ def stack_layers(params, n):
   return out
 
 
-# scan_unroll 0 is auto (all layers on CPU), 1 a rolled loop.
-@pytest.mark.parametrize('remat, unroll', [('none', 0), ('none', 1), ('full', 0), ('full', 1), ('dots', 1)])
+# scan_unroll 2 is fully unrolled (what auto resolves to on CPU), 1 a rolled loop.
+@pytest.mark.parametrize('remat, unroll', [('none', 2), ('none', 1), ('full', 2), ('full', 1), ('dots', 1)])
 def test_scan_and_remat_match_plain_stack(remat, unroll):
   plain = small_config(**{'model.scan_layers': False, 'model.remat': 'none', 'model.z_loss': 1e-4})
   other = small_config(**{'model.scan_layers': True, 'model.remat': remat, 'model.z_loss': 1e-4,
@@ -221,15 +226,12 @@ def test_scan_and_remat_match_plain_stack(remat, unroll):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6 * np.abs(a).max())
 
 
-def test_scan_unroll_auto_is_full_on_cpu():  # and rolled on TPU: tests/test_plan.py (needs libtpu)
-  config = small_config(**{'model.n_layers': 5})
-  assert model.scan_unroll(config.model, 5) == 5  # the test session runs on CPU devices
-  config.model.scan_unroll = 2
+def test_scan_unroll_is_capped_by_the_stack_and_rolled_when_unresolved():
+  config = small_config(**{'model.n_layers': 5, 'model.scan_unroll': 2})
   assert model.scan_unroll(config.model, 5) == 2
-  config.model.scan_unroll = 0
-  from sktlm import layers, plan
-  with layers.activation_mesh(plan.make_mesh(config, plan.get_target('cpu:8'))):
-    assert model.scan_unroll(config.model, 5) == 5
+  assert model.scan_unroll(config.model, 1) == 1
+  config.model.scan_unroll = 0  # auto, not resolved by train.build: a rolled loop (resolution: test_kernels.py)
+  assert model.scan_unroll(config.model, 5) == 1
 
 
 @pytest.mark.parametrize('attention', ATTENTION)

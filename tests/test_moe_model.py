@@ -20,7 +20,7 @@ def cfg(data_dir, **over):
 @pytest.mark.parametrize('cf', [1.0, 0.0])
 def test_same_losses_on_one_device_and_with_expert_axis(data_dir, cf):
   config = cfg(data_dir, **{'optim.peak_lr': 1e-2, 'model.moe.capacity_factor': cf})
-  loop.resolve_vocab(config, data.get_tokenizer(config.data))
+  train.resolve_vocab(config, data.get_tokenizer(config.data))
   one = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])
   ref, _, _ = run_steps(config, one, 3)
   config.mesh.update(dict(data=2, fsdp=1, expert=4, tensor=1))
@@ -37,7 +37,7 @@ def test_same_losses_on_one_device_and_with_expert_axis(data_dir, cf):
 
 def test_param_count_matches_accounting(data_dir):
   config = cfg(data_dir)
-  loop.resolve_vocab(config, data.get_tokenizer(config.data))
+  train.resolve_vocab(config, data.get_tokenizer(config.data))
   setup = train.build(config, sharding.make_mesh(config.mesh, devices=jax.devices()[:1]))
   n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(setup.abstract_state.params))
   assert n == flops.param_counts(config.model)['total']

@@ -10,7 +10,8 @@ import sys
 import jax
 import pytest
 
-from sktlm import configs, flops, layers, model, plan, sharding, train
+from sktlm import configs, flops, plan, sharding, train
+from sktlm.kernels import cpu
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAS_LIBTPU = importlib.util.find_spec('libtpu') is not None
@@ -63,10 +64,10 @@ def test_compiled_flops_match_analytic(scan, extra):
   analytic = rep['analytic_flops_per_device']
   assert analytic == pytest.approx(flops.flops_per_token(config.model, 64)['exact'] * 8 * 64 / 8)
   assert rep['traced_flops_per_device'] == pytest.approx(analytic, rel=0.10)
-  # Sharper: small vocabularies embed with a one-hot matmul (sktlm/model.py), 4 V D FLOPs/token (fwd + grad)
+  # Sharper: small vocabularies embed with a one-hot matmul (sktlm/kernels/cpu.py), 4 V D FLOPs/token (fwd + grad)
   # that 6N leaves out as a lookup; with it added the traced matmuls equal the analytic count.
   v, d = config.model.vocab_size, config.model.d_model
-  one_hot = 4 * v * d * 8 * 64 / 8 if v <= model.ONE_HOT_EMBED_MAX_VOCAB else 0
+  one_hot = 4 * v * d * 8 * 64 / 8 if v <= cpu.ONE_HOT_EMBED_MAX_VOCAB else 0
   assert rep['traced_flops_per_device'] == pytest.approx(analytic + one_hot, rel=0.005)
   if not scan:
     assert rep['xla_flops_per_device'] == pytest.approx(analytic + one_hot, rel=0.10)
@@ -118,10 +119,9 @@ def test_reduced_flagship_compiles_for_v5p():
   rep = plan.plan(config, target)
   assert rep['fits'] and 0 < rep['memory']['peak'] < 95 * plan.GiB
   assert rep['traced_flops_per_device'] == pytest.approx(rep['analytic_flops_per_device'], rel=0.25)
-  # scan_unroll=0 (auto) keeps a rolled loop for TPU devices although the host tracing the step is a CPU.
-  config.model.scan_unroll = 0
-  with layers.activation_mesh(plan.make_mesh(config, target)):
-    assert model.scan_unroll(config.model, 2) == 1
+  # auto resolves for the TPU devices although the host tracing the step is a CPU: a rolled loop, tpu kernels.
+  assert config.model.scan_unroll == 1 and config.model.kernels == 'tpu'
+  assert rep['kernels']['attention_impl'] in ('splash', 'blocked')
 
 
 def run_cli(*args, env_extra=None):

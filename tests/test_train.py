@@ -55,7 +55,7 @@ def losses_of(config, mesh, steps):
 def test_same_losses_on_one_device_and_on_mesh_shapes(data_dir, shape):
   config = cfg(data_dir, **{'optim.peak_lr': 1e-2, 'model.attention_block': 16})  # 4 query blocks
   resolve = data.get_tokenizer(config.data)
-  loop.resolve_vocab(config, resolve)
+  train.resolve_vocab(config, resolve)
   one = sharding.make_mesh(configs.load_config('experiments/lm.py', {}).mesh, devices=jax.devices()[:1])
   ref, _, _ = losses_of(config, one, 4)
   d, f, t = shape
@@ -79,7 +79,7 @@ def test_same_losses_on_one_device_and_on_mesh_shapes(data_dir, shape):
 def test_bfloat16_same_losses_on_one_device_and_on_a_mesh(data_dir):
   """bfloat16 compute (row-major transposes, float32 accumulation) partitions like float32 does."""
   config = cfg(data_dir, **{'optim.peak_lr': 1e-2, 'model.dtype': 'bfloat16', 'model.attention_block': 16})
-  loop.resolve_vocab(config, data.get_tokenizer(config.data))
+  train.resolve_vocab(config, data.get_tokenizer(config.data))
   one = sharding.make_mesh(configs.load_config('experiments/lm.py', {}).mesh, devices=jax.devices()[:1])
   ref, _, _ = losses_of(config, one, 4)
   config.mesh.update(dict(data=2, fsdp=2, expert=1, tensor=2))
@@ -91,7 +91,7 @@ def test_bfloat16_same_losses_on_one_device_and_on_a_mesh(data_dir):
 
 def test_grad_accumulation_matches_one_big_batch(data_dir):
   config = cfg(data_dir, **{'train.batch_size': 16})
-  loop.resolve_vocab(config, data.get_tokenizer(config.data))
+  train.resolve_vocab(config, data.get_tokenizer(config.data))
   mesh = sharding.make_mesh(config.mesh)
   l1, s1, _ = losses_of(config, mesh, 3)
   config.train.grad_accum = 2
@@ -184,7 +184,7 @@ def test_restore_onto_a_different_mesh(data_dir, tmp_path):
   config = cfg(data_dir, **{'train.steps': 10, 'train.checkpoint_every': 10, 'mesh.data': 8})
   assert loop.run(config, str(tmp_path)) == 0
   config2 = cfg(data_dir, **{'mesh.data': 2, 'mesh.fsdp': 2, 'mesh.tensor': 2})
-  loop.resolve_vocab(config2, data.get_tokenizer(config2.data))
+  train.resolve_vocab(config2, data.get_tokenizer(config2.data))
   setup = train.build(config2, sharding.make_mesh(config2.mesh))
   ck = Checkpointer(str(tmp_path / 'checkpoints'), read_only=True, async_save=False)
   state, _ = ck.restore(10, setup.abstract_state)
