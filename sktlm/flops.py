@@ -4,17 +4,34 @@ planning, `sktlm plan` and scaling analysis.
 `mc` is the `config.model` ConfigDict (or anything with the same attributes) with a resolved
 vocab_size (see `resolved_vocab_size`).
 
-Conventions (per token, training = forward + backward = 3x forward):
+FLOP conventions (per token, training = forward + backward; a matmul weight costs 2 FLOPs forward and 4
+backward). These definitions are stated once, here; README and docs/ refer to them:
 - `6N`: 6 x N, N = every matmul weight a token passes through, including the output head (for MoE only
   the active experts and the router). Embedding lookups are not matmuls and are not in N.
-- `exact`: 6N + 12 * L * (n_heads * head_dim) * T: adds the two attention matmuls (QK^T and AV) over the
-  full T x T score matrix: PaLM's MFU convention, and the work of `model.attention_impl='dense'`. MFU uses
-  this count. The default blocked attention skips fully masked key blocks and computes (1 + block/T)/2 of
-  the attention term (sktlm.attention.blocked).
+- `exact` (= model FLOPs, recorded as `flops_model`): 6N + 12 * L * (n_heads * head_dim) * T: adds the two
+  attention matmuls (QK^T and AV) over the full T x T score matrix, whatever the kernel skips. This is
+  PaLM's model-FLOPs definition (Chowdhery et al. 2022, App. B): MFU uses it, and so do `sktlm scaling`
+  (default `--flops=exact`) and the sweep planners.
 - `causal`: 6N + 6 * L * (n_heads * head_dim) * T: only the unmasked half, i.e. useful work.
+- `executed` (recorded as `flops_executed`): the matmul FLOPs the configured kernels run. Blocked
+  attention computes only the key blocks up to each query block's end ((1 + block/T)/2 of the attention
+  term when block divides T; all of it for `attention_impl='dense'`). Vocabularies up to
+  ONE_HOT_EMBED_MAX_VOCAB embed with a one-hot matmul (2 V d forward + 2 V d for the table gradient).
+  Recompute in the backward pass: `model.remat='full'` reruns each block's forward matmuls but the last
+  (the MLP or shared-expert down projection, whose output the backward pass does not need); 'dots' reruns the attention
+  projections (custom-VJP outputs are not saved); 'dots_no_batch' those and the attention score matmuls
+  (they have batch dimensions); as the current kernels trace. MoE with a capacity factor runs the routed
+  experts on E x C / T slots per token instead of top_k. Elementwise work (norms, softmax, optimizer) is
+  in no convention. tests/test_flops.py checks `executed` against the traced train step's matmuls.
 """
 
 from __future__ import annotations
+
+import math
+
+# sktlm/model.py embeds vocabularies up to this size with a one-hot matmul (cheaper than a gather's
+# scatter-add gradient on small tables); tests/test_flops.py checks the two stay equal.
+ONE_HOT_EMBED_MAX_VOCAB = 2048
 
 
 def pad_vocab(n: int, multiple: int) -> int:
@@ -99,8 +116,50 @@ def matmul_params(mc) -> int:
   return per + mc.vocab_size * mc.d_model
 
 
+def attention_fraction(mc, seq_len: int) -> float:
+  """Fraction of the full T x T attention matmuls the configured kernel computes: query block [s, e) meets
+  keys [0, e) (sktlm.attention._blocks); 1 for `attention_impl='dense'` or one block."""
+  block = int(getattr(mc, 'attention_block', 0) or 0)
+  if getattr(mc, 'attention_impl', 'dense') == 'dense' or block <= 0 or block >= seq_len:
+    return 1.0
+  work = sum((min(s + block, seq_len) - s) * min(s + block, seq_len) for s in range(0, seq_len, block))
+  return work / seq_len ** 2
+
+
+def _moe_slots_per_token(mc, seq_len: int) -> float:
+  """Routed-expert slots each token pays for: top_k (dropless), or E x C / T with a capacity factor (as
+  sktlm.moe.capacity: C = clip(ceil(cf T top_k / E), 1, T) per group of T tokens)."""
+  moe = _moe(mc)
+  if moe.capacity_factor <= 0:
+    return float(moe.top_k)
+  c = max(1, min(math.ceil(moe.capacity_factor * seq_len * moe.top_k / moe.num_experts), seq_len))
+  return moe.num_experts * c / seq_len
+
+
+def _executed(mc, seq_len: int, attn_full: float) -> float:
+  lc = _layer_counts(mc)
+  n_dense, n_moe = _layer_split(mc)
+  blocks = n_dense * (lc['attn'] + lc['dense_mlp']) + n_moe * lc['attn']
+  down = n_dense * mc.d_model * mc.d_ff  # the last matmul of each block: its output is not needed backward
+  moe = _moe(mc)
+  if moe:
+    e_ff, experts = moe.expert_d_ff or mc.d_ff, _moe_slots_per_token(mc, seq_len) + moe.num_shared_experts
+    blocks += n_moe * (3 * mc.d_model * e_ff * experts + mc.d_model * moe.num_experts)
+    down += n_moe * mc.d_model * e_ff * moe.num_shared_experts  # routed outputs feed the gate gradient
+  attn = attn_full * attention_fraction(mc, seq_len)
+  out = 6.0 * (blocks + mc.vocab_size * mc.d_model) + attn
+  if mc.vocab_size <= ONE_HOT_EMBED_MAX_VOCAB:
+    out += 4.0 * mc.vocab_size * mc.d_model
+  remat = getattr(mc, 'remat', 'none')
+  if remat == 'full':
+    out += 2.0 * (blocks - down) + attn / 3
+  elif remat in ('dots', 'dots_no_batch'):  # the q/k/v/o projections' custom-VJP outputs are not saved
+    out += 2.0 * mc.n_layers * lc['attn'] + (attn / 3 if remat == 'dots_no_batch' else 0.0)
+  return out
+
+
 def flops_per_token(mc, seq_len: int) -> dict[str, float]:
-  """Training FLOPs per token (forward + backward) under the three conventions in the module doc."""
+  """Training FLOPs per token (forward + backward) under the conventions in the module doc."""
   n = matmul_params(mc)
   attn_width = mc.n_heads * head_dim(mc)
   attn_full = 12.0 * mc.n_layers * attn_width * seq_len
@@ -108,6 +167,7 @@ def flops_per_token(mc, seq_len: int) -> dict[str, float]:
       '6N': 6.0 * n,
       'exact': 6.0 * n + attn_full,
       'causal': 6.0 * n + attn_full / 2,
+      'executed': _executed(mc, seq_len, attn_full),
   }
 
 

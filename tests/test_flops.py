@@ -1,0 +1,60 @@
+"""FLOP conventions of sktlm/flops.py against the matmuls of the traced train step (an independent count).
+
+`executed` must equal the dot_general FLOPs of the jaxpr that training runs (scan bodies x length, remat
+recompute included) for each kernel choice; `exact` (model FLOPs) must not depend on the kernel.
+"""
+
+import os
+
+import pytest
+
+from sktlm import configs, flops, model, plan, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+B, T = 2, 128
+
+
+def _config(**overrides):
+  base = {'model.vocab_size': 256, 'train.batch_size': B, 'data.seq_len': T, 'model.attention_block': 32,
+          'mesh.data': 1, 'mesh.fsdp': 1}
+  base.update(overrides)
+  return configs.load_config(os.path.join(ROOT, 'experiments/lm.py:size=pico'), base)
+
+
+def _traced_per_token(config) -> float:
+  mesh = plan.make_mesh(config, plan.get_target('cpu:1'))
+  setup = train.build(config, mesh)
+  traced = setup.train_step.trace(setup.abstract_state, train.abstract_batch(config, setup))
+  return plan.jaxpr_matmul_flops(traced.jaxpr.jaxpr) / (B * T)
+
+
+@pytest.mark.parametrize('overrides', [
+    {'model.attention_impl': 'blocked'},
+    {'model.attention_impl': 'dense'},
+    {'model.attention_impl': 'blocked_vjp', 'model.dtype': 'bfloat16'},
+    {'model.attention_impl': 'blocked', 'model.remat': 'full'},
+    {'model.attention_impl': 'blocked', 'model.remat': 'dots_no_batch'},
+    {'model.attention_impl': 'blocked', 'model.remat': 'dots'},
+    {'model.attention_impl': 'blocked', 'model.vocab_size': 4096},   # above the one-hot limit: a gather
+    {'model.moe.num_experts': 4, 'model.moe.top_k': 2, 'model.moe.num_shared_experts': 1,  # E x C / T = 2.5
+     'model.moe.capacity_factor': 1.25, 'model.attention_impl': 'dense', 'model.remat': 'full'},
+])
+def test_executed_equals_traced_matmuls(overrides):
+  config = _config(**overrides)
+  fpt = flops.flops_per_token(config.model, T)
+  traced = _traced_per_token(config)
+  assert traced == pytest.approx(fpt['executed'], rel=1e-9), (traced, fpt)
+  # Model FLOPs do not depend on the kernels: the same model with dense attention and no remat.
+  plain = _config(**{**overrides, 'model.attention_impl': 'dense', 'model.remat': 'none'})
+  assert fpt['exact'] == flops.flops_per_token(plain.model, T)['exact']
+
+
+def test_blocked_attention_fraction_and_model_constant():
+  mc = _config().model
+  assert flops.attention_fraction(mc, 128) == pytest.approx((1 + 32 / 128) / 2)  # block divides T
+  assert flops.attention_fraction(mc, 100) == pytest.approx((32 * 32 + 32 * 64 + 32 * 96 + 4 * 100) / 100 ** 2)
+  with mc.unlocked():
+    mc.attention_impl = 'dense'
+  assert flops.attention_fraction(mc, 128) == 1.0
+  # The one-hot threshold is stated in both places; they must agree.
+  assert flops.ONE_HOT_EMBED_MAX_VOCAB == model.ONE_HOT_EMBED_MAX_VOCAB
