@@ -157,7 +157,7 @@ def test_loader_tolerates_missing_optional_columns(tmp_path):
   path.write_text('name,status,n_params_non_embedding,tokens,best_eval_loss\n'
                   'a,done,1e6,1e9,3.0\nb,done,3e6,1e9,2.8\nc,diverged,1e7,1e9,nan\nd,done,1e7,1e9,\n')
   sweep = io.load_sweep(str(path))
-  data, warnings = io.select(sweep, 'non_embedding', 'best_eval', '6N')
+  data, warnings = io.select(sweep, 'non_embedding', 'best_eval', '6n')
   assert list(data['name']) == ['a', 'b']
   np.testing.assert_allclose(data['C'], [6e15, 1.8e16])  # 6 N D fallback
   text = ' '.join(warnings)

@@ -15,12 +15,15 @@ _OUT = flags.DEFINE_string('out', None, 'output folder for report.md, fits.json 
 _N = flags.DEFINE_enum('n', 'non_embedding', ['non_embedding', 'total', 'active'],
                        'parameter count used as N (non_embedding: Kaplan et al.; active: MoE per-token)')
 _LOSS = flags.DEFINE_enum('loss', 'best_eval', ['best_eval', 'final_eval', 'final_train'], 'loss per run')
-_FLOPS = flags.DEFINE_enum('flops', 'exact', ['exact', '6N'], 'FLOP convention for C (see sktlm/flops.py)')
+_FLOPS = flags.DEFINE_string('flops', 'exact', 'FLOP convention of every compute quantity in the report: exact '
+                              '(model FLOPs: 6N + full TxT attention, as MFU) or 6n (see sktlm/flops.py)')
+_BACKTEST = flags.DEFINE_integer('backtest', -1, 'fit on all but the K largest sizes (or compute budgets) and '
+                                 'predict those; -1: 1 when there are >= 4 sizes (budgets), else none; 0: none')
 _TARGET_PARAMS = flags.DEFINE_float('target_params', None, 'predict the loss of a model with this N')
 _TARGET_TOKENS = flags.DEFINE_float('target_tokens', None, 'with --target_params: trained on this many tokens')
 _TARGET_FLOPS = flags.DEFINE_float('target_flops', None,
-                                   'predict loss and compute-optimal N, D at this budget (default 6 N D of the '
-                                   'target config when given)')
+                                   'predict loss and compute-optimal N, D at this budget (default: the target '
+                                   'config\'s FLOPs per token x tokens, in the --flops convention)')
 _BOOTSTRAP = flags.DEFINE_integer('bootstrap', 200, 'bootstrap resamples for the intervals (0: none)')
 _SEED = flags.DEFINE_integer('seed', 0, 'bootstrap seed')
 _LABELS = flags.DEFINE_list('labels', None, 'names of the sweeps in plots and tables (default: folder names)')
@@ -31,7 +34,7 @@ _CURVES = flags.DEFINE_bool('curves', True, 'read metrics.jsonl of each run for 
 
 
 def main(argv):
-  from sktlm.scaling import report  # numpy/scipy/matplotlib only
+  from sktlm.scaling import compute, report  # numpy/scipy/matplotlib only
 
   paths = argv[1:]
   if not _OUT.value:
@@ -46,7 +49,10 @@ def main(argv):
     raise UserError(f'--bootstrap must be >= 0, got {_BOOTSTRAP.value}')
   if not _GAP.value > 1:
     raise UserError(f'--isoflop_gap must be > 1, got {_GAP.value}')
-  opts = report.Options(n_key=_N.value, loss_key=_LOSS.value, flops_key=_FLOPS.value, n_boot=_BOOTSTRAP.value,
+  if _BACKTEST.value < -1:
+    raise UserError(f'--backtest must be >= 0 (or -1: automatic), got {_BACKTEST.value}')
+  opts = report.Options(n_key=_N.value, loss_key=_LOSS.value, flops_key=compute.convention(_FLOPS.value),
+                        backtest=_BACKTEST.value, n_boot=_BOOTSTRAP.value,
                         seed=_SEED.value, delta=_DELTA.value, isoflop_gap=_GAP.value,
                         target_params=_TARGET_PARAMS.value, target_tokens=_TARGET_TOKENS.value,
                         target_flops=_TARGET_FLOPS.value, curves=_CURVES.value)

@@ -5,7 +5,8 @@
   summed Huber(delta=1e-3) of LSE(a - alpha log N, b - beta log D, e) - log L, L-BFGS-B from the
   4500-point grid, best kept.
 - `fit_isoflop`: Approach 2: a parabola of loss in log N per compute budget, its vertex, N_opt = k C^a.
-- `compute_optimal`: N_opt(C), D_opt(C) in closed form from the parametric fit (C = 6 N D).
+- `compute_optimal`: N_opt(C), D_opt(C) from the parametric fit with D = C / f(N) in the report's FLOP
+  convention (sktlm.scaling.compute: closed form when f = k N, numerical otherwise).
 
 Too few points, constant losses and bad data raise FitError (a UserError); fits that ran but are suspect
 (not converged, exponent at a degenerate value, E collapsed to 0) carry `warnings` for the report.
@@ -20,7 +21,7 @@ import itertools
 import numpy as np
 
 from sktlm.errors import UserError
-from sktlm.scaling import lbfgs
+from sktlm.scaling import compute, lbfgs
 
 CI_LEVEL = 0.95
 
@@ -198,22 +199,13 @@ def fit_parametric(n: np.ndarray, d: np.ndarray, loss: np.ndarray, *, n_boot: in
   return fit
 
 
-def compute_optimal(values, c):
-  """Closed-form compute-optimal allocation for L = E + A/N^alpha + B/D^beta under C = 6 N D.
+def compute_optimal(values, c, f=None):
+  """Compute-optimal (N_opt, D_opt, L_opt) at budget C for L = E + A/N^alpha + B/D^beta, along
+  D = C / f(N) (sktlm.scaling.compute.FlopsPerToken in the report's convention; None: C = 6 N D, closed form).
 
   `values` is a dict or an array (..., 5) in Fit.names order ('E', 'A', 'B', 'alpha', 'beta').
-  Returns (N_opt, D_opt, L_opt).
   """
-  if isinstance(values, dict):
-    e, a, b, alpha, beta = (values[k] for k in ('E', 'A', 'B', 'alpha', 'beta'))
-  else:
-    e, a, b, alpha, beta = (values[..., i] for i in range(5))
-  with np.errstate(all='ignore'):
-    g = np.power(alpha * a / (beta * b), 1.0 / (alpha + beta))
-    n_opt = g * np.power(c / 6.0, beta / (alpha + beta))
-    d_opt = (c / 6.0) / n_opt
-    l_opt = e + a / np.power(n_opt, alpha) + b / np.power(d_opt, beta)
-  return n_opt, d_opt, l_opt
+  return compute.optimal(values, c, f)
 
 
 # ------------------------------------------------------------------------------------------------ IsoFLOP
@@ -252,12 +244,16 @@ class IsoFlop:
   boot: np.ndarray             # (B, 2): k, a
   warnings: list[str]
   n_boot_dropped: int = 0
+  f: compute.FlopsPerToken | None = None  # FLOPs per token of N in the runs' convention (None: 6 N)
 
   def n_opt(self, c):
     return self.k * np.power(c, self.a)
 
+  def fpt(self, n):
+    return 6.0 * np.asarray(n) if self.f is None else self.f(n)
+
   def d_opt(self, c):
-    return c / (6.0 * self.n_opt(c))
+    return c / self.fpt(self.n_opt(c))
 
   def ci(self, name: str) -> tuple[float, float]:
     return interval(self.boot[:, ('k', 'a').index(name)])
@@ -266,7 +262,9 @@ class IsoFlop:
     return self.boot[:, 0] * np.power(c, self.boot[:, 1])
 
   def to_json(self) -> dict:
-    return dict(kind='isoflop', k=self.k, a=self.a, d_exponent=1 - self.a, ci=dict(k=self.ci('k'), a=self.ci('a')),
+    linear = self.f is None or self.f.k is not None  # D_opt = C / (k N_opt) is a power law of C
+    return dict(kind='isoflop', k=self.k, a=self.a, d_exponent=(1 - self.a) if linear else None,
+                ci=dict(k=self.ci('k'), a=self.ci('a')),
                 ci_level=CI_LEVEL, budgets=self.budgets, n_boot=int(len(self.boot)),
                 n_boot_dropped=self.n_boot_dropped, warnings=self.warnings)
 
@@ -283,8 +281,8 @@ def _vertex(ln_n: np.ndarray, loss: np.ndarray):
 
 
 def fit_isoflop(n: np.ndarray, c: np.ndarray, loss: np.ndarray, *, declared_budgets=None, gap: float = 1.25,
-                n_boot: int = 200, seed: int = 0) -> IsoFlop:
-  """Chinchilla Approach 2 on runs grouped into compute budgets."""
+                n_boot: int = 200, seed: int = 0, f: compute.FlopsPerToken | None = None) -> IsoFlop:
+  """Chinchilla Approach 2 on runs grouped into compute budgets; D_opt = C / f(N_opt) (f None: 6 N)."""
   n, c, loss = (np.asarray(v, dtype=np.float64) for v in (n, c, loss))
   _check_points('IsoFLOP', {'N': n, 'C': c}, loss)
   ids, budget_c = group_budgets(c, declared_budgets, gap)
@@ -331,4 +329,4 @@ def fit_isoflop(n: np.ndarray, c: np.ndarray, loss: np.ndarray, *, declared_budg
   if n_boot and dropped > 0.1 * n_boot:
     warnings.append(f'IsoFLOP: {dropped} of {n_boot} bootstrap resamples had < 2 usable budgets')
   return IsoFlop(budgets=rows, k=float(np.exp(icpt)), a=float(slope), boot=np.array(boot).reshape(-1, 2),
-                 warnings=warnings, n_boot_dropped=dropped)
+                 warnings=warnings, n_boot_dropped=dropped, f=f)

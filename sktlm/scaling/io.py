@@ -19,11 +19,12 @@ import numpy as np
 from sktlm.errors import UserError
 
 NUMERIC = ('n_params_total', 'n_params_non_embedding', 'n_params_active', 'tokens', 'flops_6n', 'flops_exact',
-           'final_train_loss', 'final_eval_loss', 'best_eval_loss', 'wall_time_s', 'tokens_per_s', 'mfu',
-           'budget')
+           'flops_executed', 'final_train_loss', 'final_eval_loss', 'best_eval_loss', 'wall_time_s',
+           'tokens_per_s', 'mfu', 'budget')
 N_COLUMNS = {'non_embedding': 'n_params_non_embedding', 'total': 'n_params_total', 'active': 'n_params_active'}
 LOSS_COLUMNS = {'best_eval': 'best_eval_loss', 'final_eval': 'final_eval_loss', 'final_train': 'final_train_loss'}
-FLOPS_COLUMNS = {'exact': 'flops_exact', '6N': 'flops_6n'}
+# C per report convention (sktlm/flops.py). Records name the exact count `flops_model` (newer) or `flops_exact`.
+FLOPS_COLUMNS = {'exact': 'flops_exact', '6n': 'flops_6n'}
 
 
 @dataclasses.dataclass
@@ -53,6 +54,8 @@ def _budget_from_overrides(overrides: dict) -> float:
 
 def _normalise(row: dict, base_dir: str) -> dict:
   out = dict(row)
+  if _float(row.get('flops_model')) > 0:  # the model-FLOPs column of newer records is the exact count
+    out['flops_exact'] = row['flops_model']
   for k in NUMERIC:
     out[k] = _float(row.get(k))
   ov = row.get('overrides') or {}
@@ -95,11 +98,14 @@ def row_from_workdir(workdir: str) -> dict:
   except (OSError, json.JSONDecodeError) as e:
     raise UserError(f'cannot read {workdir}/summary.json: {e}') from None
   params = s.get('params') or {}
-  flops = s.get('flops') or {}
+  flops = dict(s.get('flops') or {})
+  for key, top in (('model', 'flops_model'), ('executed', 'flops_executed'), ('6N', 'flops_6n')):
+    flops.setdefault(key, s.get(top))
   row = dict(name=os.path.basename(os.path.normpath(workdir)), status=s.get('status', 'done'),
              n_params_total=params.get('total'), n_params_non_embedding=params.get('non_embedding'),
              n_params_active=params.get('active', params.get('total')), tokens=s.get('tokens'),
-             flops_6n=flops.get('6N'), flops_exact=flops.get('exact'),
+             flops_6n=flops.get('6N'), flops_exact=flops.get('model') or flops.get('exact'),
+             flops_executed=flops.get('executed'),
              final_train_loss=s.get('final_train_loss'), final_eval_loss=s.get('final_eval_loss'),
              best_eval_loss=s.get('best_eval_loss'), wall_time_s=s.get('wall_time_s'),
              tokens_per_s=s.get('tokens_per_s'), mfu=s.get('mfu'), workdir=os.path.abspath(workdir))
@@ -157,7 +163,7 @@ def select(sweep: Sweep, n_key: str, loss_key: str, flops_key: str) -> tuple[dic
     if not (n > 0 and loss > 0 and math.isfinite(loss)):
       bad_vals.append(r['name'])
       continue
-    if not c > 0 and flops_key == '6N' and d > 0:
+    if not c > 0 and flops_key == '6n' and d > 0:
       c = 6.0 * n * d
       c_fallback += 1
     keep.append((i, r['name'], n, d, c, loss, r['budget']))
@@ -179,7 +185,8 @@ def select(sweep: Sweep, n_key: str, loss_key: str, flops_key: str) -> tuple[dic
 
 def read_curves(workdir: str) -> dict[str, dict[str, np.ndarray]] | None:
   """{'train': {step, tokens, flops, flops_6n, loss}, 'eval': {step, tokens, flops, flops_6n, eval_loss}}
-  from metrics.jsonl (last record per (kind, step), as a resumed run may repeat steps), or None."""
+  (flops: the exact count) from metrics.jsonl (last record per (kind, step), as a resumed run may repeat
+  steps), or None."""
   path = os.path.join(workdir, 'metrics.jsonl')
   if not workdir or not os.path.isfile(path):
     return None
@@ -199,5 +206,7 @@ def read_curves(workdir: str) -> dict[str, dict[str, np.ndarray]] | None:
   for kind, loss_key in (('train', 'loss'), ('eval', 'eval_loss')):
     recs = [last[k] for k in sorted(k for k in last if k[0] == kind)]
     out[kind] = {key: np.array([_float(r.get(key)) for r in recs], dtype=np.float64)
-                 for key in ('step', 'tokens', 'flops', 'flops_6n', loss_key)}
+                 for key in ('step', 'tokens', 'flops_6n', loss_key)}
+    # The exact (model) FLOPs: `flops_model` in newer records, `flops` in older ones.
+    out[kind]['flops'] = np.array([_float(r.get('flops_model', r.get('flops'))) for r in recs], dtype=np.float64)
   return out

@@ -117,6 +117,7 @@ def loss_vs_n(analyses, out: str) -> str | None:
                  label=f'{a.label}: best run per N')
     if a.fits.get('L(N)') is not None:
       ys += _draw_law(ax, a.fits['L(N)'], d['N'], a.opts.target_params, color, a.label, 'N')
+    _draw_held_out(ax, a, 'L(N)', 'N', color)
   ax.set_xscale('log')
   _log_loss_axis(ax, ys)
   ax.set_xlabel(f'N ({analyses[0].opts.n_key} parameters)')
@@ -133,6 +134,21 @@ def _draw_law(ax, f, x_data, target, color, label: str, var: str) -> list[float]
   ax.plot(xs, f.predict(xs), color=color, lw=1.8, label=f'{label}: {_law_label(f, var)}')
   _band(ax, f, xs, color)
   return list(f.predict(xs))
+
+
+def _draw_held_out(ax, a, kind: str, var: str, color):
+  """Backtest: the held-out points (red rings) and the law fitted without them (dotted)."""
+  bt = a.backtest
+  if bt is None:
+    return
+  held = ~bt.train
+  ax.scatter(a.agg[var][held], a.agg['loss'][held], s=90, facecolors='none', edgecolors='tab:red', lw=1.4,
+             zorder=4, label=f'{a.label}: held out in backtest')
+  f = bt.fits.get(kind)
+  if f is not None:
+    x = a.agg[var][a.agg[var] > 0]
+    xs = np.logspace(np.log10(x.min()) - 0.1, np.log10(x.max()) + 0.1, 120)
+    ax.plot(xs, f.predict(xs), ':', color=color, lw=1.4, label=f'{a.label}: {kind} fitted without them')
 
 
 def frontier(analyses, out: str) -> str | None:
@@ -156,6 +172,7 @@ def frontier(analyses, out: str) -> str | None:
                  label=f'{a.label}: frontier runs')
     if a.fits.get('L(C)') is not None:
       ys += _draw_law(ax, a.fits['L(C)'], d['C'], a.opts.target_flops, color, a.label, 'C')
+    _draw_held_out(ax, a, 'L(C)', 'C', color)
   ax.set_xscale('log')
   _log_loss_axis(ax, ys)
   ax.set_xlabel(f'training FLOPs C ({analyses[0].opts.flops_key})')
@@ -172,7 +189,7 @@ def isoflop(analyses, out: str) -> str | None:
   fig, axes = plt.subplots(len(have), 2, figsize=(11, 4.2 * len(have)), squeeze=False)
   for (i, a), (ax_l, ax_r) in zip(have, axes, strict=True):
     iso = a.fits['isoflop']
-    d = a.data
+    d = a.agg
     cmap = plt.get_cmap('plasma')
     cs = np.array([b['C'] for b in iso.budgets])
     norm = mcolors.LogNorm(vmin=cs.min(), vmax=max(cs.max(), cs.min() * 1.001))
@@ -195,7 +212,7 @@ def isoflop(analyses, out: str) -> str | None:
     xs = np.logspace(np.log10(cs.min()) - 0.2, np.log10(hi) + 0.2, 100)
     ax_r.plot(xs, iso.n_opt(xs), color=color, lw=1.8, label=f'IsoFLOP: N_opt = {iso.k:.3g} C^{iso.a:.3f}')
     if a.fits.get('L(N,D)') is not None:
-      n_opt, _, _ = fitlib.compute_optimal(a.fits['L(N,D)'].values, xs)
+      n_opt = [fitlib.compute_optimal(a.fits['L(N,D)'].values, x, a.fpt)[0] for x in xs]
       ax_r.plot(xs, n_opt, '--', color='k', lw=1.2, label='parametric L(N,D) optimum')
     ax_r.set_xscale('log')
     ax_r.set_yscale('log')
@@ -223,8 +240,8 @@ def residuals(analyses, out: str) -> str | None:
         x, loss = a.lc_points
         pred = f.predict(x)
       else:
-        x, loss = a.data['N'], a.data['loss']
-        pred = f.predict(x, a.data['D'])
+        x, loss = a.agg['N'], a.agg['loss']
+        pred = f.predict(x, a.agg['D'])
       ax.scatter(x, 100 * (loss / pred - 1), s=16, color=sweep_color(i), label=a.label)
     ax.axhline(0, color='k', lw=0.8)
     ax.set_xscale('log')

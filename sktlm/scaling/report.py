@@ -1,10 +1,13 @@
-"""Analysis of one or more sweeps: fits, predictions, plots, report.md and fits.json.
+"""Analysis of one or more sweeps: fits, predictions, backtests, plots, report.md and fits.json.
 
-Which runs feed which fit:
-- L(N): per distinct N, the run with the lowest loss (the best the sweep reached at that size).
-- L(C): the compute frontier: runs with a lower loss than every run using less compute.
-- L(N, D): every done run. IsoFLOP: every done run, grouped into compute budgets.
-A fit the data cannot support is skipped with a warning; if no fit at all succeeds it is an error.
+Which runs feed which fit (runs that differ only in their seed are first averaged into one configuration,
+sktlm.scaling.points):
+- L(N): per distinct N, the configuration with the lowest loss (the best the sweep reached at that size).
+- L(C): the compute frontier: configurations with a lower loss than every one using less compute.
+- L(N, D): every configuration. IsoFLOP: every configuration, grouped into compute budgets.
+Every compute quantity is in one FLOP convention (Options.flops_key, sktlm.scaling.compute), stated once at
+the top of the report. A fit the data cannot support is skipped with a warning; if no fit at all succeeds it
+is an error.
 """
 
 from __future__ import annotations
@@ -19,15 +22,16 @@ import sys
 import numpy as np
 
 from sktlm.errors import UserError
+from sktlm.scaling import backtest as backtestlib
+from sktlm.scaling import compute, io, plots, points
 from sktlm.scaling import fit as fitlib
-from sktlm.scaling import io, plots
 
 
 @dataclasses.dataclass
 class Options:
   n_key: str = 'non_embedding'      # non_embedding | total | active
   loss_key: str = 'best_eval'       # best_eval | final_eval | final_train
-  flops_key: str = 'exact'          # exact | 6N
+  flops_key: str = 'exact'          # exact | 6n (sktlm.scaling.compute.CONVENTIONS)
   n_boot: int = 200
   seed: int = 0
   delta: float = 1e-3
@@ -36,6 +40,7 @@ class Options:
   target_tokens: float | None = None
   target_flops: float | None = None
   curves: bool = True
+  backtest: int = -1                # hold out the K largest sizes / budgets; -1: 1 when >= 4 of them, else 0
 
 
 @dataclasses.dataclass
@@ -43,33 +48,33 @@ class SweepAnalysis:
   label: str
   opts: Options
   sweep: io.Sweep
-  data: dict
+  data: dict                        # per run (io.select)
+  agg: dict | None = None           # per configuration: seeds averaged (points.aggregate)
+  fpt: compute.FlopsPerToken | None = None
   fits: dict = dataclasses.field(default_factory=dict)
-  ln_points: tuple | None = None
-  lc_points: tuple | None = None
-  budget_members: dict = dataclasses.field(default_factory=dict)
+  ln_index: np.ndarray | None = None   # agg points of L(N): best configuration per N
+  lc_index: np.ndarray | None = None   # agg points of L(C): the compute frontier
+  budget_members: dict = dataclasses.field(default_factory=dict)   # budget C -> agg indices
   curves: dict = dataclasses.field(default_factory=dict)     # run name -> (N, curves)
   predictions: list = dataclasses.field(default_factory=list)
+  backtest: backtestlib.Backtest | None = None
   warnings: list = dataclasses.field(default_factory=list)
 
   @property
   def flops_curve_key(self) -> str:
     return 'flops' if self.opts.flops_key == 'exact' else 'flops_6n'
 
+  @property
+  def ln_points(self):
+    return None if self.ln_index is None else (self.agg['N'][self.ln_index], self.agg['loss'][self.ln_index])
 
-def best_per_x(x: np.ndarray, loss: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  xs = np.unique(x)
-  return xs, np.array([loss[x == v].min() for v in xs])
+  @property
+  def lc_points(self):
+    return None if self.lc_index is None else (self.agg['C'][self.lc_index], self.agg['loss'][self.lc_index])
 
 
-def frontier_points(c: np.ndarray, loss: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  order = np.lexsort((loss, c))
-  keep, best = [], math.inf
-  for i in order:
-    if loss[i] < best:
-      keep.append(i)
-      best = loss[i]
-  return c[keep], loss[keep]
+best_per_x = points.best_per_x
+frontier_points = points.frontier_points
 
 
 def _try(a: SweepAnalysis, kind: str, fn):
@@ -91,29 +96,39 @@ def analyze(sweep: io.Sweep, opts: Options) -> SweepAnalysis:
         a.curves[name] = (sweep.rows[i][io.N_COLUMNS[opts.n_key]], c)
     if len(data['N']) and not a.curves:
       a.warnings.append(f'{a.label}: no metrics.jsonl found for any run: no loss-curve plots')
-  n, d, c, loss = data['N'], data['D'], data['C'], data['loss']
-  common = dict(n_boot=opts.n_boot, seed=opts.seed)
-  if len(loss):
-    a.ln_points = best_per_x(n, loss)
-    _try(a, 'L(N)', lambda: fitlib.fit_power_law(*a.ln_points, kind='L(N)', delta=opts.delta, **common))
-    c_ok = c > 0
-    if (~c_ok).any():
-      a.warnings.append(f'{a.label}: {int((~c_ok).sum())} run(s) without FLOPs left out of L(C) and IsoFLOP')
-    if c_ok.any():
-      a.lc_points = frontier_points(c[c_ok], loss[c_ok])
-      _try(a, 'L(C)', lambda: fitlib.fit_power_law(*a.lc_points, kind='L(C)', delta=opts.delta, **common))
-    d_ok = d > 0
-    _try(a, 'L(N,D)', lambda: fitlib.fit_parametric(n[d_ok], d[d_ok], loss[d_ok], delta=opts.delta, **common))
-    # IsoFLOP only where the sweep has budgets shared by several sizes (not, e.g., a plain size ladder).
-    declared = data['budget'][c_ok]
-    ids, budgets = fitlib.group_budgets(c[c_ok], declared, opts.isoflop_gap)
-    idx = np.flatnonzero(c_ok)
-    if any(len(np.unique(n[idx[ids == g]])) >= 3 for g in range(len(budgets))):
-      _try(a, 'isoflop', lambda: fitlib.fit_isoflop(n[c_ok], c[c_ok], loss[c_ok], declared_budgets=declared,
-                                                     gap=opts.isoflop_gap, **common))
-      a.budget_members = {float(b): idx[ids == g] for g, b in enumerate(budgets)}
-  else:
+  if not len(data['loss']):
     a.warnings.append(f'{a.label}: no done runs with usable values: nothing to fit')
+    return a
+  a.fpt = compute.FlopsPerToken.from_runs(data['N'], data['D'], data['C'], opts.flops_key)
+  g = a.agg = points.aggregate(data, sweep.rows)
+  n, d, c, loss = g['N'], g['D'], g['C'], g['loss']
+  common = dict(n_boot=opts.n_boot, seed=opts.seed)
+  a.ln_index = points.best_index_per_x(n, loss)
+  _try(a, 'L(N)', lambda: fitlib.fit_power_law(*a.ln_points, kind='L(N)', delta=opts.delta, **common))
+  c_ok = c > 0
+  if (~c_ok).any():
+    a.warnings.append(f'{a.label}: {int((~c_ok).sum())} run(s) without FLOPs left out of L(C) and IsoFLOP')
+  if c_ok.any():
+    a.lc_index = np.flatnonzero(c_ok)[points.frontier_index(c[c_ok], loss[c_ok])]
+    _try(a, 'L(C)', lambda: fitlib.fit_power_law(*a.lc_points, kind='L(C)', delta=opts.delta, **common))
+  d_ok = d > 0
+  _try(a, 'L(N,D)', lambda: fitlib.fit_parametric(n[d_ok], d[d_ok], loss[d_ok], delta=opts.delta, **common))
+  # IsoFLOP only where the sweep has budgets shared by several sizes (not, e.g., a plain size ladder).
+  declared = g['budget'][c_ok]
+  ids, budgets = fitlib.group_budgets(c[c_ok], declared, opts.isoflop_gap)
+  idx = np.flatnonzero(c_ok)
+  if any(len(np.unique(n[idx[ids == b]])) >= 3 for b in range(len(budgets))):
+    _try(a, 'isoflop', lambda: fitlib.fit_isoflop(n[c_ok], c[c_ok], loss[c_ok], declared_budgets=declared,
+                                                   gap=opts.isoflop_gap, f=a.fpt, **common))
+    a.budget_members = {float(b): idx[ids == k] for k, b in enumerate(budgets)}
+  by_budget = bool(a.budget_members)
+  k = backtestlib.choose_k(opts.backtest, len(backtestlib.units(g, by_budget, opts.isoflop_gap)[1]))
+  try:
+    a.backtest = backtestlib.run(g, k, by_budget=by_budget, gap=opts.isoflop_gap, delta=opts.delta, **common)
+  except fitlib.FitError as e:
+    a.warnings.append(f'{a.label}: backtest not run: {e}')
+  if a.backtest is not None:
+    a.warnings += [f'{a.label}: {w}' for w in a.backtest.warnings]
   a.predictions = predictions(a)
   return a
 
@@ -126,12 +141,18 @@ def _pred(law: str, quantity: str, at: dict, value, boot=None, note: str = '') -
 
 
 def predictions(a: SweepAnalysis) -> list[dict]:
-  """Extrapolations to the --target_* config / budget, each with its bootstrap interval."""
+  """Extrapolations to the --target_* config / budget, each with its bootstrap interval. Every C is in the
+  report's convention: a target config's C is f(N) x D with f the sweep's FLOPs per token (compute.py)."""
   o, out = a.opts, []
   f_n, f_c, f_p, iso = (a.fits.get(k) for k in ('L(N)', 'L(C)', 'L(N,D)', 'isoflop'))
   c_target = o.target_flops
   if o.target_params and o.target_tokens:
-    c_target = c_target or 6.0 * o.target_params * o.target_tokens
+    if not c_target and a.fpt is not None:
+      c_target = float(a.fpt(o.target_params)) * o.target_tokens
+      if not a.fpt.in_range(o.target_params):
+        a.warnings.append(f'{a.label}: the target N={o.target_params:.3g} lies outside the sizes run '
+                          f'({a.fpt.n[0]:.3g}..{a.fpt.n[-1]:.3g}): its FLOPs per token are taken at the nearest '
+                          'size\'s FLOPs/N ratio; give --target_flops to state its budget exactly')
     if f_p is not None:
       n, d = o.target_params, o.target_tokens
       out.append(_pred('L(N,D)', 'loss', dict(N=n, D=d), f_p.predict(n, d), f_p.predict_boot(n, d)))
@@ -144,15 +165,15 @@ def predictions(a: SweepAnalysis) -> list[dict]:
     if f_c is not None:
       out.append(_pred('L(C)', 'loss', at, f_c.predict(c_target), f_c.predict_boot(c_target)))
     if f_p is not None and fitlib.allocation_defined(f_p.values):
-      n_opt, d_opt, l_opt = fitlib.compute_optimal(f_p.values, c_target)
-      nb, db, lb = fitlib.compute_optimal(f_p.boot, c_target)
+      n_opt, d_opt, l_opt = fitlib.compute_optimal(f_p.values, c_target, a.fpt)
+      nb, db, lb = fitlib.compute_optimal(f_p.boot, c_target, a.fpt)
       out.append(_pred('L(N,D)', 'compute-optimal N', at, n_opt, nb))
       out.append(_pred('L(N,D)', 'compute-optimal D', at, d_opt, db))
       out.append(_pred('L(N,D)', 'compute-optimal loss', at, l_opt, lb))
     if iso is not None:
-      out.append(_pred('IsoFLOP', 'compute-optimal N', at, iso.n_opt(c_target), iso.n_opt_boot(c_target)))
-      out.append(_pred('IsoFLOP', 'compute-optimal D', at, iso.d_opt(c_target),
-                       c_target / (6.0 * iso.n_opt_boot(c_target))))
+      nb = iso.n_opt_boot(c_target)
+      out.append(_pred('IsoFLOP', 'compute-optimal N', at, iso.n_opt(c_target), nb))
+      out.append(_pred('IsoFLOP', 'compute-optimal D', at, iso.d_opt(c_target), c_target / iso.fpt(nb)))
   for p in out:
     if not math.isfinite(p['value']):
       a.warnings.append(f"{a.label}: prediction '{p['what']}' is not finite")
@@ -190,41 +211,97 @@ def _fit_table(analyses) -> list[str]:
 def _optimal_lines(analyses) -> list[str]:
   lines = []
   for a in analyses:
-    f, iso = a.fits.get('L(N,D)'), a.fits.get('isoflop')
+    f, iso, fpt = a.fits.get('L(N,D)'), a.fits.get('isoflop'), a.fpt
+    k = fpt.k if fpt is not None else 6.0
     if f is not None and not fitlib.allocation_defined(f.values):
       lines.append(f'- **{a.label}**, from L(N,D): not defined (an exponent is <= 0: see the warnings)')
-    elif f is not None:
+    elif f is not None and k is not None:
       v = f.values
       s = v['alpha'] + v['beta']
       g = (v['alpha'] * v['A'] / (v['beta'] * v['B'])) ** (1 / s)
-      lines.append(f"- **{a.label}**, from L(N,D): N_opt = {_g(g)} (C/6)^{_g(v['beta'] / s)}, "
-                   f"D_opt = (C/6)/N_opt = {_g(1 / g)} (C/6)^{_g(v['alpha'] / s)}")
+      lines.append(f"- **{a.label}**, from L(N,D), closed form (C = {_g(k)} N D): N_opt = {_g(g)} "
+                   f"(C/{_g(k)})^{_g(v['beta'] / s)}, D_opt = C/({_g(k)} N_opt) = {_g(1 / g)} "
+                   f"(C/{_g(k)})^{_g(v['alpha'] / s)}")
+    elif f is not None:
+      lines.append(f'- **{a.label}**, from L(N,D), solved numerically along D = C / f(N), f = FLOPs per token '
+                   f'of the sizes run ({_g(fpt.fpt[0] / fpt.n[0], 3)} N at N = {_g(fpt.n[0], 3)} .. '
+                   f'{_g(fpt.fpt[-1] / fpt.n[-1], 3)} N at N = {_g(fpt.n[-1], 3)}):')
+      c_max = float(np.nanmax(a.agg['C'])) if a.agg is not None else math.nan
+      for c in ([c_max, 10 * c_max, 100 * c_max] if math.isfinite(c_max) else []):
+        n_opt, d_opt, l_opt = fitlib.compute_optimal(f.values, c, fpt)
+        lines.append(f'  - C = {_g(c, 3)}: N_opt = {_g(n_opt, 3)}, D_opt = {_g(d_opt, 3)} '
+                     f'(D/N = {_g(d_opt / n_opt, 3)}), loss {_g(l_opt)}')
     if iso is not None:
+      d_rule = f'C/({_g(k)} N_opt) = {_g(1 / (k * iso.k))} C^{_g(1 - iso.a)}' if k is not None else 'C / f(N_opt)'
       lines.append(f"- **{a.label}**, IsoFLOP ({len(iso.budgets)} budgets): N_opt = {_g(iso.k)} C^"
-                   f"{_with_ci(iso.a, iso.ci('a'))}, D_opt = C/(6 N_opt) = {_g(1 / (6 * iso.k))} C^{_g(1 - iso.a)}")
+                   f"{_with_ci(iso.a, iso.ci('a'))}, D_opt = {d_rule}")
       for b in iso.budgets:
-        lines.append(f"  - C = {_g(b['C'], 3)}: N_opt = {_g(b['N_opt'], 3)}, loss {_g(b['L_opt'])} "
-                     f"({b['n_runs']} runs, N {_g(b['N_min'], 3)}..{_g(b['N_max'], 3)})")
+        lines.append(f"  - C = {_g(b['C'], 3)}: N_opt = {_g(b['N_opt'], 3)}, D_opt = {_g(iso.d_opt(b['C']), 3)}, "
+                     f"loss {_g(b['L_opt'])} ({b['n_runs']} runs, N {_g(b['N_min'], 3)}..{_g(b['N_max'], 3)})")
+  return lines
+
+
+def _backtest_lines(analyses) -> list[str]:
+  rows = [(a, r) for a in analyses if a.backtest is not None for r in a.backtest.rows]
+  if not rows:
+    return []
+  lines = []
+  for a in analyses:
+    bt = a.backtest
+    if bt is not None:
+      held = ', '.join(_g(v, 3) for v in bt.held_out)
+      lines.append(f"- **{a.label}**: laws fitted without the {bt.k} largest {bt.unit}(s) "
+                   f"({'N' if bt.unit == 'size' else 'C'} = {held}), then asked for the held-out runs.")
+  lines += ['', '| sweep | law | held-out run | N | D | C | predicted loss [95% CI] | actual loss '
+            '(seed sd) | error |', '|---|---|---|---|---|---|---|---|---|']
+  for a, r in rows:
+    spread = f" ({_g(r['seed_std'], 2)}, {r['n_seeds']} seeds)" if r['n_seeds'] > 1 else ''
+    lines.append(f"| {a.label} | {r['law']} | {r['run']} | {_g(r['N'], 3)} | {_g(r['D'], 3)} | {_g(r['C'], 3)} | "
+                 f"{_with_ci(r['predicted'], r['ci'])} | {_g(r['actual'])}{spread} | "
+                 f"{100 * r['rel_error']:+.2f}% |")
+  return lines
+
+
+def _seed_lines(analyses) -> list[str]:
+  lines = []
+  for a in analyses:
+    g = a.agg
+    if g is None or not (g['n_seeds'] > 1).any():
+      continue
+    if not lines:
+      lines = ['Runs that differ only in their seed are one configuration: fits use the seed mean, and the '
+               'bootstrap resamples configurations (sizes), not seeds.', '',
+               '| sweep | configuration | N | seeds | mean loss | sd | min | max |',
+               '|---|---|---|---|---|---|---|---|']
+    for i in np.flatnonzero(g['n_seeds'] > 1):
+      lines.append(f"| {a.label} | {g['name'][i]} | {_g(g['N'][i], 3)} | {g['n_seeds'][i]} | {_g(g['loss'][i])} | "
+                   f"{_g(g['loss_std'][i], 2)} | {_g(g['loss_min'][i])} | {_g(g['loss_max'][i])} |")
   return lines
 
 
 def _runs_table(a: SweepAnalysis) -> list[str]:
   o = a.opts
-  used_n = set(a.ln_points[0].tolist()) if a.ln_points is not None else set()
-  lines = [f'| run | status | N ({o.n_key}) | tokens | C ({o.flops_key}) | {o.loss_key} loss | in fits |',
+  lines = [f'| run | status | N ({o.n_key}) | tokens | C | {o.loss_key} loss | in fits |',
            '|---|---|---|---|---|---|---|']
   sel = {int(i): j for j, i in enumerate(a.data['index'])}
-  front = set(zip(*a.lc_points, strict=True)) if a.lc_points is not None else set()
+  group_of = {}
+  if a.agg is not None:
+    for gi, members in enumerate(a.agg['members']):
+      for j in members:
+        group_of[j] = gi
+  ln = set(a.ln_index.tolist()) if a.ln_index is not None else set()
+  lc = set(a.lc_index.tolist()) if a.lc_index is not None else set()
+  held = set(np.flatnonzero(~a.backtest.train).tolist()) if a.backtest is not None else set()
   for i, r in enumerate(a.sweep.rows):
     j = sel.get(i)
     marks = []
     if j is not None:
       n, c, loss = a.data['N'][j], a.data['C'][j], a.data['loss'][j]
-      if n in used_n and loss == a.ln_points[1][list(a.ln_points[0]).index(n)]:
-        marks.append('L(N)')
-      if (c, loss) in front:
-        marks.append('L(C)')
+      gi = group_of[j]
+      marks += ['L(N)'] if gi in ln else []
+      marks += ['L(C)'] if gi in lc else []
       marks.append('L(N,D)')
+      marks += ['held out in backtest'] if gi in held else []
     else:
       n, c, loss = r[io.N_COLUMNS[o.n_key]], r[io.FLOPS_COLUMNS[o.flops_key]], r[io.LOSS_COLUMNS[o.loss_key]]
     lines.append(f"| {r['name']} | {r['status']} | {_g(n, 3)} | {_g(r['tokens'], 3)} | {_g(c, 3)} | "
@@ -242,20 +319,25 @@ def write(out: str, analyses: list[SweepAnalysis], opts: Options) -> dict:
   settings = dict(n=opts.n_key, loss=opts.loss_key, flops=opts.flops_key, bootstrap=opts.n_boot, seed=opts.seed,
                   huber_delta=opts.delta, ci_level=fitlib.CI_LEVEL, isoflop_gap=opts.isoflop_gap,
                   target_params=opts.target_params, target_tokens=opts.target_tokens,
-                  target_flops=opts.target_flops)
-  doc = dict(settings=settings, warnings=warnings, sweeps={
+                  target_flops=opts.target_flops, backtest=opts.backtest)
+  doc = dict(settings=settings, convention=compute.DESCRIPTION[opts.flops_key], warnings=warnings, sweeps={
       a.label: dict(path=a.sweep.path, source=a.sweep.source, n_runs=len(a.sweep.rows), n_used=len(a.data['N']),
+                    flops_per_token=a.fpt.to_json() if a.fpt is not None else None,
                     fits={k: (f.to_json() if f is not None else None) for k, f in a.fits.items()},
-                    predictions=a.predictions) for a in analyses})
+                    predictions=a.predictions,
+                    backtest=a.backtest.to_json() if a.backtest is not None else None) for a in analyses})
   with open(os.path.join(out, 'fits.json'), 'w') as f:
     json.dump(_finite(doc), f, indent=1, allow_nan=False)
   md = ['# Scaling report', '',
         f"Generated {datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%d %H:%M UTC')} by `sktlm scaling` "
         f"from {', '.join(f'`{a.sweep.path}`' for a in analyses)}.", '',
-        f'N = {opts.n_key} parameters, D = training tokens, C = {opts.flops_key} training FLOPs, loss = '
-        f'{opts.loss_key}. Fits minimise the summed Huber loss (delta={opts.delta:g}) of log-space residuals '
-        f'(Hoffmann et al. 2022); intervals are {fitlib.CI_LEVEL:.0%} percentile intervals over {opts.n_boot} '
-        f'bootstrap refits (seed {opts.seed}) resampling the fitted runs.', '']
+        f'**FLOP convention: {compute.DESCRIPTION[opts.flops_key]}.** Every compute quantity in this report '
+        '(C, L(C), IsoFLOP budgets, FLOPs per token, compute-optimal N and D, target budgets) is in this '
+        'convention; allocations solve D = C / f(N) with f the FLOPs per token of the sizes run.', '',
+        f'N = {opts.n_key} parameters, D = training tokens, loss = {opts.loss_key}. Fits minimise the summed '
+        f'Huber loss (delta={opts.delta:g}) of log-space residuals (Hoffmann et al. 2022); intervals are '
+        f'{fitlib.CI_LEVEL:.0%} percentile intervals over {opts.n_boot} bootstrap refits (seed {opts.seed}) '
+        'resampling the fitted points (per-configuration seed means).', '']
   md += ['## Warnings', ''] + ([f'- {w}' for w in warnings] or ['none']) + ['']
   md += ['## Fits', '', 'L(N) and L(C): L = E + A / X^alpha (L(N): best run per N; L(C): compute-frontier runs). '
          'L(N,D) = E + A/N^alpha + B/D^beta (all runs).', ''] + _fit_table(analyses) + ['']
@@ -267,6 +349,12 @@ def write(out: str, analyses: list[SweepAnalysis], opts: Options) -> dict:
     md += ['## Predictions', '', '| sweep | quantity | value | interval |', '|---|---|---|---|']
     md += [f"| {a.label} | {p['what']} | {_g(p['value'])} | [{_g(p['ci'][0])}, {_g(p['ci'][1])}] |"
            for a, p in preds] + ['']
+  bt = _backtest_lines(analyses)
+  if bt:
+    md += ['## Backtest', ''] + bt + ['']
+  seeds = _seed_lines(analyses)
+  if seeds:
+    md += ['## Seeds', ''] + seeds + ['']
   md += ['## Plots', ''] + [f'![{f[:-4]}]({f})\n' for f in figs if f]
   md += ['## Runs', '']
   for a in analyses:
@@ -309,4 +397,8 @@ def run(paths: list[str], out: str, opts: Options, labels: list[str] | None = No
   doc = write(out, analyses, opts)
   for w in doc['warnings']:
     print(f'warning: {w}', file=sys.stderr)
+  for a in analyses:
+    if a.backtest is not None:
+      for line in backtestlib.headline(a.label, a.backtest):
+        print(line)
   return doc

@@ -1,0 +1,131 @@
+"""Backtests: fit each law on all but the K largest sizes (or compute budgets) and predict the held-out runs.
+
+A scaling law is for predicting the next, larger run; a backtest measures how well it does that on the runs
+at hand. Sizes are the distinct N of a size ladder; budgets are the compute groups of an IsoFLOP sweep (then
+the held-out unit is a budget, and the K largest budgets are left out). Points are per-configuration seed
+means (sktlm.scaling.points), and bootstrap intervals resample the fitted points (sizes, not seeds).
+
+Per held-out point and law: the prediction with its bootstrap interval, the actual loss (seed mean, and the
+seed spread when there are several) and the relative error predicted / actual - 1.
+  L(N): the best configuration of each held-out size, at its N (size ladders only);
+  L(C): the same points (or, for budgets, the best run of each held-out budget), at their C;
+  L(N,D): every held-out configuration, at its (N, D).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+from sktlm.scaling import fit as fitlib
+from sktlm.scaling import points
+
+MIN_TRAIN_UNITS = 3  # a 3-parameter law needs >= 3 distinct sizes (or budgets) to fit on
+
+
+@dataclasses.dataclass
+class Backtest:
+  k: int
+  unit: str                          # 'size' or 'budget'
+  held_out: list[float]              # the held-out N (sizes) or C (budgets)
+  train: np.ndarray                  # bool per aggregated point: used for the backtest fits
+  fits: dict                         # kind -> Fit or None
+  rows: list[dict]
+  warnings: list[str] = dataclasses.field(default_factory=list)
+
+  def to_json(self) -> dict:
+    return dict(k=self.k, unit=self.unit, held_out=self.held_out,
+                fits={k: (f.to_json() if f is not None else None) for k, f in self.fits.items()},
+                rows=self.rows, warnings=self.warnings)
+
+
+def units(agg: dict, by_budget: bool, gap: float) -> tuple[np.ndarray, np.ndarray]:
+  """(unit value per aggregated point, distinct unit values sorted): N per size, or the budget C."""
+  if not by_budget:
+    return agg['N'], np.unique(agg['N'])
+  ids, budgets = fitlib.group_budgets(agg['C'], agg['budget'], gap)
+  per_point = budgets[ids]
+  return per_point, np.unique(budgets)
+
+
+def choose_k(requested: int, n_units: int) -> int:
+  """-1 (auto): 1 when there are >= MIN_TRAIN_UNITS + 1 units, else 0 (no backtest)."""
+  if requested >= 0:
+    return requested
+  return 1 if n_units >= MIN_TRAIN_UNITS + 1 else 0
+
+
+def run(agg: dict, k: int, *, by_budget: bool, gap: float, n_boot: int, seed: int, delta: float) -> Backtest | None:
+  """The backtest of one sweep, or None for k = 0. Raises fitlib.FitError when too few units remain."""
+  if k <= 0:
+    return None
+  unit_of, distinct = units(agg, by_budget, gap)
+  unit = 'budget' if by_budget else 'size'
+  if len(distinct) - k < MIN_TRAIN_UNITS:
+    raise fitlib.FitError(f'backtest holding out {k} {unit}(s) leaves {len(distinct) - k} of {len(distinct)}; '
+                          f'it needs >= {MIN_TRAIN_UNITS} to fit on')
+  held = distinct[-k:]
+  held_mask = np.isin(unit_of, held)
+  train = ~held_mask
+  n, d, c, loss = agg['N'], agg['D'], agg['C'], agg['loss']
+  common = dict(n_boot=n_boot, seed=seed, delta=delta)
+  bt = Backtest(k=k, unit=unit, held_out=[float(v) for v in held], train=train, fits={}, rows=[])
+
+  def attempt(kind, fn):
+    try:
+      bt.fits[kind] = fn()
+    except fitlib.FitError as e:
+      bt.fits[kind] = None
+      bt.warnings.append(f'backtest {kind} not fitted: {e}')
+
+  tn, tl = n[train], loss[train]
+  if not by_budget:
+    attempt('L(N)', lambda: fitlib.fit_power_law(*points.best_per_x(tn, tl), kind='L(N)', **common))
+  c_ok = train & (c > 0)
+  if c_ok.any():
+    attempt('L(C)', lambda: fitlib.fit_power_law(*points.frontier_points(c[c_ok], loss[c_ok]), kind='L(C)',
+                                                  **common))
+  d_ok = train & (d > 0)
+  attempt('L(N,D)', lambda: fitlib.fit_parametric(n[d_ok], d[d_ok], loss[d_ok], **common))
+
+  # The reference points of L(N) and L(C): the best held-out configuration of each held-out unit.
+  held_idx = np.flatnonzero(held_mask)
+  best = held_idx[points.best_index_per_x(unit_of[held_idx], loss[held_idx])]
+  for kind, idx in (('L(N)', best), ('L(C)', best), ('L(N,D)', held_idx)):
+    f = bt.fits.get(kind)
+    if f is None:
+      continue
+    for i in idx:
+      if kind == 'L(N)':
+        x = (n[i],)
+      elif kind == 'L(C)':
+        if not c[i] > 0:
+          continue
+        x = (c[i],)
+      else:
+        x = (n[i], d[i])
+      pred = float(f.predict(*x))
+      lo, hi = fitlib.interval(f.predict_boot(*x)) if len(f.boot) else (math.nan, math.nan)
+      bt.rows.append(dict(law=kind, run=agg['name'][i], N=float(n[i]), D=float(d[i]), C=float(c[i]),
+                          predicted=pred, ci=(lo, hi), actual=float(loss[i]), seed_std=float(agg['loss_std'][i]),
+                          n_seeds=int(agg['n_seeds'][i]), rel_error=pred / float(loss[i]) - 1))
+  return bt
+
+
+def headline(label: str, bt: Backtest) -> list[str]:
+  """One line per law for the largest held-out point: what a user reads first."""
+  out = []
+  what = (f'without the {bt.k} largest size(s)' if bt.unit == 'size'
+          else f'without the {bt.k} largest compute budget(s)')
+  for kind in ('L(N)', 'L(C)', 'L(N,D)'):
+    rows = [r for r in bt.rows if r['law'] == kind]
+    if not rows:
+      continue
+    r = max(rows, key=lambda r: (r['C'] if bt.unit == 'budget' else r['N'], -r['actual']))
+    ci = '' if not all(math.isfinite(v) for v in r['ci']) else f" [{r['ci'][0]:.4g}, {r['ci'][1]:.4g}]"
+    spread = f" +- {r['seed_std']:.2g} over {r['n_seeds']} seeds" if r['n_seeds'] > 1 else ''
+    out.append(f"backtest {label}: {kind} fitted {what} predicts {r['run']} (N={r['N']:.3g}) at "
+               f"{r['predicted']:.4g}{ci}; actual {r['actual']:.4g}{spread}: error {100 * r['rel_error']:+.2f}%")
+  return out
