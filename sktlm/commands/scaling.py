@@ -56,6 +56,8 @@ def main(argv):
                         seed=_SEED.value, delta=_DELTA.value, isoflop_gap=_GAP.value,
                         target_params=_TARGET_PARAMS.value, target_tokens=_TARGET_TOKENS.value,
                         target_flops=_TARGET_FLOPS.value, curves=_CURVES.value)
-  report.run(paths, _OUT.value, opts, labels=_LABELS.value)
+  doc = report.run(paths, _OUT.value, opts, labels=_LABELS.value)
   print(f'wrote {_OUT.value}/report.md, fits.json and plots')
+  for line in doc['backtest_summary']:  # last: what a sweep followed by `sktlm scaling` ends with
+    print(line)
   return 0

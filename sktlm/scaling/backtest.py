@@ -57,8 +57,10 @@ def choose_k(requested: int, n_units: int) -> int:
   return 1 if n_units >= MIN_TRAIN_UNITS + 1 else 0
 
 
-def run(agg: dict, k: int, *, by_budget: bool, gap: float, n_boot: int, seed: int, delta: float) -> Backtest | None:
-  """The backtest of one sweep, or None for k = 0. Raises fitlib.FitError when too few units remain."""
+def run(agg: dict, k: int, *, by_budget: bool, gap: float, n_boot: int, seed: int, delta: float,
+        kinds=('L(N)', 'L(C)', 'L(N,D)')) -> Backtest | None:
+  """The backtest of one sweep (the laws in `kinds`: those fitted on all points), or None for k = 0.
+  Raises fitlib.FitError when too few units remain."""
   if k <= 0:
     return None
   unit_of, distinct = units(agg, by_budget, gap)
@@ -74,6 +76,8 @@ def run(agg: dict, k: int, *, by_budget: bool, gap: float, n_boot: int, seed: in
   bt = Backtest(k=k, unit=unit, held_out=[float(v) for v in held], train=train, fits={}, rows=[])
 
   def attempt(kind, fn):
+    if kind not in kinds:
+      return
     try:
       bt.fits[kind] = fn()
     except fitlib.FitError as e:

@@ -46,7 +46,10 @@ def aggregate(data: dict, rows: list[dict]) -> dict:
     loss = data['loss'][g]
     for k in ('N', 'D', 'C'):
       v = data[k][g]
-      out[k].append(float(np.exp(np.mean(np.log(v)))) if np.all(v > 0) else math.nan)
+      if np.all(v == v[0]) or not np.all(v > 0):
+        out[k].append(float(v[0]) if np.all(v == v[0]) else math.nan)
+      else:
+        out[k].append(float(np.exp(np.mean(np.log(v)))))
     out['loss'].append(float(loss.mean()))
     out['loss_std'].append(float(loss.std(ddof=1)) if len(g) > 1 else 0.0)
     out['loss_min'].append(float(loss.min()))

@@ -124,7 +124,9 @@ def analyze(sweep: io.Sweep, opts: Options) -> SweepAnalysis:
   by_budget = bool(a.budget_members)
   k = backtestlib.choose_k(opts.backtest, len(backtestlib.units(g, by_budget, opts.isoflop_gap)[1]))
   try:
-    a.backtest = backtestlib.run(g, k, by_budget=by_budget, gap=opts.isoflop_gap, delta=opts.delta, **common)
+    fitted = tuple(kind for kind, f in a.fits.items() if f is not None)
+    a.backtest = backtestlib.run(g, k, by_budget=by_budget, gap=opts.isoflop_gap, delta=opts.delta, kinds=fitted,
+                                 **common)
   except fitlib.FitError as e:
     a.warnings.append(f'{a.label}: backtest not run: {e}')
   if a.backtest is not None:
@@ -251,7 +253,8 @@ def _backtest_lines(analyses) -> list[str]:
     if bt is not None:
       held = ', '.join(_g(v, 3) for v in bt.held_out)
       lines.append(f"- **{a.label}**: laws fitted without the {bt.k} largest {bt.unit}(s) "
-                   f"({'N' if bt.unit == 'size' else 'C'} = {held}), then asked for the held-out runs.")
+                   f"({'N' if bt.unit == 'size' else 'C'} = {held}), then asked for the held-out runs:")
+      lines += [f'  - {line}' for line in backtestlib.headline(a.label, bt)]
   lines += ['', '| sweep | law | held-out run | N | D | C | predicted loss [95% CI] | actual loss '
             '(seed sd) | error |', '|---|---|---|---|---|---|---|---|---|']
   for a, r in rows:
@@ -298,9 +301,9 @@ def _runs_table(a: SweepAnalysis) -> list[str]:
     if j is not None:
       n, c, loss = a.data['N'][j], a.data['C'][j], a.data['loss'][j]
       gi = group_of[j]
-      marks += ['L(N)'] if gi in ln else []
-      marks += ['L(C)'] if gi in lc else []
-      marks.append('L(N,D)')
+      marks += ['L(N)'] if gi in ln and a.fits.get('L(N)') is not None else []
+      marks += ['L(C)'] if gi in lc and a.fits.get('L(C)') is not None else []
+      marks += ['L(N,D)'] if a.fits.get('L(N,D)') is not None else []
       marks += ['held out in backtest'] if gi in held else []
     else:
       n, c, loss = r[io.N_COLUMNS[o.n_key]], r[io.FLOPS_COLUMNS[o.flops_key]], r[io.LOSS_COLUMNS[o.loss_key]]
@@ -309,12 +312,8 @@ def _runs_table(a: SweepAnalysis) -> list[str]:
   return lines
 
 
-def write(out: str, analyses: list[SweepAnalysis], opts: Options) -> dict:
-  """Plots, fits.json and report.md under `out`; returns the fits.json content."""
-  os.makedirs(out, exist_ok=True)
-  figs = [plots.curves(analyses, out, 'tokens'), plots.curves(analyses, out, 'flops'),
-          plots.loss_vs_n(analyses, out), plots.frontier(analyses, out), plots.isoflop(analyses, out),
-          plots.residuals(analyses, out)]
+def document(analyses: list[SweepAnalysis], opts: Options) -> dict:
+  """The fits.json content (JSON-ready: nan -> null)."""
   warnings = [w for a in analyses for w in a.warnings]
   settings = dict(n=opts.n_key, loss=opts.loss_key, flops=opts.flops_key, bootstrap=opts.n_boot, seed=opts.seed,
                   huber_delta=opts.delta, ci_level=fitlib.CI_LEVEL, isoflop_gap=opts.isoflop_gap,
@@ -325,9 +324,21 @@ def write(out: str, analyses: list[SweepAnalysis], opts: Options) -> dict:
                     flops_per_token=a.fpt.to_json() if a.fpt is not None else None,
                     fits={k: (f.to_json() if f is not None else None) for k, f in a.fits.items()},
                     predictions=a.predictions,
-                    backtest=a.backtest.to_json() if a.backtest is not None else None) for a in analyses})
+                    backtest=a.backtest.to_json() if a.backtest is not None else None) for a in analyses},
+             backtest_summary=[line for a in analyses if a.backtest is not None
+                               for line in backtestlib.headline(a.label, a.backtest)])
+  return _finite(doc)
+
+
+def write(out: str, analyses: list[SweepAnalysis], opts: Options) -> dict:
+  """Plots, fits.json and report.md under `out`; returns the fits.json content."""
+  os.makedirs(out, exist_ok=True)
+  figs = [plots.curves(analyses, out, 'tokens'), plots.curves(analyses, out, 'flops'),
+          plots.loss_vs_n(analyses, out), plots.frontier(analyses, out), plots.isoflop(analyses, out),
+          plots.residuals(analyses, out)]
+  doc = document(analyses, opts)
   with open(os.path.join(out, 'fits.json'), 'w') as f:
-    json.dump(_finite(doc), f, indent=1, allow_nan=False)
+    json.dump(doc, f, indent=1, allow_nan=False)
   md = ['# Scaling report', '',
         f"Generated {datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%d %H:%M UTC')} by `sktlm scaling` "
         f"from {', '.join(f'`{a.sweep.path}`' for a in analyses)}.", '',
@@ -338,7 +349,7 @@ def write(out: str, analyses: list[SweepAnalysis], opts: Options) -> dict:
         f'Huber loss (delta={opts.delta:g}) of log-space residuals (Hoffmann et al. 2022); intervals are '
         f'{fitlib.CI_LEVEL:.0%} percentile intervals over {opts.n_boot} bootstrap refits (seed {opts.seed}) '
         'resampling the fitted points (per-configuration seed means).', '']
-  md += ['## Warnings', ''] + ([f'- {w}' for w in warnings] or ['none']) + ['']
+  md += ['## Warnings', ''] + ([f'- {w}' for w in doc['warnings']] or ['none']) + ['']
   md += ['## Fits', '', 'L(N) and L(C): L = E + A / X^alpha (L(N): best run per N; L(C): compute-frontier runs). '
          'L(N,D) = E + A/N^alpha + B/D^beta (all runs).', ''] + _fit_table(analyses) + ['']
   opt = _optimal_lines(analyses)
@@ -397,8 +408,4 @@ def run(paths: list[str], out: str, opts: Options, labels: list[str] | None = No
   doc = write(out, analyses, opts)
   for w in doc['warnings']:
     print(f'warning: {w}', file=sys.stderr)
-  for a in analyses:
-    if a.backtest is not None:
-      for line in backtestlib.headline(a.label, a.backtest):
-        print(line)
   return doc
