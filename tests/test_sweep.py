@@ -126,7 +126,7 @@ def test_isoflop_budgets_and_spread():
     c = float(r.name.split('_')[0][2:])
     size = r.settings['arg.size']
     mc = _mc(size)
-    per_tok = flops.flops_per_token(mc, 256)['6N']
+    per_tok = flops.flops_per_token(mc, 256)['exact']  # budgets in model FLOPs, as `sktlm scaling` reports
     steps = r.settings['config.train.steps']
     assert abs(steps * 16 * 256 * per_tok - c) <= 0.5 * 16 * 256 * per_tok  # rounded to a whole step
   # The middle size of each budget is the one closest to 20 tokens per parameter.
@@ -138,6 +138,50 @@ def test_isoflop_budgets_and_spread():
       n = flops.param_counts(_mc(r.settings['arg.size']))['non_embedding']
       ratios.append(r.settings['config.train.steps'] * 16 * 256 / n)
     assert ratios[0] > ratios[1] > ratios[2]  # larger models see fewer tokens per parameter
+
+
+def _ladder_file(tmp_path, name, module_common=None, planner_common=None):
+  """A one-size ladder on the plain base config (16 x 256 = 4,096 tokens per step)."""
+  p = tmp_path / name
+  p.write_text('from sktlm.sweep import planners\n'
+               f'BASE = {LM!r}\n'
+               + (f'COMMON = {module_common!r}\n' if module_common is not None else '')
+               + 'def get_sweep(arg):\n'
+               f'  return planners.size_ladder(BASE, ["micro"], tokens_per_param=1.0, common={planner_common!r})\n')
+  return str(p)
+
+
+def test_planner_common_is_what_the_runs_train_with(tmp_path):
+  """The issue's scenario: a one-size ladder with common= but no module COMMON planned 1,024 tokens per step
+  and trained 4,096 (the base config's 16 x 256): its dry-run D/N was off by 4x. The runs now carry it."""
+  sd = spec.load_sweep_file(_ladder_file(tmp_path, 'issue.py', None,
+                                         {'config.train.batch_size': 8, 'config.data.seq_len': 128}))
+  assert sd.common == {}
+  (r,) = plan.resolve(sd)
+  n = flops.param_counts(_mc('micro'))['non_embedding']
+  assert r.batch_size * r.seq_len == 1024 and r.steps == math.ceil(n / 1024)
+  assert r.tokens == r.steps * 1024 and abs(r.tokens / n - 1) < 1024 / n   # planned D/N = trained D/N
+  args = r.train_args(str(tmp_path / 'run'))
+  assert '--config.train.batch_size=8' in args and '--config.data.seq_len=128' in args
+  assert r.settings['config.train.batch_size'] == 8  # recorded with the run (results.csv overrides)
+  # The module COMMON contradicting the planner's common= is refused at load, in one line.
+  clash = _ladder_file(tmp_path, 'clash.py', {'config.train.batch_size': 16}, {'config.train.batch_size': 8})
+  with pytest.raises(UserError, match=r'planned with config.train.batch_size=8 .* COMMON sets 16'):
+    spec.load_sweep_file(clash)
+  # A planner given no common= while COMMON changes the tokens per step: refused when resolved.
+  forgot = _ladder_file(tmp_path, 'forgot.py', {'config.train.batch_size': 8})
+  with pytest.raises(UserError, match=r'planned at 4,096 tokens per step but its config trains 2,048'):
+    plan.resolve(spec.load_sweep_file(forgot))
+  # ... and so is one whose COMMON changes N behind the planner's back.
+  wider = _ladder_file(tmp_path, 'wider.py', {'config.model.d_ff': 64})
+  with pytest.raises(UserError, match=r'planned for [0-9,]+ non_embedding parameters but its config has'):
+    plan.resolve(spec.load_sweep_file(wider))
+  # Agreeing settings (the repository's sweeps pass common=COMMON) are fine.
+  same = {'config.train.batch_size': 8}
+  assert plan.resolve(spec.load_sweep_file(_ladder_file(tmp_path, 'same.py', same, same)))[0].batch_size == 8
+  for f in ('model_sizes.py', 'isoflop.py', 'wsd.py'):
+    runs = plan.resolve(spec.load_sweep_file(str(ROOT / 'sweeps' / f)))
+    assert runs and all(r.tokens == r.steps * r.batch_size * r.seq_len for r in runs)
 
 
 def test_wsd_branches_start_at_parent_checkpoints():
@@ -198,10 +242,11 @@ def test_dry_run_prints_the_plan(tmp_path):
   assert p.returncode == 0, p.stderr
   for size in ('pico', 'nano', 'micro', 'mini', 'tiny'):
     assert f'size-{size}' in p.stdout
-  assert 'N non-emb' in p.stdout and 'C 6N' in p.stdout and 'est. time' in p.stdout
+  assert 'N non-emb' in p.stdout and 'C = training FLOPs, exact convention' in p.stdout and 'est. time' in p.stdout
+  assert p.stdout.count('convention') == 1  # one convention per plan
   assert 'assumed' in p.stdout and not os.path.exists(ROOT / 'runs' / 'sizes' / 'size-pico' / 'sweep.lock')
-  p = _sktlm('sweep', 'sweeps/model_sizes.py', '--dry_run', '--flops_per_s=1e9')
-  assert 'given' in p.stdout
+  p = _sktlm('sweep', 'sweeps/model_sizes.py', '--dry_run', '--flops_per_s=1e9', '--flops=6n')
+  assert 'given' in p.stdout and 'C = training FLOPs, 6n convention' in p.stdout
   for f in ('isoflop.py', 'wsd.py', 'lr.py'):
     p = _sktlm('sweep', f'sweeps/{f}', '--dry_run')
     assert p.returncode == 0, (f, p.stderr)

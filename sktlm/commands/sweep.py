@@ -22,6 +22,8 @@ _RETRY_FAILED = flags.DEFINE_bool('retry_failed', True, 'rerun runs that failed 
                                   'their checkpoints); false keeps their failure')
 _FLOPS_PER_S = flags.DEFINE_float('flops_per_s', 0.0, 'throughput for --dry_run time estimates (default: '
                                   'measured from finished runs in --workdir, else an assumed CPU figure)')
+_FLOPS = flags.DEFINE_enum('flops', 'exact', ['exact', '6n'], 'FLOP convention of C in the --dry_run plan '
+                            '(exact: model FLOPs, as `sktlm scaling` and MFU; see sktlm/flops.py)')
 _TRAIN_COMMAND = flags.DEFINE_string('train_command', '', "command that trains one run (default: this "
                                      "python's `-m sktlm.cli train`); run flags are appended")
 _STATUS = flags.DEFINE_bool('status', False, 'print the status table of --workdir and exit (starts nothing)')
@@ -38,7 +40,7 @@ def main(argv):
   if _DRY_RUN.value:
     rate, source = plan.throughput(_WORKDIR.value, _FLOPS_PER_S.value)
     print(f'sweep {argv[1]}: base config {sd.base}' + (f', common {sd.common}' if sd.common else ''))
-    print(plan.plan_table(runs, rate, source, max(1, _PARALLEL.value)))
+    print(plan.plan_table(runs, rate, source, max(1, _PARALLEL.value), _FLOPS.value))
     return 0
   if not _WORKDIR.value:
     raise UserError('--workdir is required (or --dry_run)')

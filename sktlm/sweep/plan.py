@@ -72,7 +72,8 @@ def vocab_size(config) -> int:
 
 
 def resolve_run(sd: spec.SweepDef, run: spec.Run) -> PlannedRun:
-  settings = {**sd.common, **run.settings}
+  # COMMON, then the common settings the planner sized the run with, then the run's own settings.
+  settings = {**sd.common, **run.common, **run.settings}
   try:
     config = spec.load_run_config(sd.base, settings)
   except UserError as e:
@@ -85,14 +86,29 @@ def resolve_run(sd: spec.SweepDef, run: spec.Run) -> PlannedRun:
   tokens = steps * batch * seq
   fpt = flops.flops_per_token(mc, seq)
   params = flops.param_counts(mc)
+  _check_planned(run, batch * seq, params)
   # RESOURCES of the sweep file: a dict, or a function of the run's config (e.g. GPUs = mesh size).
   resources = dict((sd.resources(config) if callable(sd.resources) else sd.resources) or {'CPU': 1})
   return PlannedRun(
-      name=run.name, settings=dict(run.settings), config=spec.config_spec(sd.base, args), overrides=overrides,
+      name=run.name, settings={**run.common, **run.settings}, config=spec.config_spec(sd.base, args),
+      overrides=overrides,
       parent=run.parent, parent_step=run.parent_step, size=str(getattr(mc, 'size', '')), steps=steps,
       batch_size=batch, seq_len=seq, tokens=tokens, params=params, flops_per_token=fpt,
       flops={k: v * tokens for k, v in fpt.items()}, resources=resources,
       checkpoint_every=int(config.train.checkpoint_every))
+
+
+def _check_planned(run: spec.Run, tokens_per_step: int, params: dict):
+  """A planner sized the run's steps for a tokens-per-step and N: its config must still give them."""
+  p = run.planned
+  if p.get('tokens_per_step') not in (None, tokens_per_step):
+    raise UserError(f"run '{run.name}' was planned at {p['tokens_per_step']:,} tokens per step but its config "
+                    f'trains {tokens_per_step:,} (batch_size x seq_len): pass the sweep\'s COMMON to the planner '
+                    '(common=COMMON)')
+  kind = p.get('param_kind', 'non_embedding')
+  if p.get('params') not in (None, params.get(kind)):
+    raise UserError(f"run '{run.name}' was planned for {p['params']:,} {kind} parameters but its config has "
+                    f'{params.get(kind):,}: pass the sweep\'s COMMON to the planner (common=COMMON)')
 
 
 def resolve(sd: spec.SweepDef) -> list[PlannedRun]:
@@ -127,9 +143,10 @@ def throughput(sweep_dir: str | None, given: float = 0.0) -> tuple[float, str]:
           s = json.load(f)
       except (OSError, ValueError):
         continue
-      if s.get('status') == 'done' and s.get('wall_time_s') and (s.get('flops') or {}).get('exact'):
+      model_flops = (s.get('flops') or {}).get('model') or (s.get('flops') or {}).get('exact')
+      if s.get('status') == 'done' and s.get('wall_time_s') and model_flops:
         # Training time without the compile, which estimate_s adds back as start-up.
-        work += s['flops']['exact']
+        work += model_flops
         secs += max(1.0, s['wall_time_s'] - s.get('compile_time_s', 0.0))
         n += 1
   if secs:
@@ -153,8 +170,13 @@ def fmt_time(s: float) -> str:
   return f'{s // 3600}h{s % 3600 // 60:02d}m'
 
 
-def plan_table(runs: list[PlannedRun], flops_per_s: float, source: str, parallel: int) -> str:
-  head = ['run', 'size', 'N non-emb', 'N total', 'D tokens', 'D/N', 'C 6N', 'C exact', 'steps', 'est. time']
+def plan_table(runs: list[PlannedRun], flops_per_s: float, source: str, parallel: int,
+               convention: str = 'exact') -> str:
+  """The dry-run table; every C in one FLOP convention (sktlm/flops.py: 'exact' = model FLOPs, or '6n')."""
+  key = {'exact': 'exact', '6n': '6N', '6N': '6N'}.get(convention)
+  if key is None:
+    raise UserError(f"--flops must be one of exact, 6n, got '{convention}'")
+  head = ['run', 'size', 'N non-emb', 'N total', 'D tokens', 'D/N', 'C', 'steps', 'est. time']
   rows = []
   total = 0.0
   for r in runs:
@@ -163,19 +185,21 @@ def plan_table(runs: list[PlannedRun], flops_per_s: float, source: str, parallel
     n = r.params['non_embedding']
     rows.append([r.name + (f'  (from {r.parent}@{r.parent_step})' if r.parent else ''), r.size,
                  flops.human(n), flops.human(r.params['total']), flops.human(r.tokens),
-                 f'{r.tokens / max(n, 1):.1f}', f'{r.flops["6N"]:.3g}', f'{r.flops["exact"]:.3g}',
-                 str(r.steps), fmt_time(t)])
+                 f'{r.tokens / max(n, 1):.1f}', f'{r.flops[key]:.3g}', str(r.steps), fmt_time(t)])
   widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
   line = lambda cells: '  '.join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in
                                  enumerate(zip(cells, widths, strict=False)))
   out = [line(head), line(['-' * w for w in widths])] + [line(r) for r in rows]
-  c6 = sum(r.new_tokens * r.flops_per_token['6N'] for r in runs)
-  ce = sum(r.new_tokens * r.flops_per_token['exact'] for r in runs)
+  c = sum(r.new_tokens * r.flops_per_token[key] for r in runs)
   out.append('')
-  out.append(f'{len(runs)} runs, {flops.human(sum(r.new_tokens for r in runs))} tokens trained, '
-             f'C = {c6:.3g} FLOPs (6N), {ce:.3g} (exact)')
+  out.append(f'C = training FLOPs, {CONVENTION_NAMES[key]}')
+  out.append(f'{len(runs)} runs, {flops.human(sum(r.new_tokens for r in runs))} tokens trained, C = {c:.3g} FLOPs')
   out.append(f'estimated time on this machine: {fmt_time(total)} run one at a time'
              + (f', ~{fmt_time(total / parallel)} with --parallel={parallel} if the hardware scales'
                 if parallel > 1 else ''))
-  out.append(f'throughput {flops_per_s / 1e9:.1f} GFLOP/s ({source})')
+  out.append(f'throughput {flops_per_s / 1e9:.1f} GFLOP/s of model FLOPs ({source})')
   return '\n'.join(out)
+
+
+CONVENTION_NAMES = {'exact': 'exact convention (model FLOPs: 6N + full TxT attention, sktlm/flops.py)',
+                    '6N': '6n convention (6 x matmul weights, sktlm/flops.py)'}

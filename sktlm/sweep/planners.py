@@ -7,7 +7,10 @@ run's resolved config, so sweep files rarely write step counts by hand.
   wsd:         per size one long warmup-stable-decay run plus short decay branches that start from its
                stable-phase checkpoints: several token budgets per size for little more than one run.
 
-Each takes the sweep's BASE and COMMON (COMMON may set batch size, seq_len... which change the counts).
+Each takes the sweep's BASE and its common settings (`common=`, which may set batch size, seq_len... that
+change the counts). The runs carry those settings (spec.Run.common: they train with what they were sized
+with) and what was planned (spec.Run.planned: resolving a run checks its config still gives that), so a
+planner's common= and the module's COMMON cannot disagree silently.
 """
 
 from __future__ import annotations
@@ -55,15 +58,20 @@ def size_ladder(base: str, size_names, *, tokens_per_param: float = 20.0, tokens
     settings = {'arg.size': size, 'config.train.steps': steps}
     if warmup_fraction > 0:
       settings['config.optim.warmup_steps'] = max(1, round(warmup_fraction * steps))
-    runs.append(spec.Run({**settings, **(extra or {})}, name_keys=('arg.size',)))
+    runs.append(spec.Run({**settings, **(extra or {})}, name_keys=('arg.size',), common=dict(common or {}),
+                         planned=dict(tokens_per_step=per_step, params=n, param_kind=param_kind)))
   return [spec.normalise(r) for r in runs]
 
 
 def isoflop(base: str, budgets, *, size_names=None, per_budget: int = 5, tokens_per_param: float = 20.0,
-            convention: str = '6N', common: dict | None = None, min_steps: int = 20,
+            convention: str = 'exact', common: dict | None = None, min_steps: int = 20,
             extra: dict | None = None) -> list[spec.Run]:
   """For each budget C: the `per_budget` sizes whose D/N at that C is closest (in log) to tokens_per_param,
-  each with steps = C / (FLOPs per token x tokens per step). Named 'C-<budget>_size-<size>'."""
+  each with steps = C / (FLOPs per token x tokens per step). Named 'C-<budget>_size-<size>'.
+
+  C is in `convention` (sktlm/flops.py: 'exact' = model FLOPs, the convention `sktlm scaling` reports in by
+  default, or '6N'), so the budgets are the ones the report groups and allocates by.
+  """
   size_names = list(size_names or sizes.SIZE_NAMES)
   _check_sizes(size_names)
   info = {s: _counts(base, common, s) for s in size_names}
@@ -72,6 +80,7 @@ def isoflop(base: str, budgets, *, size_names=None, per_budget: int = 5, tokens_
     cands = []
     for s in size_names:
       n, fpt, per_step = info[s]
+      convention = {'6n': '6N'}.get(convention, convention)
       if convention not in fpt:
         raise UserError(f"convention '{convention}' is not one of {sorted(fpt)}")
       steps = round(c / (fpt[convention] * per_step))
@@ -84,7 +93,8 @@ def isoflop(base: str, budgets, *, size_names=None, per_budget: int = 5, tokens_
       raise UserError(f'budget C={c:.3g} leaves fewer than 3 sizes with >= {min_steps} steps; raise it')
     for _, s, steps in sorted(chosen, key=lambda t: size_names.index(t[1])):
       runs.append(spec.Run({'arg.size': s, 'config.train.steps': steps, **(extra or {})},
-                           name=f'C-{c:.3g}_size-{s}'))
+                           name=f'C-{c:.3g}_size-{s}', common=dict(common or {}),
+                           planned=dict(tokens_per_step=info[s][2], params=info[s][0])))
   return [spec.normalise(r) for r in runs]
 
 
@@ -110,10 +120,12 @@ def wsd(base: str, size_names, *, tokens_per_param=(5.0, 10.0, 20.0), decay_frac
     total = [round(k / (1 - decay_fraction)) for k in ks]
     sched = {'config.optim.schedule': 'wsd', 'config.optim.decay_shape': decay_shape}
     long_name = f'size-{size}_steps-{total[-1]}'
+    carry = dict(common=dict(common or {}), planned=dict(tokens_per_step=per_step, params=n, param_kind=param_kind))
     runs.append(spec.Run({'arg.size': size, 'config.train.steps': total[-1], **sched,
                           'config.optim.decay_start': ks[-1], 'config.train.checkpoint_every': p,
-                          'config.train.keep_checkpoints': 0, **(extra or {})}, name=long_name))
+                          'config.train.keep_checkpoints': 0, **(extra or {})}, name=long_name, **carry))
     for k, t in zip(ks[:-1], total[:-1], strict=False):
       runs.append(spec.Run({'arg.size': size, 'config.train.steps': t, **sched, 'config.optim.decay_start': k,
-                            **(extra or {})}, name=f'size-{size}_steps-{t}', parent=long_name, parent_step=k))
+                            **(extra or {})}, name=f'size-{size}_steps-{t}', parent=long_name, parent_step=k,
+                           **carry))
   return [spec.normalise(r) for r in runs]

@@ -37,12 +37,18 @@ class Run:
   name: explicit run name ('' -> derived from the settings named by `name_keys`, default all).
   parent, parent_step: start from the checkpoint at `parent_step` of run `parent` of the same sweep
     (sets --config.train.init_from/init_step; the run waits until that checkpoint exists).
+  common: the common settings a planner sized this run with (its `common=`): the run trains with them, like
+    the sweep file's COMMON (not part of the name); they may not contradict COMMON.
+  planned: what the planner assumed ({'tokens_per_step', 'params', 'param_kind'}); resolving the run checks
+    that its config still gives those, so the planned D (and D/N) is the trained one.
   """
   settings: dict[str, Any]
   name: str = ''
   name_keys: tuple[str, ...] | None = None
   parent: str = ''
   parent_step: int = -1
+  common: dict[str, Any] = dataclasses.field(default_factory=dict)
+  planned: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def sweep(key: str, values) -> list[dict[str, Any]]:
@@ -173,6 +179,11 @@ def load_sweep_file(spec: str) -> SweepDef:
   for r in runs:
     if r.parent and r.parent not in seen:
       raise UserError(f"run '{r.name}' starts from unknown run '{r.parent}'")
+    clash = {k: (v, common[k]) for k, v in r.common.items() if k in common and common[k] != v}
+    if clash:
+      k, (planner_v, module_v) = next(iter(clash.items()))
+      raise UserError(f"{path}: run '{r.name}' was planned with {k}={planner_v!r} (the planner's common=) but "
+                      f'COMMON sets {module_v!r}; state common settings once (pass common=COMMON)')
   base = module.BASE
   if not os.path.isabs(base.partition(':')[0]) and not os.path.exists(base.partition(':')[0]):
     # Relative to the sweep file's repository root as a fallback (sweeps/ sits next to experiments/).
@@ -188,7 +199,7 @@ def normalise(r) -> Run:
     r = Run(settings=dict(r))
   if not isinstance(r, Run):
     raise UserError(f'get_sweep returned {type(r).__name__}, expected a dict of settings or a Run')
-  for k in r.settings:
+  for k in list(r.settings) + list(r.common):
     _check_key(k)
   keys = r.name_keys
   if keys is not None:
@@ -197,7 +208,7 @@ def normalise(r) -> Run:
       raise UserError(f'name keys {missing} are not settings of run {r.settings}')
   name = r.name or run_name(r.settings, keys)
   check_name(name)
-  return dataclasses.replace(r, name=name, settings=dict(r.settings))
+  return dataclasses.replace(r, name=name, settings=dict(r.settings), common=dict(r.common))
 
 
 def split_settings(settings: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
