@@ -6,18 +6,21 @@ on log-space residuals; L-BFGS-B from the 4500-point grid; best kept) gives the 
 """
 
 import csv
+import hashlib
+import pathlib
 
 import numpy as np
 import pytest
-from conftest import SHARED_DATA
 
 from sktlm.scaling import fit, lbfgs
 
-DATA = SHARED_DATA / 'chinchilla_epoch_svg_extracted.csv'
-pytestmark = pytest.mark.skipif(not DATA.exists(), reason=f'{DATA} not present')
+# Vendored with the repository (source, commit and licence note: tests/data/README.md).
+DATA = pathlib.Path(__file__).parent / 'data' / 'chinchilla_epoch_svg_extracted.csv'
+SHA256 = '193478df4e90f040016431996c45682659306840ecdadf83cfb9cd5ca0aa1b30'
 
 
 def _points():
+  assert hashlib.sha256(DATA.read_bytes()).hexdigest() == SHA256, 'tests/data: not the published file'
   with open(DATA, newline='') as f:
     rows = list(csv.DictReader(f))
   n = np.array([float(r['Model Size']) for r in rows])
