@@ -30,6 +30,10 @@ _LABELS = flags.DEFINE_list('labels', None, 'names of the sweeps in plots and ta
 _DELTA = flags.DEFINE_float('huber_delta', 1e-3, 'Huber delta on log-loss residuals (Hoffmann et al.: 1e-3)')
 _GAP = flags.DEFINE_float('isoflop_gap', 1.25,
                           'runs without a declared budget are grouped while sorted compute grows by <= this factor')
+_CURVE_FIT = flags.DEFINE_list('curve_fit', [], 'runs (names) of one size: fit the loss-curve law of Tissue et '
+                                'al. 2024, L = L0 + A S1^-alpha - C S2, on their metrics.jsonl')
+_CURVE_PREDICT = flags.DEFINE_list('curve_predict', [], 'runs (names) whose final train loss the loss-curve law '
+                                   'predicts from their own LR schedule (e.g. WSD decay branches)')
 _CURVES = flags.DEFINE_bool('curves', True, 'read metrics.jsonl of each run for the loss-curve plots')
 
 
@@ -55,9 +59,15 @@ def main(argv):
                         backtest=_BACKTEST.value, n_boot=_BOOTSTRAP.value,
                         seed=_SEED.value, delta=_DELTA.value, isoflop_gap=_GAP.value,
                         target_params=_TARGET_PARAMS.value, target_tokens=_TARGET_TOKENS.value,
-                        target_flops=_TARGET_FLOPS.value, curves=_CURVES.value)
+                        target_flops=_TARGET_FLOPS.value, curves=_CURVES.value,
+                        curve_fit=tuple(_CURVE_FIT.value), curve_predict=tuple(_CURVE_PREDICT.value))
+  if _CURVE_PREDICT.value and not _CURVE_FIT.value:
+    raise UserError('--curve_predict needs --curve_fit (the runs to fit the loss-curve law on)')
   doc = report.run(paths, _OUT.value, opts, labels=_LABELS.value)
   print(f'wrote {_OUT.value}/report.md, fits.json and plots')
+  for p in (doc.get('curve_law') or {}).get('predictions', []):
+    print(f"loss-curve law: predicts {p['run']} at step {p['step']}: {p['predicted']:.4g}, actual "
+          f"{p['actual']:.4g}: error {100 * p['rel_error']:+.2f}%")
   for line in doc['backtest_summary']:  # last: what a sweep followed by `sktlm scaling` ends with
     print(line)
   return 0

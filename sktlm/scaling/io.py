@@ -184,7 +184,7 @@ def select(sweep: Sweep, n_key: str, loss_key: str, flops_key: str) -> tuple[dic
 
 
 def read_curves(workdir: str) -> dict[str, dict[str, np.ndarray]] | None:
-  """{'train': {step, tokens, flops, flops_6n, loss}, 'eval': {step, tokens, flops, flops_6n, eval_loss}}
+  """{'train': {step, tokens, flops, flops_6n, lr, loss}, 'eval': {step, tokens, flops, flops_6n, lr, eval_loss}}
   (flops: the exact count) from metrics.jsonl (last record per (kind, step), as a resumed run may repeat
   steps), or None."""
   path = os.path.join(workdir, 'metrics.jsonl')
@@ -206,7 +206,7 @@ def read_curves(workdir: str) -> dict[str, dict[str, np.ndarray]] | None:
   for kind, loss_key in (('train', 'loss'), ('eval', 'eval_loss')):
     recs = [last[k] for k in sorted(k for k in last if k[0] == kind)]
     out[kind] = {key: np.array([_float(r.get(key)) for r in recs], dtype=np.float64)
-                 for key in ('step', 'tokens', 'flops_6n', loss_key)}
+                 for key in ('step', 'tokens', 'flops_6n', 'lr', loss_key)}
     # The exact (model) FLOPs: `flops_model` in newer records, `flops` in older ones.
     out[kind]['flops'] = np.array([_float(r.get('flops_model', r.get('flops'))) for r in recs], dtype=np.float64)
   return out

@@ -23,7 +23,7 @@ import numpy as np
 
 from sktlm.errors import UserError
 from sktlm.scaling import backtest as backtestlib
-from sktlm.scaling import compute, io, plots, points
+from sktlm.scaling import compute, curve_law, io, plots, points
 from sktlm.scaling import fit as fitlib
 
 
@@ -41,6 +41,8 @@ class Options:
   target_flops: float | None = None
   curves: bool = True
   backtest: int = -1                # hold out the K largest sizes / budgets; -1: 1 when >= 4 of them, else 0
+  curve_fit: tuple = ()             # run names: fit the Tissue et al. loss-curve law on their curves
+  curve_predict: tuple = ()         # run names: predict their final train loss with it
 
 
 @dataclasses.dataclass
@@ -312,7 +314,7 @@ def _runs_table(a: SweepAnalysis) -> list[str]:
   return lines
 
 
-def document(analyses: list[SweepAnalysis], opts: Options) -> dict:
+def document(analyses: list[SweepAnalysis], opts: Options, curve: dict | None = None) -> dict:
   """The fits.json content (JSON-ready: nan -> null)."""
   warnings = [w for a in analyses for w in a.warnings]
   settings = dict(n=opts.n_key, loss=opts.loss_key, flops=opts.flops_key, bootstrap=opts.n_boot, seed=opts.seed,
@@ -326,17 +328,28 @@ def document(analyses: list[SweepAnalysis], opts: Options) -> dict:
                     predictions=a.predictions,
                     backtest=a.backtest.to_json() if a.backtest is not None else None) for a in analyses},
              backtest_summary=[line for a in analyses if a.backtest is not None
-                               for line in backtestlib.headline(a.label, a.backtest)])
+                               for line in backtestlib.headline(a.label, a.backtest)],
+             curve_law=curve)
+  if curve:
+    doc['warnings'] += curve['warnings']
   return _finite(doc)
 
 
 def write(out: str, analyses: list[SweepAnalysis], opts: Options) -> dict:
   """Plots, fits.json and report.md under `out`; returns the fits.json content."""
+  curve = None
+  if opts.curve_fit:
+    rows = {r['name']: r for a in analyses for r in a.sweep.rows}
+    try:
+      curve = curve_law.analyse(rows, list(opts.curve_fit), list(opts.curve_predict))
+    except fitlib.FitError as e:
+      for a in analyses[:1]:
+        a.warnings.append(f'loss-curve law not fitted: {e}')
   os.makedirs(out, exist_ok=True)
   figs = [plots.curves(analyses, out, 'tokens'), plots.curves(analyses, out, 'flops'),
           plots.loss_vs_n(analyses, out), plots.frontier(analyses, out), plots.isoflop(analyses, out),
           plots.residuals(analyses, out)]
-  doc = document(analyses, opts)
+  doc = document(analyses, opts, curve)
   with open(os.path.join(out, 'fits.json'), 'w') as f:
     json.dump(doc, f, indent=1, allow_nan=False)
   md = ['# Scaling report', '',
@@ -363,6 +376,8 @@ def write(out: str, analyses: list[SweepAnalysis], opts: Options) -> dict:
   bt = _backtest_lines(analyses)
   if bt:
     md += ['## Backtest', ''] + bt + ['']
+  if curve:
+    md += ['## Loss-curve law (Tissue et al. 2024)', ''] + curve_law.report_lines(curve) + ['']
   seeds = _seed_lines(analyses)
   if seeds:
     md += ['## Seeds', ''] + seeds + ['']
@@ -403,7 +418,7 @@ def run(paths: list[str], out: str, opts: Options, labels: list[str] | None = No
     if seen[s.label] > 1:
       s.label = f'{s.label}-{seen[s.label]}'
   analyses = [analyze(s, opts) for s in sweeps]
-  if not any(f is not None for a in analyses for f in a.fits.values()):
+  if not opts.curve_fit and not any(f is not None for a in analyses for f in a.fits.values()):
     raise UserError('no scaling law could be fitted: ' + '; '.join(w for a in analyses for w in a.warnings))
   doc = write(out, analyses, opts)
   for w in doc['warnings']:

@@ -1,0 +1,173 @@
+"""The full-loss-curve law of Tissue et al. 2024 ("Scaling Law with Learning Rate Annealing"):
+
+  L(s) = L0 + A * S1(s)^-alpha - C * S2(s)
+
+S1(s) = sum_{i<=s} eta_i is the forward area (the LR summed over steps) and S2(s) = sum_{i<=s} m_i the
+annealing area, with momentum m_i = lam * m_{i-1} + (eta_{i-1} - eta_i) (lam = 0.999, the paper's value):
+annealing lowers the loss with a delay. Fitted on one or more runs' train-loss curves (metrics.jsonl), the
+law predicts the curve, and the final loss, of the same model under another LR schedule (a WSD decay branch,
+a different decay shape or length).
+
+The logged LR is sampled every log_every steps; per-step LRs are interpolated linearly between the logged
+ones (exact for linear warmup and linear decay, close for cosine). A logged train loss is the mean over the
+steps since the previous record, and the law is averaged over the same window.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+from scipy import optimize
+
+from sktlm.errors import UserError
+from sktlm.scaling import io
+from sktlm.scaling.fit import FitError
+
+LAMBDA = 0.999
+
+
+def per_step_lr(steps: np.ndarray, lr: np.ndarray, last: int | None = None) -> np.ndarray:
+  """eta_1..eta_last interpolated linearly from logged (step, lr) pairs (held after the last record)."""
+  steps, lr = np.asarray(steps, dtype=np.float64), np.asarray(lr, dtype=np.float64)
+  ok = np.isfinite(steps) & np.isfinite(lr)
+  steps, lr = steps[ok], lr[ok]
+  if steps.size < 2:
+    raise FitError('loss-curve law: the run logged fewer than 2 learning rates')
+  last = int(steps.max()) if last is None else last
+  if steps[0] > 0:  # before the first record: extend its slope back to step 0 (a warmup starts near 0)
+    slope = (lr[1] - lr[0]) / (steps[1] - steps[0])
+    steps, lr = np.concatenate([[0.0], steps]), np.concatenate([[max(0.0, lr[0] - slope * steps[0])], lr])
+  return np.interp(np.arange(1, last + 1), steps, lr)
+
+
+def areas(eta: np.ndarray, lam: float = LAMBDA) -> tuple[np.ndarray, np.ndarray]:
+  """(S1, S2) after each step for per-step LRs eta_1..eta_n (eta_0 = eta_1: no annealing at step 1)."""
+  eta = np.asarray(eta, dtype=np.float64)
+  s1 = np.cumsum(eta)
+  drop = np.diff(eta, prepend=eta[0]) * -1.0
+  m = np.empty_like(eta)
+  acc = 0.0
+  for i, d in enumerate(drop):  # O(steps), a few thousand at most here
+    acc = lam * acc + d
+    m[i] = acc
+  return s1, np.cumsum(m)
+
+
+@dataclasses.dataclass
+class CurveLaw:
+  L0: float
+  A: float
+  alpha: float
+  C: float
+  lam: float
+  n_points: int
+  rmse: float
+
+  def curve(self, eta: np.ndarray) -> np.ndarray:
+    """Predicted loss after each step of a run with per-step LRs eta."""
+    s1, s2 = areas(eta, self.lam)
+    return self.L0 + self.A * np.power(s1, -self.alpha) - self.C * s2
+
+  def to_json(self) -> dict:
+    return dataclasses.asdict(self)
+
+
+def _windows(steps: np.ndarray) -> list[np.ndarray]:
+  """Step indices (0-based) averaged by each logged record: those since the previous record."""
+  prev = np.concatenate([[0], steps[:-1]]).astype(int)
+  return [np.arange(p, int(s)) for p, s in zip(prev, steps, strict=True)]
+
+
+def _model(params, runs, lam):
+  l0, log_a, alpha, c = params
+  out = []
+  for eta, steps, _ in runs:
+    s1, s2 = areas(eta, lam)
+    per_step = l0 + np.exp(log_a) * np.power(s1, -alpha) - c * s2
+    out.append(np.array([per_step[w].mean() for w in _windows(steps)]))
+  return out
+
+
+def fit(runs: list[tuple[np.ndarray, np.ndarray, np.ndarray]], *, lam: float = LAMBDA,
+        skip_steps: int = 0) -> CurveLaw:
+  """Fit on runs given as (per-step eta, logged steps, logged train losses). Records at or before
+  `skip_steps` (the first steps, where the law does not hold) are left out."""
+  data = []
+  for eta, steps, loss in runs:
+    steps, loss = np.asarray(steps), np.asarray(loss, dtype=np.float64)
+    keep = (steps > skip_steps) & np.isfinite(loss) & (steps <= len(eta))
+    data.append((np.asarray(eta, dtype=np.float64), steps, loss, keep))
+  n_points = int(sum(k.sum() for *_, k in data))
+  if n_points < 6:
+    raise FitError(f'loss-curve law has 4 parameters and needs >= 6 logged losses, got {n_points}')
+  y = np.concatenate([loss[k] for _, _, loss, k in data])
+
+  def residuals(p):
+    pred = _model(p, [(e, s, None) for e, s, _, _ in data], lam)
+    return np.concatenate([pr[k] for pr, (*_, k) in zip(pred, data, strict=True)]) - y
+
+  best = None
+  for alpha0 in (0.3, 0.5, 1.0):
+    for c0 in (0.0, 10.0):
+      p0 = np.array([float(y.min()) * 0.8, np.log(max(float(y.max() - y.min()), 1e-3)), alpha0, c0])
+      try:
+        r = optimize.least_squares(residuals, p0, bounds=([0.0, -30, 1e-3, 0.0], [np.inf, 30, 5.0, np.inf]),
+                                   x_scale='jac', max_nfev=2000)
+      except ValueError:
+        continue
+      if best is None or r.cost < best.cost:
+        best = r
+  if best is None:
+    raise FitError('loss-curve law: no fit converged')
+  l0, log_a, alpha, c = best.x
+  return CurveLaw(L0=float(l0), A=float(np.exp(log_a)), alpha=float(alpha), C=float(c), lam=lam,
+                  n_points=n_points, rmse=float(np.sqrt(np.mean(best.fun ** 2))))
+
+
+# ------------------------------------------------------------------------------------- in the report
+
+def _run_curve(rows_by_name: dict, name: str):
+  """(per-step eta, logged steps, logged train losses, N) of a run from its metrics.jsonl."""
+  row = rows_by_name.get(name)
+  if row is None:
+    raise UserError(f"--curve_fit/--curve_predict: no run named '{name}' in the sweeps "
+                    f"(runs: {', '.join(sorted(rows_by_name)[:8])}{' ...' if len(rows_by_name) > 8 else ''})")
+  c = io.read_curves(row['workdir'])
+  if c is None:
+    raise UserError(f"--curve_fit/--curve_predict: run '{name}' has no metrics.jsonl ({row['workdir']})")
+  tr = c['train']
+  ok = np.isfinite(tr['loss']) & np.isfinite(tr['step'])
+  steps, loss = tr['step'][ok].astype(int), tr['loss'][ok]
+  return per_step_lr(tr['step'], tr['lr'], int(steps.max()) if steps.size else None), steps, loss, row
+
+
+def analyse(rows_by_name: dict, fit_names: list[str], predict_names: list[str], skip_steps: int = 0) -> dict:
+  """Fit the law on `fit_names` (runs of one model size), predict the final logged train loss of each of
+  `predict_names` from its own LR schedule. -> JSON-ready dict (law, predictions, warnings)."""
+  fitted = [_run_curve(rows_by_name, n) for n in fit_names]
+  sizes = {r['n_params_total'] for *_, r in fitted}
+  law = fit([(eta, steps, loss) for eta, steps, loss, _ in fitted], skip_steps=skip_steps)
+  out = dict(fit_runs=list(fit_names), law=law.to_json(), predictions=[], warnings=[])
+  for name in predict_names:
+    eta, steps, loss, row = _run_curve(rows_by_name, name)
+    if row['n_params_total'] not in sizes:
+      out['warnings'].append(f"loss-curve law: '{name}' is another model size than the fitted runs: the law "
+                             'holds per size, its prediction means little')
+    window = slice(int(steps[-2]) if len(steps) > 1 else 0, int(steps[-1]))
+    pred = float(law.curve(eta)[window].mean())
+    out['predictions'].append(dict(run=name, step=int(steps[-1]), predicted=pred, actual=float(loss[-1]),
+                                   rel_error=pred / float(loss[-1]) - 1))
+  return out
+
+
+def report_lines(res: dict) -> list[str]:
+  law = res['law']
+  lines = [f"Fitted on {', '.join(res['fit_runs'])} ({law['n_points']} logged train losses, RMSE "
+           f"{law['rmse']:.3g}): L(s) = {law['L0']:.4g} + {law['A']:.4g} S1^-{law['alpha']:.4g} - "
+           f"{law['C']:.4g} S2 (lambda = {law['lam']}).", '']
+  if res['predictions']:
+    lines += ['| run | step | predicted train loss | actual | error |', '|---|---|---|---|---|']
+    lines += [f"| {p['run']} | {p['step']} | {p['predicted']:.4g} | {p['actual']:.4g} | "
+              f"{100 * p['rel_error']:+.2f}% |" for p in res['predictions']]
+  return lines
