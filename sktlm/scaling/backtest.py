@@ -80,6 +80,7 @@ def run(agg: dict, k: int, *, by_budget: bool, gap: float, n_boot: int, seed: in
       return
     try:
       bt.fits[kind] = fn()
+      bt.warnings += [f'backtest {w}' for w in bt.fits[kind].warnings]
     except fitlib.FitError as e:
       bt.fits[kind] = None
       bt.warnings.append(f'backtest {kind} not fitted: {e}')
@@ -111,7 +112,9 @@ def run(agg: dict, k: int, *, by_budget: bool, gap: float, n_boot: int, seed: in
       else:
         x = (n[i], d[i])
       pred = float(f.predict(*x))
-      lo, hi = fitlib.interval(f.predict_boot(*x)) if len(f.boot) else (math.nan, math.nan)
+      # A law with as many parameters as points interpolates them: its bootstrap spread means nothing.
+      exact_fit = f.n_points <= len(f.names)
+      lo, hi = fitlib.interval(f.predict_boot(*x)) if len(f.boot) and not exact_fit else (math.nan, math.nan)
       bt.rows.append(dict(law=kind, run=agg['name'][i], N=float(n[i]), D=float(d[i]), C=float(c[i]),
                           predicted=pred, ci=(lo, hi), actual=float(loss[i]), seed_std=float(agg['loss_std'][i]),
                           n_seeds=int(agg['n_seeds'][i]), rel_error=pred / float(loss[i]) - 1))
