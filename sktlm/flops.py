@@ -13,23 +13,26 @@ backward). These definitions are stated once, here; README and docs/ refer to th
   PaLM's model-FLOPs definition (Chowdhery et al. 2022, App. B): MFU uses it, and so do `sktlm scaling`
   (default `--flops=exact`) and the sweep planners.
 - `causal`: 6N + 6 * L * (n_heads * head_dim) * T: only the unmasked half, i.e. useful work.
-- `executed` (recorded as `flops_executed`): the matmul FLOPs the configured kernels run. Blocked
-  attention computes only the key blocks up to each query block's end ((1 + block/T)/2 of the attention
-  term when block divides T; all of it for `attention_impl='dense'`). Vocabularies up to
-  ONE_HOT_EMBED_MAX_VOCAB embed with a one-hot matmul (2 V d forward + 2 V d for the table gradient).
-  Recompute in the backward pass: `model.remat='full'` reruns each block's forward matmuls but the last
-  (the MLP or shared-expert down projection, whose output the backward pass does not need); 'dots' reruns the attention
-  projections (custom-VJP outputs are not saved); 'dots_no_batch' those and the attention score matmuls
-  (they have batch dimensions); as the current kernels trace. MoE with a capacity factor runs the routed
-  experts on E x C / T slots per token instead of top_k. Elementwise work (norms, softmax, optimizer) is
-  in no convention. tests/test_flops.py checks `executed` against the traced train step's matmuls.
+- `executed` (recorded as `flops_executed`): the matmul FLOPs the configured kernels (`model.kernels`,
+  resolved in train.build; unresolved `auto` counts as the plain model) run. Blocked attention (every
+  `attention_impl` but `dense`) computes only the key blocks up to each query block's end ((1 + block/T)/2
+  of the attention term when block divides T). The cpu kernels embed vocabularies up to
+  ONE_HOT_EMBED_MAX_VOCAB with a one-hot matmul (2 V d forward + 2 V d for the table gradient). Recompute
+  in the backward pass: `model.remat='full'` reruns each block's forward matmuls but the last (the MLP or
+  shared-expert down projection, whose output the backward pass does not need); 'dots_no_batch' reruns
+  the attention score matmuls (they have batch dimensions); with cpu kernels 'dots' and 'dots_no_batch'
+  also rerun the attention projections (their custom-VJP outputs are not saved). MoE with a capacity factor
+  runs the routed experts on E x C / T slots per token instead of top_k. Elementwise work (norms, softmax,
+  optimizer) is in no convention. tests/test_flops.py checks `executed` against the traced train step's
+  matmuls for the plain and cpu kernels (the fused tpu/gpu attention kernels are assumed to skip blocks of
+  model.attention_block like `blocked`; not checked).
 """
 
 from __future__ import annotations
 
 import math
 
-# sktlm/model.py embeds vocabularies up to this size with a one-hot matmul (cheaper than a gather's
+# sktlm/kernels/cpu.py embeds vocabularies up to this size with a one-hot matmul (cheaper than a gather's
 # scatter-add gradient on small tables); tests/test_flops.py checks the two stay equal.
 ONE_HOT_EMBED_MAX_VOCAB = 2048
 
@@ -148,13 +151,15 @@ def _executed(mc, seq_len: int, attn_full: float) -> float:
     down += n_moe * mc.d_model * e_ff * moe.num_shared_experts  # routed outputs feed the gate gradient
   attn = attn_full * attention_fraction(mc, seq_len)
   out = 6.0 * (blocks + mc.vocab_size * mc.d_model) + attn
-  if mc.vocab_size <= ONE_HOT_EMBED_MAX_VOCAB:
+  cpu = getattr(mc, 'kernels', 'auto') == 'cpu'  # unresolved 'auto' builds the plain model
+  if cpu and mc.vocab_size <= ONE_HOT_EMBED_MAX_VOCAB:
     out += 4.0 * mc.vocab_size * mc.d_model
   remat = getattr(mc, 'remat', 'none')
   if remat == 'full':
     out += 2.0 * (blocks - down) + attn / 3
-  elif remat in ('dots', 'dots_no_batch'):  # the q/k/v/o projections' custom-VJP outputs are not saved
-    out += 2.0 * mc.n_layers * lc['attn'] + (attn / 3 if remat == 'dots_no_batch' else 0.0)
+  elif remat in ('dots', 'dots_no_batch'):
+    # cpu kernels: the q/k/v/o projections' custom-VJP outputs are not saved; the score matmuls have batch dims
+    out += (2.0 * mc.n_layers * lc['attn'] if cpu else 0.0) + (attn / 3 if remat == 'dots_no_batch' else 0.0)
   return out
 
 

@@ -8,7 +8,8 @@ import os
 
 import pytest
 
-from sktlm import configs, flops, model, plan, train
+from sktlm import configs, flops, plan, train
+from sktlm.kernels import cpu
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 B, T = 2, 128
@@ -28,24 +29,28 @@ def _traced_per_token(config) -> float:
   return plan.jaxpr_matmul_flops(traced.jaxpr.jaxpr) / (B * T)
 
 
-@pytest.mark.parametrize('overrides', [
+CASES = [
     {'model.attention_impl': 'blocked'},
     {'model.attention_impl': 'dense'},
-    {'model.attention_impl': 'blocked_vjp', 'model.dtype': 'bfloat16'},
     {'model.attention_impl': 'blocked', 'model.remat': 'full'},
     {'model.attention_impl': 'blocked', 'model.remat': 'dots_no_batch'},
     {'model.attention_impl': 'blocked', 'model.remat': 'dots'},
-    {'model.attention_impl': 'blocked', 'model.vocab_size': 4096},   # above the one-hot limit: a gather
-    {'model.moe.num_experts': 4, 'model.moe.top_k': 2, 'model.moe.num_shared_experts': 1,  # E x C / T = 2.5
-     'model.moe.capacity_factor': 1.25, 'model.attention_impl': 'dense', 'model.remat': 'full'},
-])
+]
+
+
+@pytest.mark.parametrize('overrides', [{'model.kernels': 'cpu', **c} for c in CASES] + [
+    {'model.kernels': 'cpu', 'model.attention_impl': 'blocked_vjp', 'model.dtype': 'bfloat16'},
+    {'model.kernels': 'cpu', 'model.vocab_size': 4096},   # above the one-hot limit: a gather
+    {'model.kernels': 'cpu', 'model.moe.num_experts': 4, 'model.moe.top_k': 2, 'model.moe.num_shared_experts': 1,
+     'model.moe.capacity_factor': 1.25, 'model.attention_impl': 'dense', 'model.remat': 'full'},  # E C / T = 2.5
+] + [{'model.kernels': 'plain', **c} for c in CASES])
 def test_executed_equals_traced_matmuls(overrides):
   config = _config(**overrides)
   fpt = flops.flops_per_token(config.model, T)
   traced = _traced_per_token(config)
   assert traced == pytest.approx(fpt['executed'], rel=1e-9), (traced, fpt)
   # Model FLOPs do not depend on the kernels: the same model with dense attention and no remat.
-  plain = _config(**{**overrides, 'model.attention_impl': 'dense', 'model.remat': 'none'})
+  plain = _config(**{**overrides, 'model.attention_impl': 'dense', 'model.remat': 'none', 'model.kernels': 'plain'})
   assert fpt['exact'] == flops.flops_per_token(plain.model, T)['exact']
 
 
@@ -57,4 +62,4 @@ def test_blocked_attention_fraction_and_model_constant():
     mc.attention_impl = 'dense'
   assert flops.attention_fraction(mc, 128) == 1.0
   # The one-hot threshold is stated in both places; they must agree.
-  assert flops.ONE_HOT_EMBED_MAX_VOCAB == model.ONE_HOT_EMBED_MAX_VOCAB
+  assert flops.ONE_HOT_EMBED_MAX_VOCAB == cpu.ONE_HOT_EMBED_MAX_VOCAB
