@@ -30,6 +30,8 @@ def model_config(size: str) -> ml_collections.ConfigDict:
       norm_eps=1e-5,
       tie_embeddings=False,
       init_std=0.02,
+      parametrization='sp',  # sp | mup (maximal update: init, Adam LR and output multipliers per sktlm/mup.py)
+      base_width=0,          # mup: the d_model whose LR transfers (at d_model = base_width muP equals SP)
       z_loss=0.0,            # coefficient of log(Z)^2 in the loss (PaLM uses 1e-4)
       dtype='float32',       # compute dtype; params are always param_dtype
       param_dtype='float32',

@@ -17,10 +17,11 @@ COMMANDS = {
     'plan': 'counts, memory per device and AOT compile verdict for a config on a target',
     'data': 'prepare and inspect datasets',
     'tokenizer': 'train or inspect a SentencePiece tokenizer',
+    'coord-check': 'activation size against width under SP and muP (a muP sanity check)',
 }
 
 USAGE = 'usage: sktlm <command> [flags]\n\ncommands:\n' + '\n'.join(
-    f'  {name:<10} {doc}' for name, doc in COMMANDS.items()) + '\n\n`sktlm <command> --help` for its flags.'
+    f'  {name:<12} {doc}' for name, doc in COMMANDS.items()) + '\n\n`sktlm <command> --help` for its flags.'
 
 
 def fail(cmd: str, message: str, code: int = 2):
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None):
   from sktlm.errors import UserError
 
   try:
-    module = importlib.import_module(f'sktlm.commands.{cmd}')
+    module = importlib.import_module(f"sktlm.commands.{cmd.replace('-', '_')}")
   except UserError as e:
     fail(cmd, str(e))
   cmd_argv = [f'sktlm {cmd}'] + argv[2:]

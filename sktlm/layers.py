@@ -7,13 +7,11 @@ sktlm/sharding.py); the matmuls come from the config's kernel set (sktlm/kernels
 
 from __future__ import annotations
 
-import math
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sktlm import kernels
+from sktlm import kernels, mup
 from sktlm.sharding import constrain
 
 
@@ -21,12 +19,10 @@ def dtype(name: str) -> jnp.dtype:
   return jnp.dtype(name)
 
 
-def param_init(config, scale_by_depth: bool = False):
-  """Normal(init_std); output projections of residual branches are scaled by 1/sqrt(2 L) (GPT-2)."""
-  std = config.init_std
-  if scale_by_depth:
-    std = std / math.sqrt(2 * config.n_layers)
-  return nn.initializers.normal(stddev=std)
+def param_init(config, scale_by_depth: bool = False, kind: str = 'hidden'):
+  """Normal(init_std); output projections of residual branches are scaled by 1/sqrt(2 L) (GPT-2); `kind` is the
+  parameter's muP class (sktlm/mup.py), which sets the std under model.parametrization='mup'."""
+  return nn.initializers.normal(stddev=mup.init_std(config, kind, scale_by_depth))
 
 
 class RMSNorm(nn.Module):

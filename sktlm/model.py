@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from sktlm import flops, kernels
+from sktlm import flops, kernels, mup
 from sktlm.layers import Mlp, RMSNorm, dtype, param_init, rope
 from sktlm.sharding import constrain
 
@@ -44,7 +44,7 @@ class Attention(nn.Module):
     k_BxTxGxK = ops.dense(x_NxD, wk.reshape(D, KV * K)).reshape(B, T, KV, K)
     v_BxTxGxK = ops.dense(x_NxD, wv.reshape(D, KV * K)).reshape(B, T, KV, K)
     adt = dtype(c.attention_dtype or c.dtype)
-    q_BxTxHxK = (rope(q_BxTxHxK, positions_BxT, c.rope_theta, jnp.float32) * K**-0.5).astype(adt)
+    q_BxTxHxK = (rope(q_BxTxHxK, positions_BxT, c.rope_theta, jnp.float32) * mup.attention_scale(c, K)).astype(adt)
     k_BxTxGxK = rope(k_BxTxGxK, positions_BxT, c.rope_theta, adt)
     v_BxTxGxK = v_BxTxGxK.astype(adt)
     q_BxTxHxK = constrain(q_BxTxHxK, ('batch', 'length', 'act_heads', 'kv'))
@@ -116,8 +116,8 @@ class Transformer(nn.Module):
     cdt, pdt = dtype(c.dtype), dtype(c.param_dtype)
     ops = kernels.ops(c)
 
-    embedding = self.param('embedding', nn.with_logical_partitioning(param_init(c), ('vocab', 'embed')),
-                           (c.vocab_size, c.d_model), pdt)
+    embed_init = nn.with_logical_partitioning(param_init(c, kind='embedding'), ('vocab', 'embed'))
+    embedding = self.param('embedding', embed_init, (c.vocab_size, c.d_model), pdt)
     x_BxTxD = ops.embed(tokens_BxT.reshape(B * T), embedding, cdt).reshape(B, T, c.d_model)
     x_BxTxD = constrain(x_BxTxD, ('batch', 'length', 'act_embed'))
 
@@ -142,9 +142,11 @@ class Transformer(nn.Module):
     if c.tie_embeddings:
       head_DxV = ops.transposed(embedding)
     else:
-      head_DxV = self.param('head', nn.with_logical_partitioning(param_init(c), ('embed', 'vocab')),
-                            (c.d_model, c.vocab_size), pdt)
+      head_init = nn.with_logical_partitioning(param_init(c, kind='head'), ('embed', 'vocab'))
+      head_DxV = self.param('head', head_init, (c.d_model, c.vocab_size), pdt)
     logits_NxV = ops.dense(x_BxTxD.reshape(B * T, c.d_model), head_DxV, jnp.float32)
+    if mup.is_mup(c):
+      logits_NxV = logits_NxV * mup.logit_multiplier(c)
     logits_BxTxV = logits_NxV.reshape(B, T, c.vocab_size)
     return constrain(logits_BxTxV, ('batch', 'length', 'act_vocab')), aux_all
 

@@ -100,7 +100,8 @@ class MoEFeedForward(nn.Module):
     if not 1 <= K <= E:
       raise UserError(f'moe.top_k={K} must be in [1, num_experts={E}]')
 
-    router = self.param('router', nn.with_logical_partitioning(layers.param_init(c), ('embed', None)),
+    router_init = layers.param_init(c, kind='router')
+    router = self.param('router', nn.with_logical_partitioning(router_init, ('embed', None)),
                         (D, E), jnp.float32)
     wi_gate = self.param('wi_gate', nn.with_logical_partitioning(layers.param_init(c), ('exp', 'embed', 'mlp')),
                          (E, D, F), pdt)

@@ -1,4 +1,5 @@
-"""optax AdamW with a weight-decay mask, global-norm clipping and learning-rate schedules.
+"""optax AdamW (muP: per-class LR multipliers, sktlm/mup.py) with a weight-decay mask, global-norm clipping
+and learning-rate schedules.
 
 Schedules (config.optim.schedule), all with linear warmup from 0 over warmup_steps:
 - cosine: cosine decay from peak_lr to peak_lr * min_lr_ratio at train.steps;
@@ -13,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from sktlm import mup
 from sktlm.errors import UserError
 
 NO_DECAY_NAMES = ('scale', 'bias')  # norm scales and biases are not weight-decayed
@@ -56,12 +58,28 @@ def decay_mask(params):
   return jax.tree_util.tree_map_with_path(keep, params)
 
 
-def make_optimizer(optim_cfg, total_steps: int) -> tuple[optax.GradientTransformation, object]:
+def mup_adamw(optim_cfg, schedule, model_cfg) -> optax.GradientTransformation:
+  """optax.adamw with muP's per-class LR multipliers (sktlm/mup.py) on the Adam direction only: the decoupled
+  weight decay stays schedule x weight_decay for every class ("independent" decay, see mup.py). With all
+  multipliers 1 it is optax.adamw step for step."""
+  o = optim_cfg
+  scales = {k: optax.scale(v) for k, v in mup.lr_multipliers(model_cfg).items()}
+  return optax.chain(optax.scale_by_adam(b1=o.b1, b2=o.b2, eps=o.eps),
+                     optax.multi_transform(scales, mup.param_labels),
+                     optax.add_decayed_weights(o.weight_decay, mask=decay_mask),
+                     optax.scale_by_learning_rate(schedule))
+
+
+def make_optimizer(optim_cfg, total_steps: int, model_cfg=None) -> tuple[optax.GradientTransformation, object]:
+  """AdamW (SP), or AdamW with muP's per-parameter LR multipliers when model_cfg says parametrization='mup'."""
   o = optim_cfg
   schedule = lr_schedule(o, total_steps)
   parts = []
   if o.clip_norm and o.clip_norm > 0:
     parts.append(optax.clip_by_global_norm(o.clip_norm))
-  parts.append(optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
-                           mask=decay_mask))
+  if model_cfg is not None and mup.is_mup(model_cfg):
+    parts.append(mup_adamw(o, schedule, model_cfg))
+  else:
+    parts.append(optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
+                             mask=decay_mask))
   return optax.chain(*parts), schedule

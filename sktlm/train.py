@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sktlm import flops, kernels, optim, sharding
+from sktlm import flops, kernels, mup, optim, sharding
 from sktlm import model as model_lib
 from sktlm.errors import UserError
 
@@ -158,6 +158,7 @@ def check_config(config, n_batch_shards: int) -> None:
                     f"got '{m.attention_impl}'")
   if m.kernels not in kernels.KERNELS:
     raise UserError(f"model.kernels must be one of {', '.join(kernels.KERNELS)}, got '{m.kernels}'")
+  mup.check(m)
   if m.scan_unroll < 0:
     raise UserError(f'model.scan_unroll must be >= 0 (0: auto), got {m.scan_unroll}')
   if m.attention_block < 0:
@@ -203,7 +204,7 @@ def build(config, mesh) -> Setup:
   resolve_platform(config, mesh)
   check_config(config, sharding.batch_axis_size(mesh, rules))
   model = model_lib.make_model(config.model)
-  tx, schedule = optim.make_optimizer(config.optim, config.train.steps)
+  tx, schedule = optim.make_optimizer(config.optim, config.train.steps, config.model)
   seq_len = config.data.seq_len
 
   def init_boxed(rng):
