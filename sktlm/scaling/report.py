@@ -23,7 +23,7 @@ import numpy as np
 
 from sktlm.errors import UserError
 from sktlm.scaling import backtest as backtestlib
-from sktlm.scaling import compute, curve_law, io, plots, points
+from sktlm.scaling import compute, curve_law, io, lr_transfer, plots, points
 from sktlm.scaling import fit as fitlib
 
 
@@ -381,6 +381,7 @@ def write(out: str, analyses: list[SweepAnalysis], opts: Options) -> dict:
   seeds = _seed_lines(analyses)
   if seeds:
     md += ['## Seeds', ''] + seeds + ['']
+  md += lr_transfer.section([a.sweep for a in analyses], out, io.LOSS_COLUMNS[opts.loss_key], opts.n_boot, opts.seed)
   md += ['## Plots', ''] + [f'![{f[:-4]}]({f})\n' for f in figs if f]
   md += ['## Runs', '']
   for a in analyses:

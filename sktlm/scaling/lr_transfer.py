@@ -1,0 +1,206 @@
+"""The learning rate behind every point: per model (a group of runs that differ only in peak LR), the best LR,
+the optimum between grid points, and whether the best LR sits at the edge of its grid.
+
+A group is one parametrisation (sp | mup, with its base width), one model shape and one token budget; its runs
+may differ only in `optim.peak_lr`. For a group with >= 3 LRs, the optimal LR is the vertex of a parabola of
+loss against log LR through the best grid point and up to two neighbours on each side; its interval is the
+CI_LEVEL percentile interval of the vertex over residual-bootstrap refits (>= 4 points; with 3 the parabola
+interpolates and the interval is the bracket between the best point's neighbours). A best LR at either end of the
+grid is flagged: the optimum is outside it, and the point's loss is not its best. Across widths, the drift is
+the least-squares slope of log LR* against log width per parametrisation (muP: ~0; SP with Adam: ~ -1).
+
+Reads each run's config.json (no jax), so it works on any sweep folder: `sktlm scaling` adds the section.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+
+import numpy as np
+
+from sktlm.scaling import fit as fitlib
+
+
+@dataclasses.dataclass
+class Group:
+  parametrization: str
+  base_width: int
+  width: int
+  shape: tuple              # (n_layers, d_model, n_heads, d_ff)
+  tokens: float
+  n: float                  # non-embedding parameters
+  lrs: np.ndarray           # sorted grid of peak LRs of the done runs
+  losses: np.ndarray
+  names: list
+  failed_lrs: list = dataclasses.field(default_factory=list)   # runs that did not finish (e.g. diverged)
+  opt: dict = dataclasses.field(default_factory=dict)
+
+  @property
+  def label(self) -> str:
+    base = f', base {self.base_width}' if self.parametrization == 'mup' else ''
+    return f'{self.parametrization}{base}, d_model {self.width}, L {self.shape[0]}'
+
+
+def _run_config(row) -> dict | None:
+  wd = row.get('workdir') or ''
+  try:
+    with open(os.path.join(wd, 'config.json')) as f:
+      return json.load(f)
+  except (OSError, json.JSONDecodeError):
+    return None
+
+
+def groups(rows, loss_col: str) -> list[Group]:
+  """Runs grouped by everything but the LR (from their config.json); rows without one are left out."""
+  found: dict[tuple, dict] = {}
+  for r in rows:
+    cfg = _run_config(r)
+    if cfg is None:
+      continue
+    m, o = cfg.get('model', {}), cfg.get('optim', {})
+    p = m.get('parametrization', 'sp')
+    key = (p, int(m.get('base_width', 0)) if p == 'mup' else 0, int(m.get('n_layers', 0)), int(m.get('d_model', 0)),
+           int(m.get('n_heads', 0)), int(m.get('d_ff', 0)), float(r.get('tokens', math.nan)))
+    g = found.setdefault(key, dict(points=[], failed=[], n=r.get('n_params_non_embedding', math.nan)))
+    lr, loss = float(o.get('peak_lr', math.nan)), float(r.get(loss_col, math.nan))
+    if r.get('status') == 'done' and math.isfinite(loss):
+      g['points'].append((lr, loss, r.get('name', '?')))
+    else:
+      g['failed'].append(lr)
+  out = []
+  for (p, bw, nl, d, h, ff, tokens), g in sorted(found.items(), key=lambda kv: (kv[0][0], kv[0][3], kv[0][2])):
+    pts = sorted(g['points'])
+    out.append(Group(p, bw, d, (nl, d, h, ff), tokens, g['n'], np.array([x[0] for x in pts]),
+                     np.array([x[1] for x in pts]), [x[2] for x in pts], sorted(g['failed'])))
+  return out
+
+
+def _vertex(x, y) -> float:
+  a, b, _ = np.polyfit(x, y, 2)
+  return -b / (2 * a) if a > 0 else math.nan
+
+
+def optimum(lrs, losses, n_boot: int = 200, seed: int = 0) -> dict:
+  """Optimal LR of one group: best grid LR, parabola vertex in log LR, its interval, and the edge flag."""
+  lrs, losses = np.asarray(lrs, np.float64), np.asarray(losses, np.float64)
+  i = int(np.argmin(losses))
+  out = dict(best_lr=float(lrs[i]), best_loss=float(losses[i]), n_lrs=len(lrs), edge='', lr_opt=math.nan,
+             ci=(math.nan, math.nan))
+  if len(lrs) < 3:
+    return out
+  if i == 0 or i == len(lrs) - 1:
+    out['edge'] = 'low' if i == 0 else 'high'
+    return out
+  lo, hi = max(0, i - 2), min(len(lrs), i + 3)
+  x, y = np.log(lrs[lo:hi]), losses[lo:hi]
+  v = _vertex(x, y)
+  if not math.isfinite(v):
+    return out
+  v = float(np.clip(v, np.log(lrs[i - 1]), np.log(lrs[i + 1])))
+  out['lr_opt'] = math.exp(v)
+  if len(x) < 4 or n_boot <= 0:
+    out['ci'] = (float(lrs[i - 1]), float(lrs[i + 1]))
+    return out
+  coef = np.polyfit(x, y, 2)
+  fitted = np.polyval(coef, x)
+  resid = (y - fitted) * math.sqrt(len(x) / (len(x) - 3))  # inflate for the 3 fitted coefficients
+  rng = np.random.default_rng(seed)
+  boot = []
+  for _ in range(n_boot):
+    vb = _vertex(x, fitted + rng.choice(resid, size=len(x), replace=True))
+    if math.isfinite(vb):
+      boot.append(np.clip(vb, np.log(lrs[i - 1]), np.log(lrs[i + 1])))
+  lo_ci, hi_ci = fitlib.interval(np.array(boot))
+  out['ci'] = (math.exp(lo_ci), math.exp(hi_ci)) if math.isfinite(lo_ci) else (float(lrs[i - 1]), float(lrs[i + 1]))
+  return out
+
+
+def drift(gs: list[Group]) -> dict[str, float]:
+  """Per parametrisation: slope of log(optimal LR) against log(width) over groups with an interior optimum."""
+  out = {}
+  for p in sorted({g.parametrization for g in gs}):
+    pts = [(g.width, g.opt['lr_opt']) for g in gs if g.parametrization == p and math.isfinite(g.opt['lr_opt'])]
+    if len({w for w, _ in pts}) >= 2:
+      x, y = np.log([w for w, _ in pts]), np.log([v for _, v in pts])
+      out[p] = float(np.polyfit(x, y, 1)[0])
+  return out
+
+
+def _g(v, digits: int = 3) -> str:
+  return '-' if v is None or not math.isfinite(v) else f'{v:.{digits}g}'
+
+
+def plot(label_groups, path: str) -> None:
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  ps = sorted({(lab, g.parametrization) for lab, gs in label_groups for g in gs if len(g.lrs) >= 2})
+  fig, axes = plt.subplots(1, len(ps), figsize=(5 * len(ps), 3.8), squeeze=False)
+  for ax, (lab, p) in zip(axes[0], ps, strict=True):
+    gs = [g for la, gg in label_groups if la == lab for g in gg if g.parametrization == p and len(g.lrs) >= 2]
+    cmap = plt.get_cmap('viridis')
+    widths = sorted({g.width for g in gs})
+    for g in gs:
+      c = cmap(widths.index(g.width) / max(len(widths) - 1, 1))
+      ax.plot(g.lrs, g.losses, 'o-', color=c, label=f'd_model {g.width} (L {g.shape[0]})', ms=4)
+      if math.isfinite(g.opt.get('lr_opt', math.nan)):
+        ax.axvline(g.opt['lr_opt'], color=c, ls=':', lw=1)
+    ax.set_xscale('log')
+    ax.set_xlabel('peak learning rate')
+    ax.set_ylabel('loss')
+    ax.set_title(f'{lab}: {p}')
+    finite = np.concatenate([g.losses for g in gs])
+    ax.set_ylim(finite.min() - 0.05, min(finite.max(), np.percentile(finite, 80) + 0.5) + 0.05)
+    ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def section(sweeps, out: str, loss_col: str, n_boot: int = 200, seed: int = 0) -> list[str]:
+  """report.md lines ('## Learning rate'), lr_vs_loss.png and lr_transfer.json under `out`; [] if no run has a
+  config.json."""
+  label_groups = [(s.label, groups(s.rows, loss_col)) for s in sweeps]
+  label_groups = [(lab, gs) for lab, gs in label_groups if gs]
+  if not label_groups:
+    return []
+  lines = ['## Learning rate', '',
+           'Per model (runs that differ only in peak LR): the best grid LR, the optimum (vertex of a parabola in '
+           f'log LR; {fitlib.CI_LEVEL:.0%} residual-bootstrap interval, or the bracket between the grid '
+           'neighbours) and a flag when the best LR is at the edge of its grid (the optimum lies outside it, so '
+           'that point of the curve is not at its best LR). One LR only: the point used that LR, untuned here.', '',
+           '| sweep | model | N | LRs tried | best LR | loss | optimal LR [interval] | note |',
+           '|---|---|---|---|---|---|---|---|']
+  doc = {}
+  for lab, gs in label_groups:
+    for g in gs:
+      g.opt = optimum(g.lrs, g.losses, n_boot, seed)
+      note = {'low': 'EDGE: best LR is the lowest tried', 'high': 'EDGE: best LR is the highest tried'}.get(
+          g.opt['edge'], '')
+      if len(g.lrs) == 1:
+        note = (f'one LR: muP-transferred from base width {g.base_width}' if g.parametrization == 'mup'
+                else 'one LR (not tuned at this size)')
+      if g.failed_lrs:
+        note += ('; ' if note else '') + 'not done at LR ' + ', '.join(_g(x) for x in g.failed_lrs)
+      opt = g.opt['lr_opt']
+      opt_s = f"{_g(opt)} [{_g(g.opt['ci'][0])}, {_g(g.opt['ci'][1])}]" if math.isfinite(opt) else '-'
+      lines.append(f"| {lab} | {g.label} | {_g(g.n)} | {', '.join(_g(x) for x in g.lrs)} | "
+                   f"{_g(g.opt['best_lr'])} | {g.opt['best_loss']:.4f} | {opt_s} | {note} |")
+      doc.setdefault(lab, []).append(dict(parametrization=g.parametrization, base_width=g.base_width,
+                                          shape=list(g.shape), tokens=g.tokens, n_non_embedding=g.n,
+                                          lrs=g.lrs.tolist(), losses=g.losses.tolist(), failed_lrs=g.failed_lrs,
+                                          **{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.opt.items()}))
+    for p, s in drift(gs).items():
+      lines.append('')
+      lines.append(f'- **{lab}**, {p}: optimal LR ~ width^{s:+.2f} (least squares over the interior optima; '
+                   f'0 = the LR transfers across width)')
+  lines.append('')
+  if any(len(g.lrs) >= 2 for _, gs in label_groups for g in gs):
+    plot(label_groups, os.path.join(out, 'lr_vs_loss.png'))
+    lines += ['![lr_vs_loss](lr_vs_loss.png)', '']
+  with open(os.path.join(out, 'lr_transfer.json'), 'w') as f:
+    json.dump(doc, f, indent=1, default=lambda o: None if isinstance(o, float) and not math.isfinite(o) else o)
+  return lines

@@ -1,0 +1,47 @@
+"""muP learning-rate transfer: widths x peak learning rates at fixed depth, data and steps, under SP and muP.
+
+Width is d_model (d_ff = 3 d_model, 4 heads, 2 layers; muP base width 64, so at width 64 the two parametrisations
+are the same model); every run sees the same tokens. `sktlm scaling` finds the LR sweep in the results and adds
+its "Learning rate" section: loss against LR per width, and the optimal LR per width (vertex of a parabola in
+log LR through the best grid point and its neighbours, with a residual-bootstrap interval). Under muP the optimum
+stays put as the width grows; under SP it drifts down.
+
+  sktlm sweep sweeps/mup_transfer.py --dry_run
+  nice sktlm sweep sweeps/mup_transfer.py --workdir=runs/mup_transfer
+  sktlm scaling runs/mup_transfer --out=runs/mup_transfer/report
+
+Arguments: widths=64+128+256, lrs=1.6e-3+4e-3+1e-2+2.5e-2+6.25e-2, steps=200, parametrizations=sp+mup.
+"""
+
+from sktlm import configs
+from sktlm.sweep import product, sweep
+
+BASE = 'experiments/lm.py:size=pico'
+COMMON = {
+    'config.model.n_layers': 2,
+    'config.model.n_heads': 4,
+    'config.model.n_kv_heads': 4,
+    'config.model.base_width': 64,
+    'config.data.seq_len': 64,
+    'config.train.batch_size': 8,
+    'config.train.log_every': 10,
+    'config.train.eval_every': 1_000_000,  # evaluate once, at the end
+    'config.train.eval_batches': 32,       # 16K held-out tokens
+    'config.train.checkpoint_every': 1_000_000,
+    'config.optim.schedule': 'cosine',
+    'config.metrics.progress': False,
+    'config.metrics.tensorboard': False,
+}
+
+
+def get_sweep(arg=None):
+  arg = configs.parse_arg(arg, widths='64+128+256', lrs='1.6e-3+4e-3+1e-2+2.5e-2+6.25e-2', steps=200,
+                          parametrizations='sp+mup')
+  widths = [int(w) for w in arg.widths.split('+')]
+  return product([
+      sweep('config.model.parametrization', arg.parametrizations.split('+')),
+      [{'config.model.d_model': w, 'config.model.d_ff': 3 * w} for w in widths],
+      sweep('config.optim.peak_lr', [float(x) for x in arg.lrs.split('+')]),
+      sweep('config.train.steps', [arg.steps]),
+      sweep('config.optim.warmup_steps', [max(1, arg.steps // 10)]),
+  ])

@@ -1,0 +1,79 @@
+"""The learning-rate section of `sktlm scaling` (sktlm/scaling/lr_transfer.py) on synthetic run folders whose
+losses follow a known parabola in log LR: the optimum per width, its drift with width, and the edge flags."""
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+from sktlm.scaling import io, lr_transfer, report
+
+GRID = [1e-3 * 2**k for k in range(7)]  # 1e-3 .. 6.4e-2
+
+
+def true_opt(p, width):
+  return 8e-3 if p == 'mup' else 8e-3 * 64 / width  # muP: transfers; SP: ~1/width (Adam)
+
+
+def write_run(root, name, p, width, lr, loss, status='done'):
+  wd = os.path.join(root, name)
+  os.makedirs(wd)
+  n = 12 * 2 * width**2
+  with open(os.path.join(wd, 'summary.json'), 'w') as f:
+    json.dump(dict(status=status, params=dict(total=n * 1.2, non_embedding=n, active=n * 1.2), tokens=1e5,
+                   flops={'6N': 6 * n * 1e5, 'exact': 6.6 * n * 1e5}, final_train_loss=loss, final_eval_loss=loss,
+                   best_eval_loss=loss), f)
+  with open(os.path.join(wd, 'config.json'), 'w') as f:
+    json.dump(dict(model=dict(parametrization=p, base_width=64, n_layers=2, d_model=width, n_heads=4,
+                              d_ff=3 * width, size='pico'), optim=dict(peak_lr=lr)), f)
+
+
+def loss_at(p, width, lr, noise=0.0):
+  return 3.0 - 0.2 * math.log2(width) + 0.05 * (math.log(lr) - math.log(true_opt(p, width)))**2 + noise
+
+
+def test_optimum_of_an_exact_parabola_and_its_bracket():
+  lrs = np.array(GRID)
+  o = lr_transfer.optimum(lrs, [loss_at('mup', 64, x) for x in lrs], n_boot=50)
+  assert o['lr_opt'] == pytest.approx(8e-3, rel=1e-6) and o['edge'] == ''
+  assert o['best_lr'] == 8e-3
+  o = lr_transfer.optimum(lrs[:3], [loss_at('mup', 64, x) for x in lrs[:3]])  # 3 points: the bracket
+  assert math.isnan(o['lr_opt']) and o['edge'] == 'high' and o['best_lr'] == 4e-3  # optimum above the grid
+  o = lr_transfer.optimum(lrs[2:5], [loss_at('mup', 64, x) for x in lrs[2:5]])
+  assert o['lr_opt'] == pytest.approx(8e-3, rel=1e-6) and o['ci'] == (4e-3, 1.6e-2)
+
+
+def test_report_section_optimum_per_width_drift_and_edges(tmp_path):
+  root = str(tmp_path / 'transfer')
+  rng = np.random.default_rng(0)
+  for p in ('sp', 'mup'):
+    for width in (64, 128, 256):
+      for lr in GRID:
+        loss = loss_at(p, width, lr, noise=rng.normal(0, 0.002))
+        write_run(root, f'{p}_w{width}_lr{lr:g}', p, width, lr, loss)
+  # a width whose optimum lies below its grid, and a run that did not finish
+  for lr in GRID[3:]:
+    write_run(root, f'sp_w512_lr{lr:g}', 'sp', 512, lr, loss_at('sp', 512, lr))
+  write_run(root, 'sp_w512_lr0.1', 'sp', 512, 0.1, float('nan'), status='failed')
+  out = str(tmp_path / 'out')
+  report.run([root], out, report.Options(n_boot=100, curves=False))
+  doc = json.load(open(os.path.join(out, 'lr_transfer.json')))['transfer']
+  by = {(g['parametrization'], g['shape'][1]): g for g in doc}
+  for p in ('sp', 'mup'):
+    for width in (64, 128, 256):
+      g = by[(p, width)]
+      assert g['lr_opt'] == pytest.approx(true_opt(p, width), rel=0.15), (p, width, g)
+      assert g['ci'][0] <= true_opt(p, width) * 1.15 and g['ci'][1] >= true_opt(p, width) / 1.15
+      assert g['edge'] == ''
+  assert by[('sp', 512)]['edge'] == 'low' and by[('sp', 512)]['failed_lrs'] == [0.1]
+  gs = lr_transfer.groups(io.load_sweep(root).rows, 'best_eval_loss')
+  for g in gs:
+    g.opt = lr_transfer.optimum(g.lrs, g.losses, 50)
+  d = lr_transfer.drift(gs)
+  assert abs(d['mup']) < 0.1 and d['sp'] == pytest.approx(-1.0, abs=0.15)
+  md = open(os.path.join(out, 'report.md')).read()
+  assert '## Learning rate' in md and 'EDGE: best LR is the lowest tried' in md and 'lr_vs_loss.png' in md
+  assert os.path.isfile(os.path.join(out, 'lr_vs_loss.png'))
+  assert 'mup: optimal LR ~ width^+0.0' in md or 'mup: optimal LR ~ width^-0.0' in md
