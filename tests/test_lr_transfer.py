@@ -77,3 +77,23 @@ def test_report_section_optimum_per_width_drift_and_edges(tmp_path):
   assert '## Learning rate' in md and 'EDGE: best LR is the lowest tried' in md and 'lr_vs_loss.png' in md
   assert os.path.isfile(os.path.join(out, 'lr_vs_loss.png'))
   assert 'mup: optimal LR ~ width^+0.0' in md or 'mup: optimal LR ~ width^-0.0' in md
+
+
+def test_size_ladder_lr_grid_per_size():
+  """An LR grid on some sizes of a ladder: one run per LR with the size's steps; other sizes keep one run."""
+  from conftest import ROOT
+
+  from sktlm.errors import UserError
+  from sktlm.sweep import planners
+  lm = f'{ROOT}/experiments/lm.py'
+  plain = planners.size_ladder(lm, ['pico', 'nano'], tokens_per_param=0.3)
+  runs = planners.size_ladder(lm, ['pico', 'nano'], tokens_per_param=0.3, lr_grid={'pico': [1e-3, 3e-3]},
+                              extra={'config.optim.peak_lr': 2e-3})
+  assert [r.name for r in runs] == ['size-pico_lr-0.001', 'size-pico_lr-0.003', 'size-nano']
+  assert [r.settings['config.optim.peak_lr'] for r in runs] == [1e-3, 3e-3, 2e-3]
+  assert [r.settings['config.train.steps'] for r in runs] == [plain[0].settings['config.train.steps']] * 2 + [
+      plain[1].settings['config.train.steps']]
+  every = planners.size_ladder(lm, ['pico', 'nano'], tokens_per_param=0.3, lr_grid=[1e-3, 3e-3])
+  assert len(every) == 4 and len({r.name for r in every}) == 4
+  with pytest.raises(UserError, match='not in the ladder'):
+    planners.size_ladder(lm, ['pico'], lr_grid={'tiny': [1e-3]})

@@ -43,13 +43,18 @@ def _check_sizes(names):
 
 def size_ladder(base: str, size_names, *, tokens_per_param: float = 20.0, tokens: int = 0,
                 param_kind: str = 'non_embedding', common: dict | None = None, min_steps: int = 1,
-                warmup_fraction: float = 0.0, extra: dict | None = None) -> list[spec.Run]:
+                warmup_fraction: float = 0.0, extra: dict | None = None,
+                lr_grid: list | dict | None = None) -> list[spec.Run]:
   """One run per size: D = tokens_per_param x N (or `tokens` for all), steps = ceil(D / tokens per step).
 
   Runs are named by size only ('size-micro'); `extra` settings are added to every run. warmup_fraction > 0
   sets each run's optim.warmup_steps to that fraction of its steps (runs of very different lengths).
+  lr_grid: peak LRs to try per size (a list for every size, or {size: list} for some), one run per LR named
+  'size-micro_lr-0.01'; `sktlm scaling` keeps the best run per size and flags a best LR at the grid's edge.
   """
   _check_sizes(size_names)
+  if isinstance(lr_grid, dict) and set(lr_grid) - set(size_names):
+    raise UserError(f'lr_grid names sizes not in the ladder: {sorted(set(lr_grid) - set(size_names))}')
   runs = []
   for size in size_names:
     n, _, per_step = _counts(base, common, size, param_kind)
@@ -58,8 +63,15 @@ def size_ladder(base: str, size_names, *, tokens_per_param: float = 20.0, tokens
     settings = {'arg.size': size, 'config.train.steps': steps}
     if warmup_fraction > 0:
       settings['config.optim.warmup_steps'] = max(1, round(warmup_fraction * steps))
-    runs.append(spec.Run({**settings, **(extra or {})}, name_keys=('arg.size',), common=dict(common or {}),
-                         planned=dict(tokens_per_step=per_step, params=n, param_kind=param_kind)))
+    lrs = lr_grid.get(size) if isinstance(lr_grid, dict) else lr_grid
+    planned = dict(tokens_per_step=per_step, params=n, param_kind=param_kind)
+    if not lrs:
+      runs.append(spec.Run({**settings, **(extra or {})}, name_keys=('arg.size',), common=dict(common or {}),
+                           planned=planned))
+    for lr in lrs or ():
+      runs.append(spec.Run({**settings, **(extra or {}), 'config.optim.peak_lr': float(lr)},
+                           name=f'size-{size}_lr-{spec.format_value(float(lr))}', common=dict(common or {}),
+                           planned=dict(planned)))
   return [spec.normalise(r) for r in runs]
 
 
