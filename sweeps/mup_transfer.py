@@ -37,11 +37,17 @@ COMMON = {
 def get_sweep(arg=None):
   arg = configs.parse_arg(arg, widths='64+128+256', lrs='1.6e-3+4e-3+1e-2+2.5e-2+6.25e-2', steps=200,
                           parametrizations='sp+mup')
-  widths = [int(w) for w in arg.widths.split('+')]
-  return product([
-      sweep('config.model.parametrization', arg.parametrizations.split('+')),
-      [{'config.model.d_model': w, 'config.model.d_ff': 3 * w} for w in widths],
-      sweep('config.optim.peak_lr', [float(x) for x in arg.lrs.split('+')]),
-      sweep('config.train.steps', [arg.steps]),
-      sweep('config.optim.warmup_steps', [max(1, arg.steps // 10)]),
-  ])
+  widths = sorted(int(w) for w in arg.widths.split('+'))
+  # Order: the smallest and the largest width first, both parametrisations, so that a partial sweep already
+  # shows the transfer (or its absence) over the widest span.
+  order = widths[:1] + widths[-1:] + widths[1:-1] if len(widths) > 1 else widths
+  runs = []
+  for w in order:
+    runs += product([
+        sweep('config.model.parametrization', arg.parametrizations.split('+')),
+        [{'config.model.d_model': w, 'config.model.d_ff': 3 * w}],
+        sweep('config.optim.peak_lr', [float(x) for x in arg.lrs.split('+')]),
+        sweep('config.train.steps', [arg.steps]),
+        sweep('config.optim.warmup_steps', [max(1, arg.steps // 10)]),
+    ])
+  return runs

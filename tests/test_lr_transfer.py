@@ -97,3 +97,27 @@ def test_size_ladder_lr_grid_per_size():
   assert len(every) == 4 and len({r.name for r in every}) == 4
   with pytest.raises(UserError, match='not in the ladder'):
     planners.size_ladder(lm, ['pico'], lr_grid={'tiny': [1e-3]})
+
+
+def test_default_sweep_spans_20x_at_a_transferred_lr():
+  """sweeps/model_sizes.py (`make main`): >= 20x in non-embedding N, every run muP with the base width of its
+  smallest model, the base LR in the middle of the LR grid of the smallest size."""
+  from conftest import ROOT
+
+  from sktlm import flops
+  from sktlm.sweep import plan, spec
+  sd = spec.load_sweep_file(f'{ROOT}/sweeps/model_sizes.py')
+  ns, lrs = {}, {}
+  for r in sd.runs:
+    c = spec.load_run_config(sd.base, {**sd.common, **r.settings})
+    with c.model.unlocked():
+      c.model.vocab_size = plan.vocab_size(c)
+    assert c.model.parametrization == 'mup' and c.model.base_width == 64, r.name
+    ns[c.model.size] = flops.param_counts(c.model)['non_embedding']
+    lrs.setdefault(c.model.size, []).append(c.optim.peak_lr)
+  assert max(ns.values()) / min(ns.values()) >= 20
+  smallest = min(ns, key=ns.get)
+  assert spec.load_run_config(sd.base, {'arg.size': smallest}).model.d_model == 64
+  grid = sorted(lrs[smallest])
+  assert len(grid) >= 3 and grid[len(grid) // 2] == sd.common['config.optim.peak_lr']
+  assert all(v == [sd.common['config.optim.peak_lr']] for k, v in lrs.items() if k != smallest)

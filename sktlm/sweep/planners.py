@@ -70,7 +70,7 @@ def size_ladder(base: str, size_names, *, tokens_per_param: float = 20.0, tokens
                            planned=planned))
     for lr in lrs or ():
       runs.append(spec.Run({**settings, **(extra or {}), 'config.optim.peak_lr': float(lr)},
-                           name=f'size-{size}_lr-{spec.format_value(float(lr))}', common=dict(common or {}),
+                           name=f'size-{size}_lr-{float(lr):.3g}', common=dict(common or {}),
                            planned=dict(planned)))
   return [spec.normalise(r) for r in runs]
 
