@@ -108,3 +108,26 @@ def lr_multipliers(mc) -> dict[str, float]:
   """Adam LR multiplier per class."""
   m = width_mult(mc)
   return dict(embedding=1.0, hidden=1.0 / m, head=1.0, norm=1.0, router=1.0 / m)
+
+
+def to_sp_params(params, mc):
+  """The same function as SP parameters: the head scaled by the logit multiplier and wq by the ratio of the
+  attention scales (for exporting a muP model to code that knows only SP, e.g. a plain Llama). Unboxed params of
+  the scanned or unscanned dense model; SP params are returned as they are."""
+  if not is_mup(mc):
+    return params
+  from sktlm import flops  # leaf module
+  k = flops.head_dim(mc)
+  q_ratio = attention_scale(mc, k) / k**-0.5
+
+  def fold(path, x):
+    names = _names(path)
+    if names[-1:] == ('head',):
+      return x * logit_multiplier(mc)
+    if names[-2:] == ('attn', 'wq'):
+      return x * q_ratio
+    return x
+
+  if mc.tie_embeddings:
+    raise UserError('to_sp_params: tied embeddings under muP have no SP equivalent with one shared table')
+  return jax.tree_util.tree_map_with_path(fold, params)

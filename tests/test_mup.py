@@ -89,6 +89,9 @@ def test_mup_forward_is_sp_with_reparametrised_weights(data_dir):
   got, _ = jax.jit(mp_model.apply)({'params': params}, tokens)
   want, _ = jax.jit(sp_model.apply)({'params': sp_params}, tokens)
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-6)
+  folded = mup.to_sp_params(params, mp.model)  # the export helper does the same folding
+  for a, b in zip(jax.tree.leaves(folded), jax.tree.leaves(sp_params), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   plain, _ = jax.jit(sp_model.apply)({'params': params}, tokens)  # negative control: the multipliers do change it
   assert np.max(np.abs(np.asarray(plain) - np.asarray(got))) > 1e-2
 
