@@ -10,7 +10,7 @@ stays put as the width grows; under SP it drifts down.
   nice sktlm sweep sweeps/mup_transfer.py --workdir=runs/mup_transfer
   sktlm scaling runs/mup_transfer --out=runs/mup_transfer/report
 
-Arguments: widths=64+128+256, lrs=1.6e-3+4e-3+1e-2+2.5e-2+6.25e-2, steps=200, parametrizations=sp+mup.
+Arguments: widths=64+128+256, lrs=6.4e-4+1.6e-3+4e-3+1e-2+2.5e-2, steps=200, parametrizations=sp+mup.
 """
 
 from sktlm import configs
@@ -35,7 +35,7 @@ COMMON = {
 
 
 def get_sweep(arg=None):
-  arg = configs.parse_arg(arg, widths='64+128+256', lrs='1.6e-3+4e-3+1e-2+2.5e-2+6.25e-2', steps=200,
+  arg = configs.parse_arg(arg, widths='64+128+256', lrs='6.4e-4+1.6e-3+4e-3+1e-2+2.5e-2', steps=200,
                           parametrizations='sp+mup')
   widths = sorted(int(w) for w in arg.widths.split('+'))
   # Order: the smallest and the largest width first, both parametrisations, so that a partial sweep already
