@@ -26,7 +26,7 @@ from sktlm.sweep import planners
 
 BASE = 'experiments/lm.py'
 SIZES = ['pico', 'nano', 'micro', 'mini', 'tiny']
-PEAK_LR = 1e-2          # optimal at the muP base width (d_model 64): sweeps/mup_transfer.py
+PEAK_LR = 5e-3          # optimal at the muP base width (d_model 64, 200 steps): sweeps/mup_transfer.py
 COMMON = {
     'config.data.seq_len': 128,
     'config.train.batch_size': 8,
