@@ -144,3 +144,11 @@ def test_sp_optimizer_is_plain_adamw(data_dir):
   assert jax.tree.structure(a.init(params)) == jax.tree.structure(b.init(params))
   for x, y in zip(jax.tree.leaves(ua), jax.tree.leaves(ub), strict=True):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_coord_check_cli_bad_input_is_one_line():
+  from conftest import run_cli
+  p = run_cli('coord-check', '--config=experiments/lm.py:size=pico', '--parametrization=sp,umup')
+  assert p.returncode == 2 and 'umup' in p.stderr and 'Traceback' not in p.stderr, p.stderr
+  p = run_cli('coord-check', '--config=experiments/lm.py:size=pico', '--widths=64')
+  assert p.returncode == 2 and 'at least two widths' in p.stderr and 'Traceback' not in p.stderr, p.stderr
