@@ -10,7 +10,8 @@ stays put as the width grows; under SP it drifts down.
   nice sktlm sweep sweeps/mup_transfer.py --workdir=runs/mup_transfer
   sktlm scaling runs/mup_transfer --out=runs/mup_transfer/report
 
-Arguments: widths=64+128+256, lrs=6.4e-4+1.6e-3+4e-3+1e-2+2.5e-2, steps=200, parametrizations=sp+mup.
+Arguments: widths=64+128+256, lrs=6.4e-4+1.6e-3+4e-3+1e-2+2.5e-2, sp_lrs=2.56e-4 (SP only), steps=200,
+parametrizations=sp+mup.
 """
 
 from sktlm import configs
@@ -35,8 +36,8 @@ COMMON = {
 
 
 def get_sweep(arg=None):
-  arg = configs.parse_arg(arg, widths='64+128+256', lrs='6.4e-4+1.6e-3+4e-3+1e-2+2.5e-2', steps=200,
-                          parametrizations='sp+mup')
+  arg = configs.parse_arg(arg, widths='64+128+256', lrs='6.4e-4+1.6e-3+4e-3+1e-2+2.5e-2', sp_lrs='2.56e-4',
+                          steps=200, parametrizations='sp+mup')
   widths = sorted(int(w) for w in arg.widths.split('+'))
   # Order: the smallest and the largest width first, both parametrisations, so that a partial sweep already
   # shows the transfer (or its absence) over the widest span.
@@ -50,4 +51,14 @@ def get_sweep(arg=None):
         sweep('config.train.steps', [arg.steps]),
         sweep('config.optim.warmup_steps', [max(1, arg.steps // 10)]),
     ])
+  # SP's optimum falls with width: one more LR below the grid for SP, after the rest (`sp_lrs=` to change)
+  extra = [float(x) for x in arg.sp_lrs.split('+') if x] if 'sp' in arg.parametrizations.split('+') else []
+  for w in order:
+    runs += product([
+        sweep('config.model.parametrization', ['sp']),
+        [{'config.model.d_model': w, 'config.model.d_ff': 3 * w}],
+        sweep('config.optim.peak_lr', extra),
+        sweep('config.train.steps', [arg.steps]),
+        sweep('config.optim.warmup_steps', [max(1, arg.steps // 10)]),
+    ]) if extra else []
   return runs
