@@ -180,7 +180,7 @@ def section(sweeps, out: str, loss_col: str, n_boot: int = 200, seed: int = 0) -
       g.opt = optimum(g.lrs, g.losses, n_boot, seed)
       note = {'low': 'EDGE: best LR is the lowest tried', 'high': 'EDGE: best LR is the highest tried'}.get(
           g.opt['edge'], '')
-      if len(g.lrs) == 1:
+      if len(g.lrs) == 1 and not g.failed_lrs:
         note = (f'one LR: muP-transferred from base width {g.base_width}' if g.parametrization == 'mup'
                 else 'one LR (not tuned at this size)')
       if g.failed_lrs:
