@@ -2,9 +2,9 @@
 to 2.66M), on the embedded corpus (Python stdlib source, bytes), sized to finish on a 2-core CPU in ~10 minutes.
 
 Learning rate: every size trains in muP (`model.parametrization=mup`, base width 64 = pico's d_model) at the
-peak LR that is optimal for the base model, so the LR is transferred, not guessed: sweeps/mup_transfer.py
-measured that under muP the optimal LR stays put from d_model 64 to 256 while under SP it drifts (README,
-"muP"). The cheap smallest size also trains at LR/3 and 3 LR: `sktlm scaling` keeps its best run and its
+peak LR and init std that are optimal for the base model, so the LR is transferred, not guessed:
+sweeps/mup_transfer.py measured that under muP the optimal LR stays put from d_model 64 to 256 while under SP it
+drifts (README, "muP"). The cheap smallest size also trains at LR/3 and 3 LR: `sktlm scaling` keeps its best run and its
 "Learning rate" section shows the LR each size used and flags a best LR at the edge of its grid.
 Warmup is 10% of each run's steps.
 
@@ -26,7 +26,8 @@ from sktlm.sweep import planners
 
 BASE = 'experiments/lm.py'
 SIZES = ['pico', 'nano', 'micro', 'mini', 'tiny']
-PEAK_LR = 5e-3          # optimal at the muP base width (d_model 64, 200 steps): sweeps/mup_transfer.py
+PEAK_LR = 6e-3          # optimal at the muP base width (d_model 64, 200 steps): sweeps/mup_transfer.py
+INIT_STD = 0.06         # tuned there too (0.02 is ~6x below 1/sqrt(64))
 COMMON = {
     'config.data.seq_len': 128,
     'config.train.batch_size': 8,
@@ -36,6 +37,7 @@ COMMON = {
     'config.train.checkpoint_every': 200,
     'config.model.parametrization': 'mup',
     'config.model.base_width': 64,
+    'config.model.init_std': INIT_STD,
     'config.optim.peak_lr': PEAK_LR,
     'config.metrics.progress': False,
 }
