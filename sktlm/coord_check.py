@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sktlm import data, flops, sharding, train
+from sktlm import data, sharding, train
 from sktlm.errors import UserError
 
 
@@ -102,7 +102,7 @@ def run(config, widths, steps: int, parametrizations=('sp', 'mup'), base_width: 
   base_width = base_width or widths[0]
   data.prepare(config.data)
   with config.unlocked():
-    config.model.vocab_size = train_vocab(config)
+    train.resolve_vocab(config)
   mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])  # small models: one device
   rms: dict[str, dict[str, np.ndarray]] = {}
   losses: dict[str, np.ndarray] = {}
@@ -131,9 +131,6 @@ def run(config, widths, steps: int, parametrizations=('sp', 'mup'), base_width: 
     losses[p] = np.array(loss_rows)
   return Result(widths=widths, steps=steps, rms=rms, losses=losses)
 
-
-def train_vocab(config) -> int:
-  return flops.resolved_vocab_size(config.model, data.get_tokenizer(config.data).vocab_size)
 
 
 def summary_kinds(names) -> dict[str, list[str]]:
