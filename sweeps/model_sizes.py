@@ -4,17 +4,19 @@ to 2.66M), on the embedded corpus (Python stdlib source, bytes), sized to finish
 Learning rate: every size trains in muP (`model.parametrization=mup`, base width 64 = pico's d_model) at the
 peak LR and init std that are optimal for the base model, so the LR is transferred, not guessed:
 sweeps/mup_transfer.py measured that under muP the optimal LR stays put from d_model 64 to 256 while under SP it
-drifts (README, "muP"). The cheap smallest size also trains at LR/3 and 3 LR: `sktlm scaling` keeps its best run and its
-"Learning rate" section shows the LR each size used and flags a best LR at the edge of its grid.
-Warmup is 10% of each run's steps.
+drifts (README, "muP"). The cheap smallest size also trains at LR/3 and 3 LR: `sktlm scaling` keeps its best run
+and its "Learning rate" section shows the LR each size used and flags a best LR at the edge of its grid.
+Warmup is 10% of each run's steps. Time: the dry run estimates 10 min on an idle 2-core CPU (7 runs; tiny alone
+~6 min); on the shared machine under a load of ~20 the first runs took 4-6x their estimates.
 
 What the curve shows: L(N) along a fixed D/N line, D = 0.3 N tokens (batch 8 x 128 tokens; 32 steps for pico,
 779 for tiny). The law fitted on the smaller sizes predicts the largest (the report's backtest).
 What it does not show: compute-optimal scaling. D/N = 0.3 is ~70x below Chinchilla's ~20 tokens per parameter,
 so every model is far from converged and the fitted exponent mixes the N and D terms of L(N, D); at these
 budgets a compute-optimal model would be several times smaller (the byte-level stdlib corpus also differs from
-web text). Depth grows with width along the ladder (2 to 6 layers) and muP transfers across width only, so the
-LR grid at the base size checks the transferred LR where it is cheap; the larger sizes are not checked here.
+web text). The LR was measured at 200 steps and 2 layers; along the ladder depth grows with width (2 to 6 layers),
+run length varies 25x (32 to 779 steps), and muP transfers across width only, so the LR grid at the base size
+checks the transferred LR where it is cheap; the larger sizes are not checked here.
 
   sktlm sweep sweeps/model_sizes.py --dry_run
   sktlm sweep sweeps/model_sizes.py --workdir=runs/sizes
