@@ -53,9 +53,16 @@ def model_config(size: str) -> ml_collections.ConfigDict:
           n_dense_layers=0,      # the first n layers keep a dense MLP
           gate='softmax',        # softmax | sigmoid
           renormalize=True,      # renormalise the top-k gate weights to sum to 1
-          aux_loss_coef=0.01,    # load-balancing loss (Switch/GShard form)
+          balance='aux_loss',    # aux_loss: Switch loss (aux_loss_coef) | aux_free: DeepSeek-V3 routing bias
+          aux_loss_coef=0.01,    # load-balancing loss (Switch/GShard form); used by balance=aux_loss only
+          bias_update_rate=1e-3,  # aux_free: bias += rate * sign(mean load - load) per expert after each step
+          seq_aux_loss_coef=0.0,  # DeepSeek-V3 sequence-wise balance loss (V3 uses 1e-4), either balance mode
           router_z_loss_coef=0.001,
           capacity_factor=0.0,   # 0: dropless; >0: per-expert capacity, overflow tokens dropped
+          dispatch='auto',       # auto | capacity | dropless | dropless_ep (sktlm/moe.py); auto: capacity if
+                                 # capacity_factor > 0, else dropless_ep (expert-parallel under an expert axis > 1)
+          ep_buffer_factor=0.0,  # dropless_ep: 0: worst-case buffer, never drops; f > 0: f x the balanced load
+                                 # per (source, destination) device pair, overflow dropped (sktlm/moe_ep.py)
       )),
   ))
 

@@ -204,7 +204,7 @@ def run(config, workdir: str) -> int:
       last_log.update(time=now, step=s)
 
   def evaluate(s):
-    sums = [setup.eval_step(state.params, b) for b in eval_batches]
+    sums = [setup.eval_step(state, b) for b in eval_batches]
     loss_sum = sum(float(x['loss_sum']) for x in sums)
     weight_sum = sum(float(x['weight_sum']) for x in sums)
     loss = loss_sum / max(weight_sum, 1.0)

@@ -125,7 +125,9 @@ class Transformer(nn.Module):
     aux_all = {}
     for name, n, use_moe in flops.layer_groups(c):
       if c.scan_layers:
-        stack = nn.scan(block_cls, variable_axes={'params': 0}, split_rngs={'params': True},
+        # MoE routing biases and loads (sktlm/moe.py) are per layer too.
+        stack = nn.scan(block_cls, variable_axes={'params': 0, 'moe_bias': 0, 'moe_load': 0},
+                        split_rngs={'params': True},
                         in_axes=(nn.broadcast, nn.broadcast), length=n,
                         metadata_params={nn.PARTITION_NAME: 'layers'}, unroll=scan_unroll(c, n))
         x_BxTxD, aux = stack(c, use_moe, name=name)(x_BxTxD, positions_BxT, segment_ids_BxT)

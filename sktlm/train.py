@@ -22,6 +22,7 @@ import optax
 
 from sktlm import flops, kernels, mup, optim, sharding
 from sktlm import model as model_lib
+from sktlm import moe as moe_lib
 from sktlm.errors import UserError
 
 BATCH_KEYS = ('inputs', 'targets', 'segment_ids', 'positions', 'weights')
@@ -32,6 +33,9 @@ class TrainState:
   step: jax.Array
   params: Any
   opt_state: Any
+  # Non-param model variables updated by the step itself, e.g. MoE routing biases ({moe.BIAS_COLLECTION: ...});
+  # {} for most models. Checkpointed with the rest.
+  model_state: Any = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -47,7 +51,7 @@ class Setup:
   batch_sharding: jax.sharding.NamedSharding
   init_state: Any          # jitted rng -> TrainState, created directly in its shardings
   train_step: Any          # jitted (state, batch) -> (state, metrics); state donated
-  eval_step: Any           # jitted (params, batch) -> {'loss_sum', 'weight_sum'}
+  eval_step: Any           # jitted (state, batch) -> {'loss_sum', 'weight_sum'}
 
 
 def cross_entropy(logits_BxTxV, targets_BxT, weights_BxT):
@@ -67,9 +71,11 @@ def _moe_terms(config, aux):
   if not aux:
     return 0.0, {}
   moe = config.model.moe
-  lb, zl = jnp.mean(aux['aux_loss']), jnp.mean(aux['router_z_loss'])
-  extra = moe.aux_loss_coef * lb + moe.router_z_loss_coef * zl
-  stats = {'moe_aux_loss': lb, 'moe_z_loss': zl, 'moe_dropped_frac': jnp.mean(aux['dropped_frac']),
+  lb, zl, sl = jnp.mean(aux['aux_loss']), jnp.mean(aux['router_z_loss']), jnp.mean(aux['seq_aux_loss'])
+  lb_coef = moe.aux_loss_coef if moe_lib.balance_mode(moe) == 'aux_loss' else 0.0
+  extra = lb_coef * lb + moe.seq_aux_loss_coef * sl + moe.router_z_loss_coef * zl
+  stats = {'moe_aux_loss': lb, 'moe_seq_aux_loss': sl, 'moe_z_loss': zl,
+           'moe_dropped_frac': jnp.mean(aux['dropped_frac']),
            'moe_expert_load': jnp.mean(aux['expert_load'], axis=0)}
   return extra, stats
 
@@ -77,14 +83,15 @@ def _moe_terms(config, aux):
 def make_loss_fn(config, model):
   z_coef = config.model.z_loss
 
-  def loss_fn(params, batch, denom):
+  def loss_fn(params, model_state, batch, denom):
     """Loss normalised by `denom` (target tokens in the whole global batch), so micro-batch grads add up."""
-    logits, aux = model.apply({'params': params}, batch['inputs'], batch['positions'], batch['segment_ids'])
+    (logits, aux), loads = model.apply({'params': params, **model_state}, batch['inputs'], batch['positions'],
+                                       batch['segment_ids'], mutable=[moe_lib.LOAD_COLLECTION])
     ce_sum, z_sum = cross_entropy(logits, batch['targets'], batch['weights'])
     moe_extra, moe_stats = _moe_terms(config, aux)
     n_micro = config.train.grad_accum
     loss = (ce_sum + z_coef * z_sum) / denom + moe_extra / n_micro
-    return loss, {'ce_sum': ce_sum, **moe_stats}
+    return loss, {'ce_sum': ce_sum, **moe_stats, 'moe_loads': dict(loads)}
 
   return loss_fn
 
@@ -105,32 +112,35 @@ def make_train_step(config, model, tx, schedule, batch_sharding):
   def train_step(state: TrainState, batch):
     denom = jnp.maximum(jnp.sum(batch['weights']), 1.0)
     if n_micro == 1:
-      (_, aux), grads = grad_fn(state.params, batch, denom)
+      (_, aux), grads = grad_fn(state.params, state.model_state, batch, denom)
     else:
       micro = _microbatches(batch, n_micro)
 
       def body(acc, mb):
         mb = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, batch_sharding), mb)
-        (_, aux), g = grad_fn(state.params, mb, denom)
+        (_, aux), g = grad_fn(state.params, state.model_state, mb, denom)
         return jax.tree.map(jnp.add, acc, (g, aux)), None
 
       zero_g = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-      zero_aux = jax.eval_shape(lambda: grad_fn(state.params, jax.tree.map(lambda x: x[0], micro), denom)[0][1])
+      zero_aux = jax.eval_shape(
+          lambda: grad_fn(state.params, state.model_state, jax.tree.map(lambda x: x[0], micro), denom)[0][1])
       zero_aux = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero_aux)
       (grads, aux), _ = jax.lax.scan(body, (zero_g, zero_aux), micro)
-      aux = {k: (v if k == 'ce_sum' else v / n_micro) for k, v in aux.items()}
+      aux = {k: (v if k == 'ce_sum' else jax.tree.map(lambda a: a / n_micro, v)) for k, v in aux.items()}
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    model_state = moe_lib.update_bias(config.model.moe, state.model_state, aux.pop('moe_loads'))
     metrics = {'loss': aux.pop('ce_sum') / denom, 'grad_norm': grad_norm, 'lr': schedule(state.step), **aux}
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state, model_state=model_state), metrics
 
   return train_step
 
 
 def make_eval_step(config, model):
-  def eval_step(params, batch):
-    logits, _ = model.apply({'params': params}, batch['inputs'], batch['positions'], batch['segment_ids'])
+  def eval_step(state, batch):
+    logits, _ = model.apply({'params': state.params, **state.model_state}, batch['inputs'], batch['positions'],
+                            batch['segment_ids'])
     ce_sum, _ = cross_entropy(logits, batch['targets'], batch['weights'])
     return {'loss_sum': ce_sum, 'weight_sum': jnp.sum(batch['weights'])}
   return eval_step
@@ -203,13 +213,18 @@ def build(config, mesh) -> Setup:
   rules = sharding.logical_rules(config)
   resolve_platform(config, mesh)
   check_config(config, sharding.batch_axis_size(mesh, rules))
+  if config.model.moe.num_experts > 0:
+    moe_lib.check(config.model.moe)
   model = model_lib.make_model(config.model)
   tx, schedule = optim.make_optimizer(config.optim, config.train.steps, config.model)
   seq_len = config.data.seq_len
 
   def init_boxed(rng):
-    params = model.init(rng, jnp.zeros((1, seq_len), jnp.int32))['params']
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+    variables = model.init(rng, jnp.zeros((1, seq_len), jnp.int32))
+    params = variables['params']
+    model_state = {k: v for k, v in variables.items() if k == moe_lib.BIAS_COLLECTION}
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      model_state=model_state)
 
   with nn.logical_axis_rules(rules):
     abstract_boxed = jax.eval_shape(init_boxed, jax.random.PRNGKey(0))
@@ -232,8 +247,7 @@ def build(config, mesh) -> Setup:
   step_fn = make_train_step(config, model, tx, schedule, batch_shard)
   train_step = jax.jit(with_context(step_fn), in_shardings=(state_shardings, batch_shardings),
                        out_shardings=(state_shardings, None), donate_argnums=(0,))
-  eval_step = jax.jit(with_context(make_eval_step(config, model)),
-                      in_shardings=(state_shardings.params, batch_shardings))
+  eval_step = jax.jit(with_context(make_eval_step(config, model)), in_shardings=(state_shardings, batch_shardings))
   return Setup(config=config, mesh=mesh, rules=rules, model=model, tx=tx, schedule=schedule,
                state_shardings=state_shardings, abstract_state=abstract_state, batch_sharding=batch_shard,
                init_state=init_state, train_step=train_step, eval_step=eval_step)
