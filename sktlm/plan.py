@@ -147,6 +147,8 @@ def jaxpr_matmul_flops(jaxpr) -> float:
       total += 2.0 * math.sqrt(math.prod(a) * math.prod(b) * math.prod(out) / g[0])
     elif name == 'cond':
       total += max(jaxpr_matmul_flops(b.jaxpr) for b in eqn.params['branches'])
+    elif name == 'shard_map':  # the body's shapes are per device (e.g. MoE dropless_ep)
+      total += jaxpr_matmul_flops(eqn.params['jaxpr']) * eqn.params['mesh'].size
     else:
       inner = sum(jaxpr_matmul_flops(j) for j in _sub_jaxprs(eqn))
       total += inner * (eqn.params['length'] if name == 'scan' else 1)
