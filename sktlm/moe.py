@@ -93,10 +93,8 @@ def update_bias(moe, model_state, loads):
 def _ep_axes(batch_size: int):
   """(mesh, batch mesh axes, expert mesh axes) when tracing under a mesh with an expert axis > 1, else None
   (also when the batch does not split over the batch mesh axes, e.g. one row: plain dropless, same math)."""
-  mesh = layers.current_mesh()
-  if mesh is None:
-    abstract = jax.sharding.get_abstract_mesh()
-    mesh = None if abstract.empty else abstract
+  mesh = jax.sharding.get_abstract_mesh()  # set by sharding.activation_context (or jax.set_mesh)
+  mesh = None if mesh.empty else mesh
   rules = nn.get_logical_axis_rules()
   if mesh is None or not rules:
     return None
