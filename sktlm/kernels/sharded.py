@@ -57,6 +57,10 @@ def pad_rows(T: int, tile: int, *xs_BxTx_, segment_ids_BxT):
 
 
 def context_mesh():
-  """The mesh of the step being traced (set by train.build), or None outside one."""
-  from sktlm import layers  # the sharding context's current home
-  return layers.current_mesh()
+  """The mesh of the step being traced: jax's abstract-mesh context, else sktlm's activation mesh, else None."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if not mesh.empty:
+    return mesh
+  from sktlm import layers  # the activation mesh's home before the mesh became jax's context
+  current = getattr(layers, 'current_mesh', None)
+  return current() if current else None
