@@ -50,6 +50,7 @@ def build(size: str, args, devices):
   config = configs.load_config(os.path.join(ROOT, f'experiments/lm.py:size={size}'), {
       'model.vocab_size': args.vocab_size, 'model.dtype': args.dtype, 'model.remat': args.remat,
       'data.seq_len': args.seq_len, 'train.batch_size': args.batch * len(devices), **mesh_over,
+      **({'model.attention_block': args.attention_block} if args.attention_block else {}),
       **dict(kv.split('=', 1) for kv in args.set)})
   mesh = sharding.make_mesh(config.mesh, devices)
   setup = train.build(config, mesh)
@@ -98,6 +99,8 @@ def main():
   p.add_argument('--mean_doc', type=int, default=512, help='mean document length in a packed row')
   p.add_argument('--mesh', default='fsdp', choices=['fsdp', 'data'], help='the axis spanning all devices')
   p.add_argument('--remat', default='none')
+  p.add_argument('--attention_block', type=int, default=0,
+                 help="model.attention_block; 0: 512 on TPU (splash's tile, MaxText's default), else the config's")
   p.add_argument('--steps', type=int, default=10, help='timed steps per round')
   p.add_argument('--repeats', type=int, default=3, help='timing rounds, interleaving the sizes')
   p.add_argument('--peak_tflops', type=float, default=0.0, help='peak per device (default: the chip table)')
@@ -110,6 +113,7 @@ def main():
   args.batch = args.batch or (2 if cpu else 8)
   args.vocab_size = args.vocab_size or (384 if cpu else 32768)
   args.mean_doc = min(args.mean_doc, args.seq_len // 2)
+  args.attention_block = args.attention_block or (512 if devices[0].platform == 'tpu' else 0)
   peak, peak_src = peak_per_device(args, devices[0])
   print(f'devices: {len(devices)} x {devices[0].device_kind} ({devices[0].platform}); peak used: '
         + (f'{peak / 1e12:,.1f} TFLOP/s per device ({peak_src})' if not cpu else
