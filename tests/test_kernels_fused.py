@@ -9,13 +9,15 @@ softmax and accumulation inside the kernels) to 3e-2 of it, against the float32 
 Negative control: the same comparison with segment ids dropped (one document per row) must fail by far.
 """
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sktlm import attention, layers, sharding
+from sktlm import attention, base_config, kernels, sharding, train
 from sktlm.kernels import gpu, sharded, tpu
 
 KERNELS = {
@@ -50,7 +52,7 @@ def value_and_grads(fn, q, k, v, seg, dout):
 
 
 def dense(q, k, v, seg):
-  return attention.causal_attention(q, k, v, seg, impl='dense')
+  return attention.dense(q, k, v, seg)
 
 
 def kernel_fn(name):
@@ -86,15 +88,8 @@ def test_kernel_matches_dense_float32_and_bfloat16(name, heads):
   assert min(rel_errors(ignored[:1], want[:1])) > 1e-1, rel_errors(ignored, want)
 
 
-def mesh_context(kind, mesh):
-  """The two ways a traced step names its mesh: jax's abstract-mesh context, or sktlm's activation mesh."""
-  if kind == 'abstract':
-    return jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
-  return layers.activation_mesh(mesh)
-
-
-@pytest.mark.parametrize('name, context', [('tpu', 'abstract'), ('gpu', 'activation')])
-def test_kernel_on_a_mesh_splits_rows_and_heads(name, context):
+@pytest.mark.parametrize('name', ['tpu', 'gpu'])
+def test_kernel_on_a_mesh_splits_rows_and_heads(name):
   """Under the model's mesh and rules the kernel runs per device on its rows and heads (shard_map) and gives the
   same values and gradients as dense attention on the whole batch."""
   _, T, _ = KERNELS[name]
@@ -109,7 +104,7 @@ def test_kernel_on_a_mesh_splits_rows_and_heads(name, context):
     assert sharded.specs(mesh, B, H, 1)[:2] == (jax.sharding.PartitionSpec('data', None, None, None),) * 2
 
   def fn(q, k, v, seg):
-    with mesh_context(context, mesh), nn.logical_axis_rules(rules):
+    with sharding.activation_context(mesh, rules):  # as train.build traces the step
       return kernel_fn(name)(q, k, v, seg)
   # the step's inputs live on the mesh (as train.build's shardings put them); here replicated
   on_mesh = [jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
@@ -126,3 +121,41 @@ def test_tile_sizes():
   assert tpu.tile_size(512, 200) == 256  # at most the padded row
   assert [gpu.tile_size(b, 4096) for b in (0, 8, 64, 100, 512)] == [128, 16, 64, 128, 128]
   assert gpu.tile_size(64, 50) == 64
+
+
+@pytest.mark.parametrize('name', ['tpu', pytest.param('gpu', marks=pytest.mark.slow)])
+def test_model_kernels_setting_reaches_the_fused_kernel(name, monkeypatch):
+  """`model.kernels=tpu|gpu` resolves (train.build) to splash | flash, the real train step on a 4-device mesh
+  (rows over data, heads over tensor) calls the Pallas kernel, and loss and gradient norm equal the plain
+  kernels'. On CPU the kernel runs in Pallas' interpreter: the same function with interpret=True."""
+  module = KERNELS[name][0]
+  monkeypatch.setattr(module, 'causal_attention', functools.partial(module.causal_attention, interpret=True))
+  kernels._ops.cache_clear()  # the registry caches looked-up functions; look the patched one up
+
+  def step(kernel_set):
+    config = base_config.get_config('pico')
+    config.model.update(dict(vocab_size=384, d_model=32, n_heads=4, n_kv_heads=2, d_ff=48, attention_block=16,
+                             kernels=kernel_set))
+    config.data.seq_len, config.train.batch_size = 64, 4
+    config.mesh.update(dict(data=2, fsdp=1, expert=1, tensor=2))
+    setup = train.build(config, sharding.make_mesh(config.mesh, jax.devices()[:4]))
+    state = setup.init_state(jax.random.PRNGKey(0))
+    seg = segments(64)
+    rng = np.random.default_rng(2)
+    tokens = rng.integers(3, 259, (4, 65)).astype(np.int32)
+    batch = {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:], 'segment_ids': np.concatenate([seg, seg[::-1]]),
+             'positions': np.tile(np.arange(64, dtype=np.int32), (4, 1)), 'weights': np.ones((4, 64), np.float32)}
+    batch = train.device_batch(batch, setup, 4)
+    jaxpr = str(setup.train_step.trace(state, batch).jaxpr)
+    _, metrics = setup.train_step(state, batch)
+    return setup.config.model, jaxpr, {k: float(metrics[k]) for k in ('loss', 'grad_norm')}
+
+  try:
+    fused_cfg, fused_jaxpr, fused = step(name)
+    plain_cfg, plain_jaxpr, plain = step('plain')
+  finally:
+    kernels._ops.cache_clear()
+  assert fused_cfg.attention_impl == kernels.FUSED_ATTENTION[name] and plain_cfg.attention_impl == 'blocked'
+  assert 'pallas_call' in fused_jaxpr and 'pallas_call' not in plain_jaxpr
+  for k in plain:
+    assert fused[k] == pytest.approx(plain[k], rel=1e-5), (k, fused, plain)

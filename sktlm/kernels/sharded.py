@@ -57,10 +57,6 @@ def pad_rows(T: int, tile: int, *xs_BxTx_, segment_ids_BxT):
 
 
 def context_mesh():
-  """The mesh of the step being traced: jax's abstract-mesh context, else sktlm's activation mesh, else None."""
+  """The mesh of the step being traced (sharding.activation_context sets jax's abstract mesh), or None."""
   mesh = jax.sharding.get_abstract_mesh()
-  if not mesh.empty:
-    return mesh
-  from sktlm import layers  # the activation mesh's home before the mesh became jax's context
-  current = getattr(layers, 'current_mesh', None)
-  return current() if current else None
+  return None if mesh.empty else mesh
