@@ -125,7 +125,7 @@ def test_reduced_flagship_compiles_for_v5p():
   assert rep['traced_flops_per_device'] == pytest.approx(rep['analytic_flops_per_device'], rel=0.25)
   # auto resolves for the TPU devices although the host tracing the step is a CPU: a rolled loop, tpu kernels.
   assert config.model.scan_unroll == 1 and config.model.kernels == 'tpu'
-  assert rep['kernels']['attention_impl'] in ('splash', 'blocked')
+  assert rep['kernels']['attention_impl'] == 'splash'
 
 
 def run_cli(*args, env_extra=None):
