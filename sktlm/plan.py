@@ -145,6 +145,8 @@ def jaxpr_matmul_flops(jaxpr) -> float:
       a, b, g = (v.aval.shape for v in eqn.invars[:3])
       out = eqn.outvars[0].aval.shape
       total += 2.0 * math.sqrt(math.prod(a) * math.prod(b) * math.prod(out) / g[0])
+    elif name == 'pallas_call':
+      continue  # a fused kernel's body runs once per grid cell: its matmuls are not counted (see fused_kernels)
     elif name == 'cond':
       total += max(jaxpr_matmul_flops(b.jaxpr) for b in eqn.params['branches'])
     elif name == 'shard_map':  # the body's shapes are per device (e.g. MoE dropless_ep)
@@ -164,6 +166,7 @@ class Compiled:
   xla_flops: float    # per device, cost_analysis (while bodies once)
   traced_flops: float  # global, jaxpr matmuls
   compile_s: float
+  fused_kernels: list  # names of the Pallas (Mosaic) kernels in the compiled step, e.g. splash attention's
 
 
 def compile_step(config, mesh) -> Compiled:
@@ -182,7 +185,14 @@ def compile_step(config, mesh) -> Compiled:
   mem['peak'] = mem['arguments'] + mem['outputs'] - mem['aliased'] + mem['temp'] + mem['code']
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return Compiled(setup, mem, float(cost.get('flops', 0.0)), jaxpr_matmul_flops(traced.jaxpr.jaxpr), dt)
+  return Compiled(setup, mem, float(cost.get('flops', 0.0)), jaxpr_matmul_flops(traced.jaxpr.jaxpr), dt,
+                  fused_kernels(compiled.as_text()))
+
+
+def fused_kernels(hlo_text: str) -> list[str]:
+  """Names of the Pallas kernels a compiled step calls (TPU: Mosaic `tpu_custom_call`s, e.g.
+  splash_mha_fwd_segmented_residuals), so a plan shows that it compiled the fused attention."""
+  return sorted(set(re.findall(r'\b(splash_m[hq]a_\w+|mha_(?:forward|backward))\b', hlo_text)))
 
 
 def make_mesh(config, target: Target):
@@ -214,7 +224,8 @@ def plan(config, target: Target, mfu: float = 0.4, compile: bool = True) -> dict
     c = compile_step(config, mesh)
     rep['state_bytes'] = state_bytes(c.setup.abstract_state)
     rep.update(memory=c.memory, xla_flops_per_device=c.xla_flops,
-               traced_flops_per_device=c.traced_flops / n_dev, compile_s=c.compile_s)
+               traced_flops_per_device=c.traced_flops / n_dev, compile_s=c.compile_s,
+               fused_kernels=c.fused_kernels)
   else:
     setup = train.build(config, mesh)
     rep['state_bytes'] = state_bytes(setup.abstract_state)
@@ -289,14 +300,18 @@ def format_report(rep: dict, config_name: str = '') -> str:
                f"{_gib(sb['opt_state'])}, grads {_gib(sb['grads'])} (params' shardings)")
   if 'memory' in rep:
     m = rep['memory']
+    unfused = '; not matmuls inside fused kernels' if rep.get('fused_kernels') else ''
     lines.append(f"compiled step ({rep['platform']}, {rep['compile_s']:.0f} s): per device arguments "
                  f"{_gib(m['arguments'])}, outputs {_gib(m['outputs'])} (aliased {_gib(m['aliased'])}), "
                  f"temporaries {_gib(m['temp'])}, code {_gib(m['code'])} -> peak {_gib(m['peak'])}")
     lines.append(f"FLOPs per device per step: analytic (exact) {h(rep['analytic_flops_per_device'])}, traced "
                  f"matmuls {h(rep['traced_flops_per_device'])} "
                  f"({rep['traced_flops_per_device'] / rep['analytic_flops_per_device']:.2f}x; counts remat recompute, "
-                 f"MoE capacity padding, one-hot embeddings), XLA cost_analysis {h(rep['xla_flops_per_device'])} "
+                 f"MoE capacity padding, one-hot embeddings{unfused}), "
+                 f"XLA cost_analysis {h(rep['xla_flops_per_device'])} "
                  "(loop bodies counted once)")
+    if rep.get('fused_kernels'):
+      lines.append(f"fused kernels in the compiled step: {', '.join(rep['fused_kernels'])}")
   if 'fits' in rep:
     frac = rep['memory']['peak'] / rep['hbm_per_device']
     verdict = 'FITS' if rep['fits'] else 'DOES NOT FIT'

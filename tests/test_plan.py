@@ -118,10 +118,14 @@ def test_reduced_flagship_compiles_for_v5p():
   assert len(target.devices) == 4 and target.chip.name == 'v5p'
   rep = plan.plan(config, target)
   assert rep['fits'] and 0 < rep['memory']['peak'] < 95 * plan.GiB
+  # The platform's kernel, compiled ahead of time by libtpu on this CPU host: Mosaic splash attention with
+  # segment ids, forward and both backward kernels.
+  assert [k.split('_segmented')[0] for k in rep['fused_kernels']] == [
+      'splash_mha_dkv', 'splash_mha_dq', 'splash_mha_fwd'], rep['fused_kernels']
   assert rep['traced_flops_per_device'] == pytest.approx(rep['analytic_flops_per_device'], rel=0.25)
   # auto resolves for the TPU devices although the host tracing the step is a CPU: a rolled loop, tpu kernels.
   assert config.model.scan_unroll == 1 and config.model.kernels == 'tpu'
-  assert rep['kernels']['attention_impl'] in ('splash', 'blocked')
+  assert rep['kernels']['attention_impl'] == 'splash'
 
 
 def run_cli(*args, env_extra=None):
