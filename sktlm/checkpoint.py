@@ -2,16 +2,43 @@
 
 One CheckpointManager per run directory (`W/checkpoints`): async saves, keep-last-N, an item `state`
 (the sharded TrainState; restored onto any mesh via the target shardings) and an item `data` (the data
-iterator's JSON state), so a restart continues the exact token stream.
+iterator's JSON state), so a restart continues the exact token stream. A save killed midway leaves a
+`<step>.orbax-checkpoint-tmp*` folder; the next writer removes them (Orbax's cleanup_tmp_directories).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 
 import orbax.checkpoint as ocp
 
 from sktlm.errors import UserError
+
+TMP_MARK = '.orbax-checkpoint-tmp'
+
+
+def steps_on_disk(directory: str) -> list[int]:
+  """Finished checkpoint steps in `directory` from its folder names alone (no Orbax, creates nothing)."""
+  try:
+    return sorted(int(n) for n in os.listdir(directory) if n.isdigit() and os.path.isdir(os.path.join(directory, n)))
+  except OSError:
+    return []
+
+
+def tmp_folders(directory: str) -> list[str]:
+  """Folders of saves that never finished (a kill during an async save)."""
+  try:
+    return sorted(os.path.join(directory, n) for n in os.listdir(directory) if TMP_MARK in n)
+  except OSError:
+    return []
+
+
+def remove_tmp_folders(directory: str) -> list[str]:
+  gone = tmp_folders(directory)
+  for p in gone:
+    shutil.rmtree(p, ignore_errors=True)
+  return gone
 
 
 class Checkpointer:
@@ -23,6 +50,7 @@ class Checkpointer:
         create=not read_only,
         read_only=read_only,
         enable_async_checkpointing=async_save,
+        cleanup_tmp_directories=not read_only,
     )
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=('state', 'data'))
 

@@ -56,6 +56,9 @@ def main(argv: list[str] | None = None):
     fail(cmd, _one_line(e))
   except UserError as e:  # raised by a config file's get_config while flags are parsed
     fail(cmd, str(e))
+  except SyntaxError as e:  # a config file that does not parse
+    from sktlm import configs
+    fail(cmd, configs.syntax_error_line(e))
   except (AttributeError, KeyError, TypeError, ValueError, OSError) as e:  # config_flags errors
     fail(cmd, _override_error(cmd_argv, e))
   logging.use_absl_handler()
