@@ -3,15 +3,13 @@
 One CheckpointManager per run directory (`W/checkpoints`): async saves, keep-last-N, an item `state`
 (the sharded TrainState; restored onto any mesh via the target shardings) and an item `data` (the data
 iterator's JSON state), so a restart continues the exact token stream. A save killed midway leaves a
-`<step>.orbax-checkpoint-tmp*` folder; the next writer removes them (Orbax's cleanup_tmp_directories).
+`<step>.orbax-checkpoint-tmp*` folder; the next writer removes them when it opens the folder.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-
-import orbax.checkpoint as ocp
 
 from sktlm.errors import UserError
 
@@ -44,13 +42,16 @@ def remove_tmp_folders(directory: str) -> list[str]:
 class Checkpointer:
 
   def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True, read_only: bool = False):
+    import jax
+    import orbax.checkpoint as ocp  # here, so the folder helpers above serve jax-free tools (sktlm doctor)
     self.directory = os.path.abspath(directory)
+    if not read_only and jax.process_index() == 0:
+      remove_tmp_folders(self.directory)  # saves killed midway (no save is in flight before this one starts)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep if keep > 0 else None,
         create=not read_only,
         read_only=read_only,
         enable_async_checkpointing=async_save,
-        cleanup_tmp_directories=not read_only,
     )
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=('state', 'data'))
 
@@ -61,12 +62,14 @@ class Checkpointer:
     return self._manager.latest_step()
 
   def save(self, step: int, state, data_state: dict | None, *, force: bool = False) -> bool:
+    import orbax.checkpoint as ocp
     args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                               data=ocp.args.JsonSave(data_state or {}))
     return self._manager.save(step, args=args, force=force)
 
   def restore(self, step: int, abstract_state) -> tuple[object, dict]:
     """Restores `step` into the shapes/dtypes/shardings of `abstract_state` (resharding as needed)."""
+    import orbax.checkpoint as ocp
     args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore())
     try:
       out = self._manager.restore(step, args=args)

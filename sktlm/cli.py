@@ -18,6 +18,7 @@ COMMANDS = {
     'data': 'prepare and inspect datasets',
     'tokenizer': 'train or inspect a SentencePiece tokenizer',
     'coord-check': 'activation size against width under SP and muP (a muP sanity check)',
+    'doctor': 'list (and --fix) inconsistencies in a run or sweep folder',
 }
 
 USAGE = 'usage: sktlm <command> [flags]\n\ncommands:\n' + '\n'.join(

@@ -58,8 +58,12 @@ def write_text(path: str, text: str) -> None:
   _fsync_dir(path)
 
 
+def _default(v):
+  return v.tolist() if hasattr(v, 'tolist') else str(v)
+
+
 def dumps(obj) -> str:
-  return json.dumps(obj, indent=1, sort_keys=True, default=jsonable) + '\n'
+  return json.dumps(obj, indent=1, sort_keys=True, default=_default) + '\n'
 
 
 def write_json(path: str, obj) -> None:

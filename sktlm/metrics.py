@@ -83,11 +83,6 @@ class MetricsWriter:
       self._tb.close()
 
 
-def write_json(path: str, obj) -> None:
-  """Atomic, durable JSON write (sktlm.files.write_json)."""
-  files.write_json(path, obj)
-
-
 class _Attempts:
   """Totals of the earlier attempts of a run, from their metrics.jsonl records."""
 

@@ -36,13 +36,11 @@ _live: dict[int, subprocess.Popen] = {}
 _live_mu = threading.Lock()
 
 
-read_json = files.read_json
-write_json = files.write_json
 LOCK_ENV = 'SKTLM_SWEEP_LOCK'  # tells `sktlm train` which lock to remove if it ends on its own
 
 
 def summary(run_dir: str) -> dict | None:
-  return read_json(os.path.join(run_dir, 'summary.json'))
+  return files.read_json(os.path.join(run_dir, 'summary.json'))
 
 
 def finished(s: dict | None) -> str:
@@ -64,9 +62,9 @@ def run_status(run_dir: str) -> str:
   info = locks.read(lock_path)
   if info is not None and not locks.stale_reason(lock_path, info):
     return 'running'
-  rec = read_json(os.path.join(run_dir, RECORD)) or {}
+  rec = files.read_json(os.path.join(run_dir, RECORD)) or {}
   last = (rec.get('attempts') or [{}])[-1].get('status')
-  return 'pending' if last in (None, 'running') else last
+  return 'pending' if last in (None, 'running', 'done') else last  # done: but its summary is incomplete
 
 
 def log_tail(path: str, n: int = 20, start: int = 0) -> str:
@@ -140,7 +138,7 @@ def run_one(task: dict, stop: threading.Event | None = None) -> dict:
 def _launch(task: dict, lock: locks.RunLock, stop: threading.Event | None) -> dict:
   name, run_dir = task['name'], task['run_dir']
   record_path = os.path.join(run_dir, RECORD)
-  record = read_json(record_path) or {'name': name, 'settings': task.get('settings', {}), 'attempts': []}
+  record = files.read_json(record_path) or {'name': name, 'settings': task.get('settings', {}), 'attempts': []}
   record['command'] = task['cmd']
   log_path = os.path.join(run_dir, LOG)
   env = dict(os.environ, **task.get('env', {}))
@@ -160,7 +158,7 @@ def _launch(task: dict, lock: locks.RunLock, stop: threading.Event | None) -> di
              'status': 'running'}
   record['attempts'].append(attempt)
   lock.set_holder(proc.pid)
-  write_json(record_path, record)
+  files.write_json(record_path, record)
   interrupted = False
   beat = time.time()
   try:
@@ -199,7 +197,7 @@ def _launch(task: dict, lock: locks.RunLock, stop: threading.Event | None) -> di
   else:
     status = 'failed'
   attempt.update(end=time.time(), exit_code=rc, status=status)
-  write_json(record_path, record)
+  files.write_json(record_path, record)
   message = (s or {}).get('message', '') if status != 'done' else ''
   tail = log_tail(log_path, start=offset) if status not in TERMINAL else ''
   return _result(name, status, rc, s, message=message, log_tail=tail)

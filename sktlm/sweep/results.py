@@ -28,10 +28,9 @@ def row(run: PlannedRun, sweep_dir: str, common: dict, state: str = '', last: di
   """state/last: the scheduler's view of a run that did not finish (failed, interrupted, pending)."""
   run_dir = os.path.join(sweep_dir, run.name)
   s = execute.summary(run_dir) or {}
-  record = execute.read_json(os.path.join(run_dir, execute.RECORD)) or {}
+  record = files.read_json(os.path.join(run_dir, execute.RECORD)) or {}
   attempts = record.get('attempts') or []
-  status = execute.finished(s) or (
-      state or (attempts[-1]['status'] if attempts else 'pending'))
+  status = execute.finished(s) or state or execute.run_status(run_dir)
   exit_code = attempts[-1].get('exit_code') if attempts else None
   if last and last.get('exit_code') is not None:
     exit_code = last['exit_code']

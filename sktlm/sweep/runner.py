@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 
+from sktlm import files
 from sktlm.errors import UserError
 from sktlm.sweep import execute, progress, results
 from sktlm.sweep.plan import PlannedRun, fmt_time
@@ -56,7 +57,7 @@ def check_settings(runs: list[PlannedRun], sweep_dir: str, common: dict):
   """Refuses to reuse a run directory that was made with other settings (its results would be stale)."""
   bad = []
   for r in runs:
-    rec = execute.read_json(os.path.join(sweep_dir, r.name, execute.RECORD))
+    rec = files.read_json(os.path.join(sweep_dir, r.name, execute.RECORD))
     want = {**common, **r.settings}
     if rec and rec.get('settings') is not None and _canon(rec['settings']) != _canon(want):
       bad.append(f'{r.name}: {rec["settings"]} -> {want}')
