@@ -129,3 +129,11 @@ def temp_leftovers(folder: str) -> list[str]:
     if pid.isdigit() and not os.path.exists(f'/proc/{pid}'):
       out.append(os.path.join(folder, name))
   return sorted(out)
+
+
+def remove_temp_leftovers(folder: str) -> list[str]:
+  gone = temp_leftovers(folder)
+  for p in gone:
+    with contextlib.suppress(OSError):
+      os.unlink(p)
+  return gone

@@ -130,6 +130,7 @@ def write_run_files(p: Prepared) -> None:
   os.makedirs(p.workdir, exist_ok=True)
   if not p.leader:
     return
+  files.remove_temp_leftovers(p.workdir)  # of writes killed in earlier attempts
   if p.harmless:
     print(f'config changed since the last start (allowed): {"; ".join(p.harmless)}')
   if not os.path.exists(os.path.join(p.workdir, 'tokenizer.json')):

@@ -30,6 +30,7 @@ COMMON = {'config.train.steps': STEPS, 'config.train.checkpoint_every': 3, 'conf
           'config.train.log_every': 1, 'config.metrics.tensorboard': False, 'config.metrics.progress': False,
           'config.metrics.peak_flops': 1e11}
 RUNS = ('seed-1', 'seed-2')
+KILLS = 12
 
 
 def _sweep_file(tmp_path, data_dir):
@@ -102,37 +103,39 @@ def test_random_kill_soak(tmp_path, data_dir):
   kills = {'train': 0, 'sweep': 0, 'both': 0, 'start-up': 0}
   t0 = time.time()
   with open(tmp_path / 'soak.log', 'w') as log:
-    for _ in range(8):
+    sweep = None
+    for _ in range(KILLS):
       todo = [n for n in RUNS if not _done(w / n)]
       if not todo:
         break
-      sweep = _start(sweep_file, w, log)
+      if sweep is None or sweep.poll() is not None:
+        sweep = _start(sweep_file, w, log)
       name = rng.choice(todo)
       run_dir = w / name
       kind = rng.choice(['train', 'sweep', 'both', 'start-up'])
-      target = _step(run_dir) + rng.randint(1, max(1, (STEPS - _step(run_dir)) // 2))
+      target = _step(run_dir) + rng.randint(1, 4)
       pid = None
-      while sweep.poll() is None:  # until the kill point (files), or the sweep ends first
+      while sweep.poll() is None:  # until the kill point (read from the run's files), or the sweep ends
         pid = _train_pid(run_dir, sweep.pid)
         if pid and (kind == 'start-up' or _step(run_dir) >= target):
           break
         time.sleep(0.02)
-      if sweep.poll() is not None:
+      if sweep.poll() is not None or _done(run_dir):
         continue
       if kind in ('train', 'both', 'start-up'):
-        os.kill(pid, signal.SIGKILL)
+        os.kill(pid, signal.SIGKILL)  # a training process: the sweep records it failed and goes on
       if kind in ('sweep', 'both'):
-        sweep.kill()
+        sweep.kill()  # the sweep: its training processes live on as orphans, the next sweep waits for them
+        sweep.wait()
       kills[kind] += 1
-      if kind not in ('sweep', 'both'):
-        sweep.wait(timeout=600)  # the sweep records the killed run and goes on with the other
-      sweep.wait()
+    if sweep is not None and sweep.poll() is None:
+      sweep.wait(timeout=1200)
     sweep = _start(sweep_file, w, log)
     rc = sweep.wait(timeout=1200)
   elapsed = time.time() - t0
   print(f'\nsoak: {sum(kills.values())} kills {kills} in {elapsed:.0f}s (reference sweep not included)')
   assert rc == 0, (tmp_path / 'soak.log').read_text()[-4000:]
-  assert sum(kills.values()) >= 4
+  assert sum(kills.values()) >= 6
 
   rows = list(csv.DictReader(open(w / 'results.csv')))
   assert sorted(r['name'] for r in rows) == sorted(RUNS) and all(r['status'] == 'done' for r in rows)

@@ -83,6 +83,7 @@ def run_sweep(runs: list[PlannedRun], sweep_dir: str, backend, *, common: dict |
   common = common or {}
   sweep_dir = os.path.abspath(sweep_dir)
   os.makedirs(sweep_dir, exist_ok=True)
+  files.remove_temp_leftovers(sweep_dir)  # of results writes killed with an earlier sweep
   check_settings(runs, sweep_dir, common)
   if hasattr(backend, 'check'):
     backend.check(runs)
