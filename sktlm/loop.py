@@ -207,8 +207,8 @@ class Trainer:
 
   def compile(self) -> None:
     t0 = time.time()
-    self.compiled = self.p.setup.train_step.lower(self.state, train.abstract_batch(self.p.config, self.p.setup)) \
-        .compile()
+    batch = train.abstract_batch(self.p.config, self.p.setup)
+    self.compiled = self.p.setup.train_step.lower(self.state, batch).compile()
     self.compile_s = time.time() - t0
     self.stats.restart_window(self.step)  # compile time is not training time
 

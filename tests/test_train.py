@@ -195,13 +195,20 @@ def test_restore_onto_a_different_mesh(data_dir, tmp_path):
 
 
 def test_non_finite_loss_stops_with_a_clear_error(data_dir, tmp_path):
-  r = run_cli(*train_args(data_dir, tmp_path, 40, **{'optim.peak_lr': 1e30, 'optim.warmup_steps': 0,
-                                                     'optim.clip_norm': 0.0, 'optim.weight_decay': 0.0}))
+  # Issue 14's case: a huge learning rate and a checkpoint every step. The kept checkpoint must be finite
+  # (it used to hold the state after the step that went non-finite, every float tensor NaN).
+  r = run_cli(*train_args(data_dir, tmp_path, 40, **{'optim.peak_lr': 1e6, 'optim.warmup_steps': 0,
+                                                     'optim.clip_norm': 0.0, 'optim.weight_decay': 0.0,
+                                                     'train.checkpoint_every': 1}))
   assert r.returncode == 2
   line = r.stderr.strip().splitlines()[-1]
-  assert 'loss is not finite' in line and 'at step' in line and 'Traceback' not in r.stderr
+  assert 'not finite' in line and 'at step' in line and 'Traceback' not in r.stderr
   summary = json.loads((tmp_path / 'summary.json').read_text())
   assert summary['status'] == 'diverged'
+  kept = int(summary['message'].rsplit('last good checkpoint kept: step ', 1)[1])
+  state, _ = final_params(str(tmp_path), kept)
+  floats = [np.asarray(x) for x in jax.tree.leaves(state) if np.asarray(x).dtype.kind == 'f']
+  assert floats and all(np.isfinite(x).all() for x in floats)
 
 
 @pytest.mark.parametrize('args, expect', [
