@@ -20,8 +20,8 @@ from sktlm.sweep.plan import PlannedRun
 COLUMNS = ['name', 'overrides', 'status', 'exit_code', 'n_params_total', 'n_params_non_embedding',
            'n_params_active', 'tokens', 'flops_6n', 'flops_exact', 'final_train_loss', 'final_eval_loss',
            'best_eval_loss', 'wall_time_s', 'tokens_per_s', 'mfu', 'workdir', 'log_tail']
-EXTRA = ['size', 'n_params_active_non_embedding', 'steps', 'batch_size', 'seq_len', 'parent', 'parent_step',
-         'config', 'message']
+EXTRA = ['flops_executed', 'size', 'n_params_active_non_embedding', 'steps', 'batch_size', 'seq_len', 'parent',
+         'parent_step', 'config', 'message']
 
 
 def row(run: PlannedRun, sweep_dir: str, common: dict, state: str = '', last: dict | None = None) -> dict:
@@ -58,6 +58,7 @@ def row(run: PlannedRun, sweep_dir: str, common: dict, state: str = '', last: di
       'mfu': s.get('mfu'),
       'workdir': run.name,
       'log_tail': tail,
+      'flops_executed': fl.get('executed'),
       'size': run.size,
       'n_params_active_non_embedding': params.get('active_non_embedding'),
       'steps': s.get('step', run.steps) if s else run.steps,
