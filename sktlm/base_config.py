@@ -81,6 +81,7 @@ def get_config(size: str = 'tiny') -> ml_collections.ConfigDict:
       tokenizer='bytes',    # bytes | path to a SentencePiece .model
       seq_len=256,
       num_workers=0,        # grain worker processes (0: in-process)
+      strict=False,         # text_files: fail the build on a skipped file/line instead of counting it
   ))
 
   config.train = ml_collections.ConfigDict(dict(
@@ -95,6 +96,10 @@ def get_config(size: str = 'tiny') -> ml_collections.ConfigDict:
       async_checkpoint=True,
       init_from='',           # workdir of another run: start from its checkpoint (e.g. WSD decay branch)
       init_step=-1,           # which step of init_from (-1: latest)
+      spike_factor=0.0,       # loss-spike policy (0: off): a step loss above factor x the mean of the last
+                              # spike_window step losses rolls back to the last checkpoint, skipping the batches
+      spike_window=50,        # step losses in the running window (the check starts once it is full)
+      spike_max_rollbacks=3,  # more spikes than this in one attempt stop the run as diverged
   ))
 
   config.optim = ml_collections.ConfigDict(dict(

@@ -18,6 +18,7 @@ COMMANDS = {
     'data': 'prepare and inspect datasets',
     'tokenizer': 'train or inspect a SentencePiece tokenizer',
     'coord-check': 'activation size against width under SP and muP (a muP sanity check)',
+    'doctor': 'list (and --fix) inconsistencies in a run or sweep folder',
 }
 
 USAGE = 'usage: sktlm <command> [flags]\n\ncommands:\n' + '\n'.join(
@@ -56,6 +57,9 @@ def main(argv: list[str] | None = None):
     fail(cmd, _one_line(e))
   except UserError as e:  # raised by a config file's get_config while flags are parsed
     fail(cmd, str(e))
+  except SyntaxError as e:  # a config file that does not parse
+    from sktlm import configs
+    fail(cmd, configs.syntax_error_line(e))
   except (AttributeError, KeyError, TypeError, ValueError, OSError) as e:  # config_flags errors
     fail(cmd, _override_error(cmd_argv, e))
   logging.use_absl_handler()

@@ -54,8 +54,15 @@ def _import_file(path: str):
   name = '_sktlm_config_' + os.path.splitext(os.path.basename(path))[0]
   spec = importlib.util.spec_from_file_location(name, path)
   module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  try:
+    spec.loader.exec_module(module)
+  except SyntaxError as e:
+    raise UserError(syntax_error_line(e)) from None
   return module
+
+
+def syntax_error_line(e: SyntaxError) -> str:
+  return f'{e.filename}:{e.lineno}: syntax error: {e.msg}'
 
 
 def load_config(spec: str, overrides: dict[str, Any] | None = None) -> ml_collections.ConfigDict:

@@ -104,6 +104,11 @@ def _microbatches(batch, n: int):
   return jax.tree.map(split, batch)
 
 
+def all_finite(*trees) -> jax.Array:
+  """One boolean: every element of every array is finite (the loop never saves a state where it is not)."""
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(trees)]))
+
+
 def make_train_step(config, model, tx, schedule, batch_sharding):
   loss_fn = make_loss_fn(config, model)
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -131,7 +136,8 @@ def make_train_step(config, model, tx, schedule, batch_sharding):
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     model_state = moe_lib.update_bias(config.model.moe, state.model_state, aux.pop('moe_loads'))
-    metrics = {'loss': aux.pop('ce_sum') / denom, 'grad_norm': grad_norm, 'lr': schedule(state.step), **aux}
+    metrics = {'loss': aux.pop('ce_sum') / denom, 'grad_norm': grad_norm, 'lr': schedule(state.step), **aux,
+               'finite': all_finite(grad_norm, params)}
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state, model_state=model_state), metrics
 
   return train_step

@@ -121,7 +121,7 @@ def test_text_files_bad_input(tmp_path):
     sources.get_source(_cfg(ddir, name='text_files', path=str(junk)))
   jl = tmp_path / 'x.jsonl'
   jl.write_text('{"body": "hello"}\n')
-  with pytest.raises(UserError, match="text field not found.*'text'.*body"):
+  with pytest.raises(UserError, match="no valid text.*no field 'text'.*fields: body"):
     sources.get_source(_cfg(ddir, name='text_files', path=str(jl)))
 
 

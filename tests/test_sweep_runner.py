@@ -49,6 +49,11 @@ for step in range(start + 1, steps + 1):
   os.replace(ck + '.tmp', ck)
   if stop:
     sys.exit(143)
+  if step == int(os.environ.get('FAKE_PAUSE_AT', '0')):  # stay at this step until signalled: tests sync on
+    open(os.path.join(wd, 'paused'), 'w').close()         # the 'paused' file, never on timing
+    while not stop:
+      time.sleep(0.01)
+    sys.exit(143)
 loss = 3.0 + seed / 100
 summary = dict(status='done', message='', step=steps, steps=steps, tokens=steps * 64, final_train_loss=loss,
                final_eval_loss=loss + 0.1, best_eval_loss=loss + 0.05, wall_time_s=time.time() - t0,
@@ -243,11 +248,13 @@ def test_ray_backend_on_a_local_cluster(tmp_path, fake):
 def test_ctrl_c_stops_runs_cleanly_and_rerun_resumes(tmp_path, fake):
   s = write_sweep(tmp_path, [1, 2], steps=60)
   w = tmp_path / 'w'
-  env = dict(os.environ, FAKE_STEP_S='0.05')
+  # Both runs hold at step 3 until signalled (they write 'paused'), so the SIGINT always finds them running.
+  env = dict(os.environ, FAKE_STEP_S='0.01', FAKE_PAUSE_AT='3')
   sweep = subprocess.Popen(sweep_cmd(s, w, fake, '--parallel=2'), cwd=ROOT, env=env, stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True)
   try:
-    _wait_for(lambda: _ckpt_step(w / 'seed-1_steps-60') >= 3 and _ckpt_step(w / 'seed-2_steps-60') >= 3)
+    _wait_for(lambda: (w / 'seed-1_steps-60' / 'paused').exists() and (w / 'seed-2_steps-60' / 'paused').exists(),
+              timeout=120)
     sweep.send_signal(signal.SIGINT)
     out, _ = sweep.communicate(timeout=30)
   finally:
@@ -265,3 +272,59 @@ def test_ctrl_c_stops_runs_cleanly_and_rerun_resumes(tmp_path, fake):
   for n in ('seed-1_steps-60', 'seed-2_steps-60'):
     starts = [int(x[1]) for x in launches(w / n)]
     assert len(starts) == 2 and starts[1] >= 3
+
+
+def test_done_without_losses_is_relaunched_not_counted(tmp_path, fake):
+  """A summary that says done without its losses (what a kill between the final checkpoint and the summary
+  used to leave) is not a result: status and the runner agree (one rule), and the rerun completes it."""
+  s = write_sweep(tmp_path, [1], steps=5)
+  w = tmp_path / 'w'
+  assert run_cli(*sweep_cmd(s, w, fake)).returncode == 0
+  run = w / 'seed-1_steps-5'
+  summary = json.load(open(run / 'summary.json'))
+  for k in ('final_train_loss', 'final_eval_loss', 'best_eval_loss'):
+    summary.pop(k)
+  (run / 'summary.json').write_text(json.dumps(summary))
+  p = run_cli(*sweep_cmd(s, w, fake, '--status'))
+  assert p.returncode == 0 and 'done' not in p.stdout.split('seed-1_steps-5', 1)[1].split()[0], p.stdout
+  p = run_cli(*sweep_cmd(s, w, fake))
+  assert p.returncode == 0, p.stdout + p.stderr
+  assert len(launches(run)) == 2  # relaunched; the fake resumes at its last step and writes the summary
+  row = read_csv(w / 'results.csv')[0]
+  assert row['status'] == 'done' and float(row['final_train_loss']) == pytest.approx(3.01)
+
+
+RAY_SOCKETS = r'''
+import json, os, sys
+import psutil
+from sktlm.sweep.ray_backend import RayBackend
+RayBackend('', 0, 1, log=lambda *a: None)
+import ray
+from ray._common.usage import usage_lib
+me = psutil.Process()
+procs = [me] + me.children(recursive=True)
+names = {p.pid: p.name() for p in procs}
+listen = [(c.laddr.ip, c.laddr.port, names[c.pid]) for c in psutil.net_connections(kind='inet')
+          if c.status == psutil.CONN_LISTEN and c.pid in names]
+print(json.dumps({'listen': listen, 'usage_stats': usage_lib.usage_stats_enabled(),
+                  'env': os.environ.get('RAY_USAGE_STATS_ENABLED')}))
+ray.shutdown()
+'''
+
+
+@pytest.mark.slow
+def test_local_ray_cluster_listens_on_loopback_only_without_telemetry(tmp_path):
+  """Every listening socket of the processes of the local cluster `--backend=ray` starts is on the loopback
+  interface (before: gcs_server, raylet, agents and workers on 0.0.0.0 / :: and the external address), and
+  usage-stats telemetry is off before ray.init."""
+  pytest.importorskip('ray')
+  pytest.importorskip('psutil')
+  script = tmp_path / 'sockets.py'
+  script.write_text(RAY_SOCKETS)
+  p = run_cli(sys.executable, str(script), timeout=300)
+  assert p.returncode == 0, p.stderr[-3000:]
+  out = json.loads(p.stdout.strip().splitlines()[-1])
+  names = {name for _, _, name in out['listen']}
+  assert {'gcs_server', 'raylet'} <= names, out  # the servers were seen, so the check below means something
+  assert all(ip in ('127.0.0.1', '::1', '::ffff:127.0.0.1') for ip, _, _ in out['listen']), out['listen']
+  assert out['usage_stats'] is False and out['env'] == '0'

@@ -9,6 +9,8 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'experiment config file[:arg] (uses config.data)',
                                           lock_config=True)
+_STRICT = flags.DEFINE_bool('strict', None, 'fail the build if any file or .jsonl line would be skipped '
+                            '(default: config.data.strict; skipped input is counted and reported)')
 _DATA_DIR = flags.DEFINE_string('data_dir', None, 'TFDS data dir (default: config.data.data_dir, '
                                 '$SKTLM_DATA_DIR or ~/.cache/sktlm/tfds)')
 
@@ -23,6 +25,9 @@ def _data_config(name: str | None):
     data_cfg.name = name
   if _DATA_DIR.value is not None:
     data_cfg.data_dir = _DATA_DIR.value
+  if _STRICT.value is not None:
+    with data_cfg.unlocked():
+      data_cfg.strict = _STRICT.value
   return data_cfg
 
 

@@ -26,6 +26,8 @@ _FLOPS = flags.DEFINE_enum('flops', 'exact', ['exact', '6n'], 'FLOP convention o
                             '(exact: model FLOPs, as `sktlm scaling` and MFU; see sktlm/flops.py)')
 _TRAIN_COMMAND = flags.DEFINE_string('train_command', '', "command that trains one run (default: this "
                                      "python's `-m sktlm.cli train`); run flags are appended")
+_LOCK_TIMEOUT = flags.DEFINE_float('lock_timeout', 0.0, 'seconds to wait for a run locked by another live '
+                                   'process before recording it as locked (0: as long as that process lives)')
 _STATUS = flags.DEFINE_bool('status', False, 'print the status table of --workdir and exit (starts nothing)')
 
 
@@ -47,12 +49,16 @@ def main(argv):
   from sktlm.sweep import progress, runner
   if _STATUS.value:
     import os
-    views = [progress.run_view(r.name, _disk_status(os.path.join(_WORKDIR.value, r.name)), r.steps,
+
+    from sktlm.sweep import execute
+    views = [progress.run_view(r.name, execute.run_status(os.path.join(_WORKDIR.value, r.name)), r.steps,
                                os.path.join(_WORKDIR.value, r.name), None) for r in runs]
     progress.Display(tty=False).final(views, f'sweep {_WORKDIR.value}')
     return 0
   if _PARALLEL.value < 0:
     raise UserError('--parallel must be >= 0')
+  if _LOCK_TIMEOUT.value < 0:
+    raise UserError('--lock_timeout must be >= 0')
   if _BACKEND.value == 'ray':
     from sktlm.sweep.ray_backend import RayBackend
     backend = RayBackend(_RAY_ADDRESS.value, _PARALLEL.value, _RAY_NUM_CPUS.value or None)
@@ -61,22 +67,10 @@ def main(argv):
   train_cmd = shlex.split(_TRAIN_COMMAND.value) if _TRAIN_COMMAND.value else None
   signal.signal(signal.SIGTERM, _raise_interrupt)
   rows = runner.run_sweep(runs, _WORKDIR.value, backend, common=sd.common, train_cmd=train_cmd,
-                          retry_failed=_RETRY_FAILED.value)
+                          retry_failed=_RETRY_FAILED.value, lock_timeout_s=_LOCK_TIMEOUT.value)
   bad = [r for r in rows if r['status'] != 'done']
   print(f'results: {_WORKDIR.value}/results.csv ({len(rows) - len(bad)} of {len(rows)} runs done)')
   return 1 if bad else 0
-
-
-def _disk_status(run_dir: str) -> str:
-  from sktlm.sweep import execute, locks
-  s = execute.summary(run_dir) or {}
-  if s.get('status') in execute.TERMINAL:
-    return s['status']
-  lock = locks.read(f'{run_dir}/{execute.LOCK}')
-  if lock is not None and not locks.is_stale(lock):
-    return 'running'
-  rec = execute.read_json(f'{run_dir}/{execute.RECORD}') or {}
-  return (rec.get('attempts') or [{}])[-1].get('status', 'pending')
 
 
 def _raise_interrupt(signum, frame):

@@ -17,5 +17,14 @@ def main(argv):
     raise UserError('--workdir is required')
   from sktlm import hostmem
   hostmem.tune_malloc()  # before jax starts its threads
+  import os
+
   from sktlm import loop
-  return loop.run(_CONFIG.value, _WORKDIR.value)
+  from sktlm.sweep import locks
+  try:
+    return loop.run(_CONFIG.value, _WORKDIR.value)
+  finally:
+    # Started by a sweep that may be gone (killed): the run's lock names this process; release it.
+    lock = os.environ.get('SKTLM_SWEEP_LOCK')
+    if lock:
+      locks.release_if_held_by(lock, os.getpid())

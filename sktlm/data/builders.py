@@ -3,10 +3,16 @@
 Both write array_record (read back with tfds.data_source, no TensorFlow) with features
 {'text': Text, 'path': Text}, and split train/validation by a hash of each document's relative path
 (plus line/paragraph number inside a single file), so the split never depends on file order or count.
+
+Input that cannot be a document (a file that is not UTF-8 or is binary; a .jsonl line that is not JSON,
+not an object, or has no string text field) is skipped and counted by reason (`Skips`); the builder keeps
+the count in `skip_report` (sources.py stores it as skipped.json beside the dataset and prints it), or,
+with strict=True, fails before writing anything.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import glob
 import hashlib
@@ -66,6 +72,38 @@ def stdlib_config_name() -> str:
   return f'py{v.major}_{v.minor}_{v.micro}'
 
 
+class Skips:
+  """Skipped files and .jsonl lines, counted by reason, with the first few places named."""
+
+  def __init__(self):
+    self.files: collections.Counter = collections.Counter()
+    self.lines: collections.Counter = collections.Counter()
+    self.examples: list[str] = []
+
+  def add(self, kind: str, reason: str, where: str) -> None:
+    (self.files if kind == 'file' else self.lines)[reason] += 1
+    if len(self.examples) < 5:
+      self.examples.append(f'{where}: {reason}')
+
+  def __bool__(self):
+    return bool(self.files or self.lines)
+
+  def report(self) -> dict:
+    return {'files': dict(self.files), 'lines': dict(self.lines), 'examples': self.examples,
+            'summary': self.describe()}
+
+  def describe(self) -> str:
+    parts = []
+    for name, c in (('files', self.files), ('.jsonl lines', self.lines)):
+      if c:
+        parts.append(f'{sum(c.values())} {name} (' + ', '.join(f'{n} {r}' for r, n in sorted(c.items())) + ')')
+    return ' and '.join(parts) + (f'; first: {"; ".join(self.examples[:3])}' if self.examples else '')
+
+
+class StrictSkip(ValueError):
+  """strict=True and some input would be skipped."""
+
+
 class SktlmStdlib(tfds.core.GeneratorBasedBuilder):
   """The running interpreter's standard library .py files, one document per file.
 
@@ -77,6 +115,11 @@ class SktlmStdlib(tfds.core.GeneratorBasedBuilder):
   RELEASE_NOTES = {'1.0.0': 'One document per stdlib .py file; 5% validation by path hash.'}
   BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=stdlib_config_name(),
                                              description=f'Python {sys.version.split()[0]} stdlib')]
+
+  def __init__(self, *args, **kwargs):
+    super().__init__(*args, **kwargs)
+    self.skips = Skips()
+    self.skip_report = self.skips.report()
 
   def _info(self):
     return tfds.core.DatasetInfo(
@@ -98,6 +141,8 @@ class SktlmStdlib(tfds.core.GeneratorBasedBuilder):
       try:
         text = data.decode('utf-8')
       except UnicodeDecodeError:
+        self.skips.add('file', 'not UTF-8', rel)
+        self.skip_report = self.skips.report()
         continue
       if text.strip():
         yield rel, {'text': text, 'path': rel}
@@ -113,6 +158,7 @@ class TextFilesConfig(tfds.core.BuilderConfig):
   root: str = ''
   text_field: str = 'text'
   single_file: bool = False
+  strict: bool = False     # not part of the name: it changes whether a build fails, not what it holds
 
 
 def text_files_list(path: str) -> tuple[list[str], str]:
@@ -132,7 +178,7 @@ def text_files_list(path: str) -> tuple[list[str], str]:
   return sorted(os.path.abspath(f) for f in files), os.path.abspath(root)
 
 
-def text_files_config(path: str, text_field: str) -> TextFilesConfig:
+def text_files_config(path: str, text_field: str, strict: bool = False) -> TextFilesConfig:
   files, root = text_files_list(path)
   single = len(files) == 1 and os.path.isfile(os.path.expanduser(path))
   h = hashlib.sha256(json.dumps([text_field, single, root]).encode())
@@ -140,19 +186,17 @@ def text_files_config(path: str, text_field: str) -> TextFilesConfig:
     st = os.stat(f)
     h.update(json.dumps([os.path.relpath(f, root), st.st_size, st.st_mtime_ns]).encode())
   return TextFilesConfig(name='c' + h.hexdigest()[:20], description=f'text files from {path}',
-                         files=tuple(files), root=root, text_field=text_field, single_file=single)
+                         files=tuple(files), root=root, text_field=text_field, single_file=single,
+                         strict=strict)
 
 
-class MissingTextField(ValueError):
-  pass
-
-
-def iter_documents(files, root: str, text_field: str, single_file: bool):
-  """Yields (key, text) for every non-empty document.
+def iter_documents(files, root: str, text_field: str, single_file: bool, skips: Skips | None = None):
+  """Yields (key, text) for every non-empty document; what cannot be one is counted in `skips`.
 
   .jsonl: one document per line (its `text_field`); a single .txt file: one document per
   blank-line-separated paragraph; any other file in a folder/glob: the whole file.
   """
+  skips = skips if skips is not None else Skips()
   for f in files:
     rel = os.path.relpath(f, root)
     if f.endswith('.jsonl'):
@@ -160,26 +204,30 @@ def iter_documents(files, root: str, text_field: str, single_file: bool):
         for i, line in enumerate(fh):
           if not line.strip():
             continue
+          where = f'{rel} line {i + 1}'
           try:
             obj = json.loads(line)
           except ValueError:
+            skips.add('line', 'not JSON', where)
             continue
           if not isinstance(obj, dict):
-            continue
-          if text_field not in obj:
-            raise MissingTextField(f"{rel} line {i + 1} has no field '{text_field}' "
-                                   f"(fields: {', '.join(sorted(obj))}); set --config.data.text_field")
-          text = obj[text_field]
-          if isinstance(text, str) and text.strip():
-            yield f'{rel}:{i}', text
+            skips.add('line', 'not a JSON object', where)
+          elif text_field not in obj:
+            skips.add('line', f"no field '{text_field}'", f"{where} (fields: {', '.join(sorted(obj))})")
+          elif not isinstance(obj[text_field], str):
+            skips.add('line', f"'{text_field}' not a string", where)
+          elif obj[text_field].strip():
+            yield f'{rel}:{i}', obj[text_field]
       continue
     with open(f, 'rb') as fh:
       data = fh.read()
     try:
       text = data.decode('utf-8')
     except UnicodeDecodeError:
+      skips.add('file', 'not UTF-8', rel)
       continue
-    if '\x00' in text:  # binary file
+    if '\x00' in text:
+      skips.add('file', 'binary (NUL bytes)', rel)
       continue
     if single_file:
       for i, para in enumerate(text.split('\n\n')):
@@ -204,15 +252,19 @@ class SktlmTextFiles(tfds.core.GeneratorBasedBuilder):
         builder=self, description='Local text files.', features=_features(),
         metadata=tfds.core.MetadataDict(root=cfg.root, num_files=len(cfg.files), text_field=cfg.text_field))
 
-  def _documents(self):
+  def _documents(self, skips: Skips | None = None):
     cfg = self.builder_config
-    return iter_documents(cfg.files, cfg.root, cfg.text_field, cfg.single_file)
+    return iter_documents(cfg.files, cfg.root, cfg.text_field, cfg.single_file, skips)
 
   def _split_generators(self, dl_manager):
     del dl_manager
-    keys = [k for k, _ in self._documents()]
+    skips = Skips()
+    keys = [k for k, _ in self._documents(skips)]
+    self.skip_report = skips.report()
+    if skips and self.builder_config.strict:
+      raise StrictSkip(skips.describe())
     if not keys:
-      raise NoDocuments()
+      raise NoDocuments(skips.describe())
     if len(keys) == 1:
       return {'train': self._generate_single(0), 'validation': self._generate_single(1)}
     train, val = split_keys(keys)

@@ -14,12 +14,14 @@ import fcntl
 import io
 import logging
 import os
+import sys
 import time
 from typing import Any
 
 from sktlm.errors import UserError
 
 _PREPARE_HINT = 'sktlm data prepare {name} --data_dir={data_dir}'
+SKIPPED_FILE = 'skipped.json'
 
 
 def _quiet_tfds():
@@ -81,17 +83,27 @@ def _builder_splits(builder) -> dict[str, Any]:
   return {'train': ds['train'], 'validation': ds['validation']}
 
 
-def _prepared_builder(make_builder, lock_path: str):
-  """(builder, seconds spent building): builds under an inter-process lock unless already prepared."""
+def _prepared_builder(make_builder, lock_path: str, what: str = ''):
+  """(builder, seconds spent building): builds under an inter-process lock unless already prepared.
+
+  A build records what it skipped in <dataset dir>/skipped.json, and says so on stderr if `what` names it."""
   builder = make_builder()
   if builder.is_prepared():
     return builder, 0.0
   t0 = time.perf_counter()
+  report = None
   with _lock(lock_path), contextlib.redirect_stdout(io.StringIO()):  # TFDS prints progress lines
     builder = make_builder()  # another process may have built it while we waited
     if not builder.is_prepared():
       builder.download_and_prepare()
+      report = getattr(builder, 'skip_report', None)
       builder = make_builder()
+      if report is not None:
+        from sktlm import files
+        files.write_json(os.path.join(str(builder.data_dir), SKIPPED_FILE), report)
+  if what and report and (report['files'] or report['lines']):
+    print(f"{what}: skipped {report['summary']} (counts in {builder.data_dir}/{SKIPPED_FILE}; "
+          'data.strict=True fails instead)', file=sys.stderr)
   return builder, time.perf_counter() - t0
 
 
@@ -100,7 +112,7 @@ def _stdlib(ddir: str) -> Source:
   from sktlm.data import builders
   builder, secs = _prepared_builder(
       lambda: builders.SktlmStdlib(data_dir=ddir, file_format='array_record'),
-      os.path.join(ddir, '.locks', 'stdlib.lock'))
+      os.path.join(ddir, '.locks', 'stdlib.lock'))  # its few non-UTF-8 files are known: counted, not shown
   return Source(f'sktlm_stdlib/{builder.builder_config.name}/{builder.version}', str(builder.data_dir),
                 'text', _builder_splits(builder), secs)
 
@@ -114,7 +126,7 @@ def _text_files(data_cfg, ddir: str) -> Source:
   expanded = os.path.expanduser(path)
   if not any(c in path for c in '*?[') and not os.path.exists(expanded):
     raise UserError(f'data path not found: {path}')
-  config = builders.text_files_config(path, data_cfg.text_field)
+  config = builders.text_files_config(path, data_cfg.text_field, bool(data_cfg.get('strict', False)))
   if not config.files:
     raise UserError(f'no files match data path {path}')
   if all(os.path.getsize(f) == 0 for f in config.files):
@@ -122,12 +134,12 @@ def _text_files(data_cfg, ddir: str) -> Source:
   try:
     builder, secs = _prepared_builder(
         lambda: builders.SktlmTextFiles(config=config, data_dir=ddir, file_format='array_record'),
-        os.path.join(ddir, '.locks', f'text_files_{config.name}.lock'))
-  except builders.MissingTextField as e:
-    raise UserError(f'text field not found: {e}') from None
-  except builders.NoDocuments:
+        os.path.join(ddir, '.locks', f'text_files_{config.name}.lock'), f'text_files corpus {path}')
+  except builders.StrictSkip as e:
+    raise UserError(f'corpus {path} (data.strict): would skip {e}') from None
+  except builders.NoDocuments as e:
     raise UserError(f'corpus {path} has no valid text (no non-empty UTF-8 documents or jsonl lines with a '
-                    f"'{data_cfg.text_field}' string)") from None
+                    f"'{data_cfg.text_field}' string){'; skipped ' + str(e) if str(e) else ''}") from None
   return Source(f'sktlm_text_files/{config.name}/{builder.version}', str(builder.data_dir), 'text',
                 _builder_splits(builder), secs)
 

@@ -81,11 +81,12 @@ def read_results_csv(path: str) -> list[dict]:
   try:
     with open(path, newline='') as f:
       reader = csv.DictReader(f)
+      fields = reader.fieldnames  # read while the file is open (None: an empty file)
       rows = list(reader)
   except (OSError, csv.Error, UnicodeDecodeError) as e:
     raise UserError(f'cannot read {path}: {e}') from None
-  if reader.fieldnames is None:
-    raise UserError(f'{path} is empty (no header)')
+  if fields is None:
+    raise UserError(f'{path} is empty (no header): no results to fit')
   base = os.path.dirname(os.path.abspath(path))
   return [_normalise(r, base) for r in rows]
 

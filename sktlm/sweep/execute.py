@@ -1,9 +1,11 @@
 """Running one sweep run as a real `sktlm train` process: lock, launch, wait, record. Backend-neutral.
 
 `run_one(task)` is what a local worker thread or a Ray task executes. It is idempotent: a run whose
-summary.json says done (or diverged) is not started again; a run locked by a live process (another
-sweep, or the orphaned training process of a killed sweep) is waited for, never duplicated; anything
-else (new, interrupted, failed) is (re)launched and `sktlm train` resumes from its own checkpoints.
+summary.json says done (complete: losses present) or diverged is not started again; a run locked by a live
+process (another sweep, or the orphaned training process of a killed sweep) is waited for, never
+duplicated, and the wait is announced (and bounded by task['lock_timeout_s'] if > 0); anything else (new,
+interrupted, failed, done without its losses) is (re)launched and `sktlm train` resumes from its own
+checkpoints. `run_status` is the one rule for a run's state on disk.
 
 Files in the run directory besides what `sktlm train` writes: train.log (stdout+stderr of every
 attempt, appended), sweep.lock (while running), sweep_run.json (settings and one record per attempt).
@@ -11,14 +13,14 @@ attempt, appended), sweep.lock (while running), sweep_run.json (settings and one
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import threading
 import time
-from typing import Any
 
+from sktlm import files
+from sktlm.metrics import summary_problems
 from sktlm.sweep import locks
 
 TERMINAL = ('done', 'diverged')
@@ -34,26 +36,35 @@ _live: dict[int, subprocess.Popen] = {}
 _live_mu = threading.Lock()
 
 
-def read_json(path: str) -> dict | None:
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, ValueError):
-    return None
-
-
-def write_json(path: str, obj: Any):
-  """Atomic: a reader (or a SIGKILL) never sees half a file."""
-  tmp = f'{path}.tmp.{os.getpid()}.{threading.get_ident()}'
-  with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=1, default=str)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+LOCK_ENV = 'SKTLM_SWEEP_LOCK'  # tells `sktlm train` which lock to remove if it ends on its own
 
 
 def summary(run_dir: str) -> dict | None:
-  return read_json(os.path.join(run_dir, 'summary.json'))
+  return files.read_json(os.path.join(run_dir, 'summary.json'))
+
+
+def finished(s: dict | None) -> str:
+  """'done' / 'diverged' for a finished run's summary ('' otherwise; a done summary without its losses,
+  left by a kill between the last checkpoint and the summary, is not finished: train completes it)."""
+  status = (s or {}).get('status')
+  if status == 'diverged' or (status == 'done' and not summary_problems(s)):
+    return status
+  return ''
+
+
+def run_status(run_dir: str) -> str:
+  """The run's state from its files: done / diverged / running (a live lock) / the last attempt's status
+  (failed, interrupted) / pending."""
+  done = finished(summary(run_dir))
+  if done:
+    return done
+  lock_path = os.path.join(run_dir, LOCK)
+  info = locks.read(lock_path)
+  if info is not None and not locks.stale_reason(lock_path, info):
+    return 'running'
+  rec = files.read_json(os.path.join(run_dir, RECORD)) or {}
+  last = (rec.get('attempts') or [{}])[-1].get('status')
+  return 'pending' if last in (None, 'running', 'done') else last  # done: but its summary is incomplete
 
 
 def log_tail(path: str, n: int = 20, start: int = 0) -> str:
@@ -90,27 +101,35 @@ def _signal(p: subprocess.Popen, sig):
 
 
 def run_one(task: dict, stop: threading.Event | None = None) -> dict:
-  """task: name, run_dir, cmd (list), cwd, env (extra), settings, poll_s. Returns a result dict."""
+  """task: name, run_dir, cmd (list), cwd, env (extra), settings, poll_s, lock_timeout_s (0: wait as long
+  as the holder lives). Returns a result dict."""
   name, run_dir = task['name'], task['run_dir']
-  poll = task.get('poll_s', 1.0)
+  poll, timeout = task.get('poll_s', 1.0), task.get('lock_timeout_s', 0) or 0
   os.makedirs(run_dir, exist_ok=True)
-  lock = locks.RunLock(os.path.join(run_dir, LOCK))
-  waited = False
+  lock = locks.RunLock(os.path.join(run_dir, LOCK), log=lambda msg: print(f'[{name}] {msg}', flush=True))
+  waited_since = None
   while True:
-    s = summary(run_dir)
-    if s and s.get('status') in TERMINAL:
-      return _result(name, s['status'], 0, s, skipped=not waited, adopted=waited)
+    status = finished(summary(run_dir))
+    if status:
+      return _result(name, status, 0, summary(run_dir), skipped=waited_since is None,
+                     adopted=waited_since is not None)
     if lock.acquire():
       break
     # A live process runs it (another sweep, or the orphan of a killed one): wait for it, never duplicate.
-    waited = True
+    if waited_since is None:
+      waited_since = time.time()
+      print(f'[{name}] waiting for {locks.describe(locks.read(lock.path))}, which holds {lock.path}'
+            + (f' (giving up after {timeout:g}s)' if timeout else ''), flush=True)
     if stop is not None and stop.is_set():
       return _result(name, 'interrupted', None, None, message='left running in another process')
+    if timeout and time.time() - waited_since > timeout:
+      return _result(name, 'locked', None, None, message=f'still locked by '
+                     f'{locks.describe(locks.read(lock.path))} after {timeout:g}s ({lock.path})')
     time.sleep(poll)
   try:
-    s = summary(run_dir)
-    if s and s.get('status') in TERMINAL:  # finished while we waited for the lock
-      return _result(name, s['status'], 0, s, adopted=waited)
+    status = finished(summary(run_dir))
+    if status:  # finished while we waited for the lock
+      return _result(name, status, 0, summary(run_dir), adopted=waited_since is not None)
     return _launch(task, lock, stop)
   finally:
     lock.release()
@@ -119,11 +138,12 @@ def run_one(task: dict, stop: threading.Event | None = None) -> dict:
 def _launch(task: dict, lock: locks.RunLock, stop: threading.Event | None) -> dict:
   name, run_dir = task['name'], task['run_dir']
   record_path = os.path.join(run_dir, RECORD)
-  record = read_json(record_path) or {'name': name, 'settings': task.get('settings', {}), 'attempts': []}
+  record = files.read_json(record_path) or {'name': name, 'settings': task.get('settings', {}), 'attempts': []}
   record['command'] = task['cmd']
   log_path = os.path.join(run_dir, LOG)
   env = dict(os.environ, **task.get('env', {}))
   env.setdefault('PYTHONUNBUFFERED', '1')
+  env[LOCK_ENV] = lock.path
   start = time.time()
   with open(log_path, 'ab') as log:
     offset = log.tell()
@@ -138,14 +158,18 @@ def _launch(task: dict, lock: locks.RunLock, stop: threading.Event | None) -> di
              'status': 'running'}
   record['attempts'].append(attempt)
   lock.set_holder(proc.pid)
-  write_json(record_path, record)
+  files.write_json(record_path, record)
   interrupted = False
+  beat = time.time()
   try:
     while True:
       try:
         rc = proc.wait(timeout=0.5)
         break
       except subprocess.TimeoutExpired:
+        if time.time() - beat > 60:
+          lock.touch()
+          beat = time.time()
         if stop is not None and stop.is_set() and not interrupted:
           interrupted = True
           _signal(proc, STOP)
@@ -164,7 +188,7 @@ def _launch(task: dict, lock: locks.RunLock, stop: threading.Event | None) -> di
   s = summary(run_dir)
   if s is not None and os.path.getmtime(os.path.join(run_dir, 'summary.json')) < start - 1:
     s = None  # left by an earlier attempt
-  if s and s.get('status') in TERMINAL and rc == 0:
+  if finished(s) and rc == 0:
     status = s['status']
   elif s and s.get('status') == 'diverged':
     status = 'diverged'
@@ -173,7 +197,7 @@ def _launch(task: dict, lock: locks.RunLock, stop: threading.Event | None) -> di
   else:
     status = 'failed'
   attempt.update(end=time.time(), exit_code=rc, status=status)
-  write_json(record_path, record)
+  files.write_json(record_path, record)
   message = (s or {}).get('message', '') if status != 'done' else ''
   tail = log_tail(log_path, start=offset) if status not in TERMINAL else ''
   return _result(name, status, rc, s, message=message, log_tail=tail)

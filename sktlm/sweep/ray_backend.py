@@ -2,13 +2,23 @@
 same `execute.run_one` as the local backend, i.e. a `sktlm train` subprocess with its log, lock and
 records in the run directory. The sweep directory must be on a filesystem all Ray nodes share.
 
-`ray.init()` starts a local cluster; `address` joins an existing one ('auto' or 'ray://host:10001').
+`ray.init()` starts a local cluster bound to 127.0.0.1 (nothing listens on other interfaces: a Ray port
+runs code for whoever reaches it), with usage-stats telemetry off; `address` joins an existing one
+('auto' or 'ray://host:10001'), whose network exposure is its owner's choice.
 Tasks are never retried by Ray (max_retries=0): a rerun of the sweep resumes them instead, under the lock.
 """
 
 from __future__ import annotations
 
+import os
+
 from sktlm.errors import UserError
+
+LOCAL_ENV = {
+    'RAY_USAGE_STATS_ENABLED': '0',  # no telemetry (read when ray starts its processes)
+    'RAY_USAGE_STATS_PROMPT_ENABLED': '0',
+    'RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER': '0',  # single node: its address is the loopback one
+}
 
 
 def _run_task(task: dict) -> dict:
@@ -20,6 +30,7 @@ class RayBackend:
   name = 'ray'
 
   def __init__(self, address: str = '', parallel: int = 0, num_cpus: int | None = None, log=print):
+    os.environ.update(LOCAL_ENV)  # before `import ray`: it reads them at import and in every process it starts
     try:
       import ray
     except ImportError as e:
@@ -31,7 +42,7 @@ class RayBackend:
     if address:
       kwargs['address'] = address
     else:
-      kwargs['num_cpus'] = num_cpus
+      kwargs.update(num_cpus=num_cpus, _node_ip_address='127.0.0.1')
     try:
       ray.init(**kwargs)
     except (ConnectionError, RuntimeError, ValueError) as e:

@@ -2,6 +2,8 @@
 
 The first columns (COLUMNS) are the interface `sktlm scaling` reads; keep their names stable.
 Both files are rewritten atomically after every finished run, so killing the sweep loses nothing.
+results.json is written first and results.csv is rendered from it (`csv_text`), so a kill between the two
+leaves a csv that `consistent` (and `sktlm doctor`) detects and `sync_csv` repairs.
 """
 
 from __future__ import annotations
@@ -11,24 +13,24 @@ import io
 import json
 import os
 
+from sktlm import files
 from sktlm.sweep import execute
 from sktlm.sweep.plan import PlannedRun
 
 COLUMNS = ['name', 'overrides', 'status', 'exit_code', 'n_params_total', 'n_params_non_embedding',
            'n_params_active', 'tokens', 'flops_6n', 'flops_exact', 'final_train_loss', 'final_eval_loss',
            'best_eval_loss', 'wall_time_s', 'tokens_per_s', 'mfu', 'workdir', 'log_tail']
-EXTRA = ['size', 'n_params_active_non_embedding', 'steps', 'batch_size', 'seq_len', 'parent', 'parent_step',
-         'config', 'message']
+EXTRA = ['flops_executed', 'size', 'n_params_active_non_embedding', 'steps', 'batch_size', 'seq_len', 'parent',
+         'parent_step', 'config', 'message']
 
 
 def row(run: PlannedRun, sweep_dir: str, common: dict, state: str = '', last: dict | None = None) -> dict:
   """state/last: the scheduler's view of a run that did not finish (failed, interrupted, pending)."""
   run_dir = os.path.join(sweep_dir, run.name)
   s = execute.summary(run_dir) or {}
-  record = execute.read_json(os.path.join(run_dir, execute.RECORD)) or {}
+  record = files.read_json(os.path.join(run_dir, execute.RECORD)) or {}
   attempts = record.get('attempts') or []
-  status = s.get('status') if s.get('status') in execute.TERMINAL else (
-      state or (attempts[-1]['status'] if attempts else 'pending'))
+  status = execute.finished(s) or state or execute.run_status(run_dir)
   exit_code = attempts[-1].get('exit_code') if attempts else None
   if last and last.get('exit_code') is not None:
     exit_code = last['exit_code']
@@ -56,6 +58,7 @@ def row(run: PlannedRun, sweep_dir: str, common: dict, state: str = '', last: di
       'mfu': s.get('mfu'),
       'workdir': run.name,
       'log_tail': tail,
+      'flops_executed': fl.get('executed'),
       'size': run.size,
       'n_params_active_non_embedding': params.get('active_non_embedding'),
       'steps': s.get('step', run.steps) if s else run.steps,
@@ -68,17 +71,38 @@ def row(run: PlannedRun, sweep_dir: str, common: dict, state: str = '', last: di
   }
 
 
-def write(rows: list[dict], sweep_dir: str):
-  os.makedirs(sweep_dir, exist_ok=True)
-  execute.write_json(os.path.join(sweep_dir, 'results.json'), rows)
+def csv_text(rows: list[dict]) -> str:
   buf = io.StringIO()
   w = csv.DictWriter(buf, fieldnames=COLUMNS + EXTRA, extrasaction='ignore', lineterminator='\n')
   w.writeheader()
   for r in rows:
     w.writerow({k: '' if v is None else v for k, v in r.items()})
-  tmp = os.path.join(sweep_dir, f'results.csv.tmp.{os.getpid()}')
-  with open(tmp, 'w') as f:
-    f.write(buf.getvalue())
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, os.path.join(sweep_dir, 'results.csv'))
+  return buf.getvalue()
+
+
+def write(rows: list[dict], sweep_dir: str):
+  os.makedirs(sweep_dir, exist_ok=True)
+  text = files.dumps(rows)
+  files.write_text(os.path.join(sweep_dir, 'results.json'), text)
+  files.write_text(os.path.join(sweep_dir, 'results.csv'), csv_text(json.loads(text)))  # exactly as re-read
+
+
+def consistent(sweep_dir: str) -> str:
+  """'' if results.csv is what results.json renders to (or neither exists), else what is wrong."""
+  jpath, cpath = os.path.join(sweep_dir, 'results.json'), os.path.join(sweep_dir, 'results.csv')
+  if not os.path.exists(jpath) and not os.path.exists(cpath):
+    return ''
+  rows = files.read_json(jpath)
+  if not isinstance(rows, list):
+    return 'results.json is missing or unreadable'
+  try:
+    with open(cpath) as f:
+      text = f.read()
+  except OSError:
+    return 'results.csv is missing'
+  return '' if text == csv_text(rows) else 'results.csv disagrees with results.json'
+
+
+def sync_csv(sweep_dir: str) -> None:
+  rows = files.read_json(os.path.join(sweep_dir, 'results.json'))
+  files.write_text(os.path.join(sweep_dir, 'results.csv'), csv_text(rows))

@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 
+from sktlm import files
 from sktlm.errors import UserError
 from sktlm.sweep import execute, progress, results
 from sktlm.sweep.plan import PlannedRun, fmt_time
@@ -56,7 +57,7 @@ def check_settings(runs: list[PlannedRun], sweep_dir: str, common: dict):
   """Refuses to reuse a run directory that was made with other settings (its results would be stale)."""
   bad = []
   for r in runs:
-    rec = execute.read_json(os.path.join(sweep_dir, r.name, execute.RECORD))
+    rec = files.read_json(os.path.join(sweep_dir, r.name, execute.RECORD))
     want = {**common, **r.settings}
     if rec and rec.get('settings') is not None and _canon(rec['settings']) != _canon(want):
       bad.append(f'{r.name}: {rec["settings"]} -> {want}')
@@ -77,11 +78,12 @@ def checkpoint_ready(run_dir: str, step: int) -> bool:
 
 def run_sweep(runs: list[PlannedRun], sweep_dir: str, backend, *, common: dict | None = None,
               train_cmd: list[str] | None = None, retry_failed: bool = True, display=None,
-              poll_s: float = 1.0, env: dict | None = None) -> list[dict]:
+              poll_s: float = 1.0, env: dict | None = None, lock_timeout_s: float = 0) -> list[dict]:
   """Runs everything not finished yet; returns the result rows (also written to results.csv/json)."""
   common = common or {}
   sweep_dir = os.path.abspath(sweep_dir)
   os.makedirs(sweep_dir, exist_ok=True)
+  files.remove_temp_leftovers(sweep_dir)  # of results writes killed with an earlier sweep
   check_settings(runs, sweep_dir, common)
   if hasattr(backend, 'check'):
     backend.check(runs)
@@ -92,16 +94,9 @@ def run_sweep(runs: list[PlannedRun], sweep_dir: str, backend, *, common: dict |
   last: dict[str, dict] = {}
   started: dict[str, float] = {}
   for r in runs:
-    run_dir = os.path.join(sweep_dir, r.name)
-    s = execute.summary(run_dir) or {}
-    rec = execute.read_json(os.path.join(run_dir, execute.RECORD)) or {}
-    prev = (rec.get('attempts') or [{}])[-1].get('status')
-    if s.get('status') in execute.TERMINAL:
-      state[r.name] = s['status']
-    elif prev == 'failed' and not retry_failed:
-      state[r.name] = 'failed'
-    else:
-      state[r.name] = 'pending'
+    on_disk = execute.run_status(os.path.join(sweep_dir, r.name))
+    keep = on_disk in execute.TERMINAL or (on_disk == 'failed' and not retry_failed)
+    state[r.name] = on_disk if keep else 'pending'
   n_skip = sum(v in execute.TERMINAL for v in state.values())
   if n_skip:
     display.event(f'{n_skip} of {len(runs)} runs already finished in {sweep_dir}; skipping them')
@@ -125,7 +120,8 @@ def run_sweep(runs: list[PlannedRun], sweep_dir: str, backend, *, common: dict |
     run_dir = os.path.join(sweep_dir, r.name)
     parent_dir = os.path.join(sweep_dir, r.parent) if r.parent else ''
     return dict(name=r.name, run_dir=run_dir, cmd=train_cmd + r.train_args(run_dir, parent_dir),
-                cwd=os.getcwd(), env=dict(env or {}), settings={**common, **r.settings}, poll_s=poll_s)
+                cwd=os.getcwd(), env=dict(env or {}), settings={**common, **r.settings}, poll_s=poll_s,
+                lock_timeout_s=lock_timeout_s)
 
   def ready(r: PlannedRun) -> bool | None:
     """True: can start; False: wait; None: can never start (parent failed before the branch step)."""

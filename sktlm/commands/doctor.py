@@ -1,0 +1,118 @@
+"""`sktlm doctor WORKDIR|SWEEPDIR [--fix]`: lists what is inconsistent in a run or a sweep folder.
+
+Checks: stale sweep.lock files (dead holder, empty/garbled, another host's lock with no activity), temp
+files left by killed writes, Orbax temp folders of killed saves, a cut last line in metrics.jsonl, runs
+whose summary says done without their losses, results.csv that disagrees with results.json, and done rows
+of results.csv without losses. `--fix` repairs what is safe (removes stale locks, temp files and temp
+folders when no live process holds the run, cuts the partial metrics line, re-renders results.csv from
+results.json); a done run without its losses is completed by rerunning `sktlm train` (or the sweep) on it.
+Exit code 0 when nothing is left to fix, 1 otherwise. Never imports jax.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+
+from absl import flags
+
+_FIX = flags.DEFINE_bool('fix', False, 'repair what is safe to repair')
+
+
+def _is_run(path: str) -> bool:
+  return any(os.path.exists(os.path.join(path, n)) for n in ('config.json', 'summary.json', 'checkpoints',
+                                                              'sweep_run.json', 'sweep.lock'))
+
+
+class Report:
+  def __init__(self, fix: bool):
+    self.fix, self.left, self.fixed = fix, 0, 0
+
+  def problem(self, path: str, text: str, repair=None, advice: str = ''):
+    """One finding; `repair` (a callable) runs with --fix."""
+    if repair is not None and self.fix:
+      repair()
+      self.fixed += 1
+      print(f'{path}: {text} [fixed]')
+      return
+    self.left += 1
+    how = ' (--fix repairs it)' if repair is not None else (f' ({advice})' if advice else '')
+    print(f'{path}: {text}{how}')
+
+
+def check_run(run_dir: str, rep: Report) -> None:
+  from sktlm import checkpoint, files
+  from sktlm.metrics import summary_problems
+  from sktlm.sweep import execute, locks
+  lock_path = os.path.join(run_dir, execute.LOCK)
+  info = locks.read(lock_path)
+  live = info is not None and not locks.stale_reason(lock_path, info)
+  if info is not None and not live:
+    rep.problem(lock_path, f'stale lock: {locks.stale_reason(lock_path, info)}',
+                lambda: os.path.exists(lock_path) and os.unlink(lock_path))
+  for tmp in files.temp_leftovers(run_dir):
+    rep.problem(tmp, 'temp file of a killed write', lambda t=tmp: os.unlink(t))
+  ck = os.path.join(run_dir, 'checkpoints')
+  for tmp in checkpoint.tmp_folders(ck):
+    if live:
+      rep.problem(tmp, 'checkpoint save in progress or killed', advice=f'held by {locks.describe(info)}')
+    else:
+      rep.problem(tmp, 'temp folder of a killed checkpoint save', lambda t=tmp: checkpoint.remove_tmp_folders(
+          os.path.dirname(t)))
+      break  # one repair removes them all
+  metrics = os.path.join(run_dir, 'metrics.jsonl')
+  if os.path.exists(metrics) and os.path.getsize(metrics):
+    with open(metrics, 'rb') as f:
+      f.seek(-1, os.SEEK_END)
+      cut = f.read(1) != b'\n'
+    if cut and not live:
+      rep.problem(metrics, 'last line cut by a kill', lambda: files.repair_jsonl(metrics))
+  s = execute.summary(run_dir)
+  bad = summary_problems(s)
+  if bad:
+    rep.problem(os.path.join(run_dir, 'summary.json'), f'status done but incomplete: {", ".join(bad)}',
+                advice='rerun the same `sktlm train` command (or the sweep): it completes the summary')
+  steps = checkpoint.steps_on_disk(ck)
+  if s and s.get('status') == 'done' and steps and steps[-1] != s.get('step'):
+    rep.problem(ck, f'latest checkpoint step {steps[-1]} != summary step {s.get("step")}')
+
+
+def check_sweep(sweep_dir: str, rep: Report) -> None:
+  from sktlm import files
+  from sktlm.sweep import results
+  for tmp in files.temp_leftovers(sweep_dir):
+    rep.problem(tmp, 'temp file of a killed write', lambda t=tmp: os.unlink(t))
+  bad = results.consistent(sweep_dir)
+  if bad:
+    fixable = isinstance(files.read_json(os.path.join(sweep_dir, 'results.json')), list)
+    rep.problem(os.path.join(sweep_dir, 'results.csv'), bad,
+                (lambda: results.sync_csv(sweep_dir)) if fixable else None,
+                advice='rerun the sweep command: it rewrites both')
+  csv_path = os.path.join(sweep_dir, 'results.csv')
+  if os.path.exists(csv_path):
+    with open(csv_path, newline='') as f:
+      for row in csv.DictReader(f):
+        if row.get('status') == 'done' and not row.get('final_train_loss'):
+          rep.problem(csv_path, f'run {row.get("name")} is done without losses',
+                      advice='rerun the sweep command: it completes the run and its row')
+  for name in sorted(os.listdir(sweep_dir)):
+    path = os.path.join(sweep_dir, name)
+    if os.path.isdir(path) and _is_run(path):
+      check_run(path, rep)
+
+
+def main(argv):
+  from sktlm.errors import UserError
+  if len(argv) != 2:
+    raise UserError('usage: sktlm doctor WORKDIR|SWEEPDIR [--fix]')
+  path = argv[1]
+  if not os.path.isdir(path):
+    raise UserError(f'{path}: not a folder')
+  rep = Report(_FIX.value)
+  if _is_run(path):
+    check_run(path, rep)
+  else:
+    check_sweep(path, rep)
+  done = f', {rep.fixed} fixed' if rep.fixed else ''
+  print(f'{path}: {rep.left} problem(s) left{done}' if rep.left or rep.fixed else f'{path}: consistent')
+  return 1 if rep.left else 0
