@@ -45,6 +45,14 @@ def model_config(size: str) -> ml_collections.ConfigDict:
       attention_impl='auto',   # auto | dense | blocked | blocked_vjp | splash | flash (sktlm/kernels); auto: by
                                # the kernels: cpu blocked_vjp (16-bit) or blocked, tpu splash, gpu flash, else blocked
       attention_block=64,      # queries per block; keys past a block's end are never computed
+      attention='gqa',         # gqa (grouped-query, n_kv_heads) | mla (multi-head latent attention, model.mla)
+      mla=ml_collections.ConfigDict(dict(  # DeepSeek-V2/V3 MLA (sktlm/mla.py); read only when attention='mla'
+          q_lora_rank=1536,      # query low-rank bottleneck; 0: a direct D -> heads projection (V2-Lite)
+          kv_lora_rank=512,      # the shared key/value latent (what an MLA KV cache stores, with the rope key)
+          qk_nope_head_dim=128,  # per-head query/key dims without RoPE (up-projected from the latents)
+          qk_rope_head_dim=64,   # decoupled RoPE dims: per-head on queries, one key shared by all heads
+          v_head_dim=128,        # per-head value dim
+      )),
       moe=ml_collections.ConfigDict(dict(
           num_experts=0,         # 0: dense model
           top_k=2,
@@ -118,7 +126,8 @@ def get_config(size: str = 'tiny') -> ml_collections.ConfigDict:
   ))
 
   # Mesh axis sizes; -1 fills with the remaining devices. The product must equal the device count.
-  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1))
+  # context: sequence (context) parallelism, each sequence split over its devices (sktlm/context.py).
+  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, expert=1, context=1, tensor=1))
   # Logical axis -> mesh axes. Unlisted logical axes are replicated.
   config.sharding_rules = (
       ('batch', ('data', 'fsdp', 'expert')),
@@ -128,6 +137,7 @@ def get_config(size: str = 'tiny') -> ml_collections.ConfigDict:
       ('kv_heads', 'tensor'),
       ('vocab', 'tensor'),
       ('exp', 'expert'),
+      ('length', 'context'),
       ('act_heads', 'tensor'),
       ('act_kv_heads', 'tensor'),
       ('act_mlp', 'tensor'),

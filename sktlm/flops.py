@@ -8,11 +8,12 @@ FLOP conventions (per token, training = forward + backward; a matmul weight cost
 backward). These definitions are stated once, here; README and docs/ refer to them:
 - `6N`: 6 x N, N = every matmul weight a token passes through, including the output head (for MoE only
   the active experts and the router). Embedding lookups are not matmuls and are not in N.
-- `exact` (= model FLOPs, recorded as `flops_model`): 6N + 12 * L * (n_heads * head_dim) * T: adds the two
+- `exact` (= model FLOPs, recorded as `flops_model`): 6N + 6 * L * n_heads * (qk_dim + v_dim) * T (GQA: qk_dim =
+  v_dim = head_dim, i.e. 12 L H head_dim T; MLA: qk_dim = nope + rope, v_dim = v_head_dim): adds the two
   attention matmuls (QK^T and AV) over the full T x T score matrix, whatever the kernel skips. This is
   PaLM's model-FLOPs definition (Chowdhery et al. 2022, App. B): MFU uses it, and so do `sktlm scaling`
   (default `--flops=exact`) and the sweep planners.
-- `causal`: 6N + 6 * L * (n_heads * head_dim) * T: only the unmasked half, i.e. useful work.
+- `causal`: 6N + 3 * L * n_heads * (qk_dim + v_dim) * T: only the unmasked half, i.e. useful work.
 - `executed` (recorded as `flops_executed`): the matmul FLOPs the configured kernels (`model.kernels`,
   resolved in train.build; unresolved `auto` counts as the plain model) run. Blocked attention (every
   `attention_impl` but `dense`) computes only the key blocks up to each query block's end ((1 + block/T)/2
@@ -45,6 +46,32 @@ def head_dim(mc) -> int:
   return mc.head_dim or mc.d_model // mc.n_heads
 
 
+def attention_dims(mc) -> tuple[int, int]:
+  """(qk_dim, v_dim) per query head: the widths of the QK^T and AV matmuls."""
+  if _mla(mc):
+    a = mc.mla
+    return a.qk_nope_head_dim + a.qk_rope_head_dim, a.v_head_dim
+  return head_dim(mc), head_dim(mc)
+
+
+def _mla(mc) -> bool:
+  return getattr(mc, 'attention', 'gqa') == 'mla'
+
+
+def _attention_weights(mc) -> tuple[int, int]:
+  """(matmul weights, norm scales) of one attention layer."""
+  d, h = mc.d_model, mc.n_heads
+  if not _mla(mc):
+    hd = head_dim(mc)
+    return d * h * hd * 2 + d * mc.n_kv_heads * hd * 2, 0  # q, o + k, v
+  a = mc.mla
+  qk = a.qk_nope_head_dim + a.qk_rope_head_dim
+  q = d * a.q_lora_rank + a.q_lora_rank * h * qk if a.q_lora_rank > 0 else d * h * qk
+  kv = d * a.kv_lora_rank + d * a.qk_rope_head_dim + a.kv_lora_rank * h * (a.qk_nope_head_dim + a.v_head_dim)
+  o = h * a.v_head_dim * d
+  return q + kv + o, a.q_lora_rank + a.kv_lora_rank  # latent RMSNorms (q_lora_rank 0: no query norm)
+
+
 def _moe(mc):
   moe = getattr(mc, 'moe', None)
   return moe if moe is not None and moe.num_experts > 0 else None
@@ -52,10 +79,10 @@ def _moe(mc):
 
 def _layer_counts(mc) -> dict[str, int]:
   """Per-layer weight counts: attention, dense MLP, MoE (total and active), norms."""
-  d, hd = mc.d_model, head_dim(mc)
-  attn = d * mc.n_heads * hd * 2 + d * mc.n_kv_heads * hd * 2  # q, o + k, v
+  d = mc.d_model
+  attn, attn_norms = _attention_weights(mc)
   dense_mlp = 3 * d * mc.d_ff  # SwiGLU: gate, up, down
-  out = dict(attn=attn, dense_mlp=dense_mlp, norms=2 * d)
+  out = dict(attn=attn, dense_mlp=dense_mlp, norms=2 * d + attn_norms)
   moe = _moe(mc)
   if moe:
     e_ff = moe.expert_d_ff or mc.d_ff
@@ -166,13 +193,14 @@ def _executed(mc, seq_len: int, attn_full: float) -> float:
 def flops_per_token(mc, seq_len: int) -> dict[str, float]:
   """Training FLOPs per token (forward + backward) under the conventions in the module doc."""
   n = matmul_params(mc)
-  attn_width = mc.n_heads * head_dim(mc)
-  attn_full = 12.0 * mc.n_layers * attn_width * seq_len
+  qk_dim, v_dim = attention_dims(mc)
+  attn_full = 6.0 * mc.n_layers * mc.n_heads * (qk_dim + v_dim) * seq_len
   return {
       '6N': 6.0 * n,
       'exact': 6.0 * n + attn_full,
       'causal': 6.0 * n + attn_full / 2,
-      'executed': _executed(mc, seq_len, attn_full),
+      # MLA's attention core runs v zero-padded to the qk dim (sktlm/mla.py)
+      'executed': _executed(mc, seq_len, 6.0 * mc.n_layers * mc.n_heads * (qk_dim + max(qk_dim, v_dim)) * seq_len),
   }
 
 

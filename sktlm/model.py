@@ -14,8 +14,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from sktlm import flops, kernels, mup
+from sktlm import context, flops, kernels, mup
 from sktlm.layers import Mlp, RMSNorm, dtype, param_init, rope
+from sktlm.mla import MLAttention
 from sktlm.sharding import constrain
 
 
@@ -51,8 +52,8 @@ class Attention(nn.Module):
     k_BxTxGxK = constrain(k_BxTxGxK, ('batch', 'length', 'act_kv_heads', 'kv'))
     v_BxTxGxK = constrain(v_BxTxGxK, ('batch', 'length', 'act_kv_heads', 'kv'))
 
-    out_BxTxHxK = ops.causal_attention(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, segment_ids_BxT,
-                                       block=c.attention_block).astype(cdt)
+    out_BxTxHxK = context.causal_attention(ops.causal_attention, q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, segment_ids_BxT,
+                                           block=c.attention_block).astype(cdt)
     out_BxTxHxK = constrain(out_BxTxHxK, ('batch', 'length', 'act_heads', 'kv'))
     out_BxTxD = ops.dense(out_BxTxHxK.reshape(B * T, H * K), wo.reshape(H * K, D)).reshape(B, T, D)
     return constrain(out_BxTxD, ('batch', 'length', 'act_embed'))
@@ -66,8 +67,8 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT):
     c = self.config
-    h = x_BxTxD + Attention(c, name='attn')(RMSNorm(c, name='attn_norm')(x_BxTxD), positions_BxT,
-                                             segment_ids_BxT)
+    attn_cls = MLAttention if c.attention == 'mla' else Attention
+    h = x_BxTxD + attn_cls(c, name='attn')(RMSNorm(c, name='attn_norm')(x_BxTxD), positions_BxT, segment_ids_BxT)
     y = RMSNorm(c, name='mlp_norm')(h)
     if self.use_moe:
       from sktlm.moe import MoEFeedForward  # floor 3 sibling; imported lazily so dense models never need it

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sktlm import flops, kernels, mup, optim, sharding
+from sktlm import flops, kernels, mla, mup, optim, sharding
 from sktlm import model as model_lib
 from sktlm import moe as moe_lib
 from sktlm.errors import UserError
@@ -175,6 +175,10 @@ def check_config(config, n_batch_shards: int) -> None:
   if m.kernels not in kernels.KERNELS:
     raise UserError(f"model.kernels must be one of {', '.join(kernels.KERNELS)}, got '{m.kernels}'")
   mup.check(m)
+  if m.attention not in ('gqa', 'mla'):
+    raise UserError(f"model.attention must be 'gqa' or 'mla', got {m.attention!r}")
+  if m.attention == 'mla':
+    mla.check_config(m)
   if m.scan_unroll < 0:
     raise UserError(f'model.scan_unroll must be >= 0 (0: auto), got {m.scan_unroll}')
   if m.attention_block < 0:

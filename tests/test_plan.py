@@ -168,5 +168,6 @@ def test_cli_cpu_sets_device_count(tmp_path):
 def test_mesh_matches_sharding_helper():
   config = small_config(**{'mesh.data': -1, 'mesh.expert': 2})
   mesh = plan.make_mesh(config, plan.get_target('cpu:8'))
-  assert dict(zip(mesh.axis_names, mesh.devices.shape, strict=True)) == dict(data=4, fsdp=1, expert=2, tensor=1)
+  assert dict(zip(mesh.axis_names, mesh.devices.shape, strict=True)) == dict(data=4, fsdp=1, expert=2, context=1,
+                                                                           tensor=1)
   assert sharding.batch_axis_size(mesh, sharding.logical_rules(config)) == 8
