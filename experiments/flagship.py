@@ -7,12 +7,10 @@
 Published target (A.X K1): ~519B total / ~33B active parameters; 61 layers, the first dense; d_model 7168;
 64 attention heads; 192 routed experts + 1 shared, 8 routed active per token, expert hidden 2048;
 vocabulary 163,840; context 131,072. Choices here (counts: `python experiments/flagship.py`):
-- Attention is grouped-query (64 query heads of 128, 8 KV heads), the attention this codebase has.
-  DeepSeek-V3 / A.X K1 use multi-head latent attention (MLA: queries through a 1536 low-rank bottleneck,
-  keys/values through a shared 512-dim latent plus a 64-dim decoupled RoPE key, 128+64 query/key head dim).
-  Gap: GQA here has ~132M attention weights per layer against MLA's ~101M (+~2B total, +~2B active), a
-  KV cache of 2 x 8 x 128 = 2048 values per token per layer against MLA's 576, and no low-rank compression.
-  Training FLOPs per token differ by the same few percent; inference memory differs a lot.
+- Attention is DeepSeek-V3's multi-head latent attention (sktlm/mla.py, model.mla): 64 heads, queries through a
+  1536 low-rank bottleneck, keys/values from a shared 512-dim latent plus one 64-dim decoupled RoPE key,
+  128 + 64 query/key dims per head, 128 value dims; ~101M attention weights per layer, a 576-value KV cache
+  per token per layer. Counts: 519.0B total / 32.8B active against the published ~519B / ~33B.
 - Dense first layer: SwiGLU d_ff 18432 (DeepSeek-V3's dense width).
 - Routing: sigmoid gates with top-k renormalisation (DeepSeek-V3); their auxiliary-loss-free bias balancing
   is not implemented, so a small Switch load-balancing loss (1e-4, DeepSeek-V3's sequence-wise coefficient)
@@ -20,10 +18,15 @@ vocabulary 163,840; context 131,072. Choices here (counts: `python experiments/f
   all-to-all token exchange; DeepSeek-V3 trains dropless (capacity_factor=0 here, not expert-parallel).
 - Training shape: sequence 4096 (DeepSeek-V3 pretrains at 4K and extends context afterwards), 2048
   sequences per step (8.4M tokens), bf16 compute, float32 parameters and AdamW moments, full remat.
-- Mesh for a v5p:8x16x16 slice (2048 chips): fsdp=32 x expert=64 (3 experts per device).
+- Mesh for a v5p:8x16x16 slice (2048 chips): fsdp=32 x expert=64 (3 experts per device). Parameters shard
+  their `embed` axis over fsdp x context, so a context-parallel mesh still shards them over every device.
+- Long context (131K): the `context` mesh axis splits each sequence (sktlm/context.py), e.g.
+  `flagship.py:seq_len=131072,batch=64,fsdp=1,context=32,block=128` on the same slice: 64 sequences over the
+  64 expert shards, each over 32 devices (4096 tokens per device, as at 4K).
 
-Arguments: layers=61, experts=192, top_k=8, seq_len=4096, batch=2048, fsdp=32, expert=64, remat=full,
-capacity=1.25. Reduced variants keep every width (d_model, heads, expert d_ff, vocab).
+Arguments: layers=61, experts=192, top_k=8, seq_len=4096, batch=2048, fsdp=32, expert=64, context=1,
+remat=full, capacity=1.25, block=512 (attention query block). Reduced variants keep every width (d_model,
+heads, MLA ranks, expert d_ff, vocab).
 """
 
 import ml_collections
@@ -33,15 +36,16 @@ from sktlm import base_config, configs
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   arg = configs.parse_arg(arg, layers=61, experts=192, top_k=8, seq_len=4096, batch=2048, fsdp=32, expert=64,
-                          remat='full', capacity=1.25)
+                          context=1, remat='full', capacity=1.25, block=512)
   config = base_config.get_config()
   m = config.model
   m.size = 'flagship'
   m.n_layers = arg.layers
   m.d_model = 7168
   m.n_heads = 64
-  m.n_kv_heads = 8
-  m.head_dim = 128
+  m.n_kv_heads = 8             # GQA only (attention=gqa): MLA's heads all read the shared latent
+  m.head_dim = 128             # GQA only
+  m.attention = 'mla'          # DeepSeek-V3's multi-head latent attention (model.mla: its defaults are V3's)
   m.d_ff = 18432               # the dense first layer
   m.vocab_size = 163840
   m.rope_theta = 10_000.0
@@ -50,7 +54,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   m.attention_dtype = 'bfloat16'
   m.param_dtype = 'float32'
   m.scan_layers = True
-  m.attention_block = 512      # 8 query blocks at T=4096: 56% of the dense score work, 1/8 of its memory
+  m.attention_block = arg.block  # 512: 8 query blocks at T=4096, 56% of the dense score work, 1/8 of its memory
   m.remat = arg.remat
   m.moe.num_experts = arg.experts
   m.moe.top_k = min(arg.top_k, arg.experts)
@@ -71,6 +75,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.mesh.data = -1
   config.mesh.fsdp = arg.fsdp
   config.mesh.expert = arg.expert
+  config.mesh.context = arg.context
+  config.sharding_rules = tuple(('embed', ('fsdp', 'context')) if name == 'embed' else (name, axes)
+                                for name, axes in config.sharding_rules)
   config.lock()
   return config
 

@@ -220,8 +220,15 @@ def plan(config, target: Target, mfu: float = 0.4, compile: bool = True) -> dict
       params=flops.param_counts(mc), flops_per_token=fpt,
       analytic_flops_per_device=fpt['exact'] * tokens / n_dev,
   )
+  refused = None
   if compile:
-    c = compile_step(config, mesh)
+    try:
+      c = compile_step(config, mesh)
+    except jax.errors.JaxRuntimeError as e:
+      refused = compiler_refusal(e)
+      if refused is None:
+        raise
+  if compile and not refused:
     rep['state_bytes'] = state_bytes(c.setup.abstract_state)
     rep.update(memory=c.memory, xla_flops_per_device=c.xla_flops,
                traced_flops_per_device=c.traced_flops / n_dev, compile_s=c.compile_s,
@@ -229,7 +236,11 @@ def plan(config, target: Target, mfu: float = 0.4, compile: bool = True) -> dict
   else:
     setup = train.build(config, mesh)
     rep['state_bytes'] = state_bytes(setup.abstract_state)
-  peak_bytes = rep['memory']['peak'] if compile else None
+  peak_bytes = rep['memory']['peak'] if 'memory' in rep else None
+  if refused:  # the arguments (params, optimizer state) live beside the temporaries: a lower bound
+    refused['peak_at_least'] = refused['temp'] + rep['state_bytes']['params'] + rep['state_bytes']['opt_state']
+    rep['compiler_refused'] = refused
+    peak_bytes = refused['peak_at_least']
   if target.chip and peak_bytes is not None:
     rep['fits'] = bool(peak_bytes <= target.hbm_per_device)
     rep['headroom_bytes'] = target.hbm_per_device - peak_bytes
@@ -237,6 +248,19 @@ def plan(config, target: Target, mfu: float = 0.4, compile: bool = True) -> dict
     step_s = rep['analytic_flops_per_device'] / (target.peak_per_device * mfu)
     rep.update(mfu=mfu, step_time_s=step_s, tokens_per_s=tokens / step_s)
   return rep
+
+
+def compiler_refusal(err) -> dict | None:
+  """libtpu refuses to compile a step whose temporaries exceed HBM (RESOURCE_EXHAUSTED): a does-not-fit
+  verdict, not a failure. Returns {'temp', 'available' (bytes), 'message'}, or None for any other error."""
+  msg = str(err)
+  m = re.search(r'HLO temporaries \(([\d.]+)([KMGT])\) exceeds available HBM \(([\d.]+)([KMGT])\)', msg)
+  if 'RESOURCE_EXHAUSTED' not in msg or not m:
+    return None
+  unit = {'K': 2**10, 'M': 2**20, 'G': 2**30, 'T': 2**40}  # XLA prints binary units
+  first = next((line for line in msg.splitlines() if 'RESOURCE_EXHAUSTED' in line), msg).strip()
+  return dict(temp=float(m.group(1)) * unit[m.group(2)], available=float(m.group(3)) * unit[m.group(4)],
+              message=first)
 
 
 def search_batch(config, target: Target, max_per_device: int = 4096, log=print) -> dict:
@@ -312,12 +336,19 @@ def format_report(rep: dict, config_name: str = '') -> str:
                  "(loop bodies counted once)")
     if rep.get('fused_kernels'):
       lines.append(f"fused kernels in the compiled step: {', '.join(rep['fused_kernels'])}")
+  if 'compiler_refused' in rep:
+    r = rep['compiler_refused']
+    lines.append(f"compiled step ({rep['platform']}): refused by the compiler, temporaries {_gib(r['temp'])} exceed "
+                 f"the {_gib(r['available'])} it may use; peak >= temporaries + params + optimizer state = "
+                 f"{_gib(r['peak_at_least'])}")
   if 'fits' in rep:
-    frac = rep['memory']['peak'] / rep['hbm_per_device']
+    peak = rep['memory']['peak'] if 'memory' in rep else rep['compiler_refused']['peak_at_least']
+    frac = peak / rep['hbm_per_device']
     verdict = 'FITS' if rep['fits'] else 'DOES NOT FIT'
     how = (f"{_gib(rep['headroom_bytes'])} headroom" if rep['fits']
            else f"{_gib(-rep['headroom_bytes'])} over")
-    lines.append(f"verdict: {verdict}: peak {_gib(rep['memory']['peak'])} of {_gib(rep['hbm_per_device'])} "
+    at_least = '' if 'memory' in rep else '>= '
+    lines.append(f"verdict: {verdict}: peak {at_least}{_gib(peak)} of {_gib(rep['hbm_per_device'])} "
                  f"per device ({frac:.0%}, {how})")
   if 'step_time_s' in rep:
     lines.append(f"estimate at {rep['mfu']:.0%} MFU: step {rep['step_time_s']:.2f} s, "

@@ -1,6 +1,7 @@
 """Context parallelism (sktlm/context.py): a `context` mesh axis splits every sequence over 4 of the 8 simulated
 devices; losses and gradients equal the unsharded model's, for GQA and MLA, with packed rows."""
 
+import importlib.util
 import os
 
 import flax.linen as nn
@@ -17,7 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def config_for(attention, **over):
-  base = {'model.vocab_size': 384, 'model.n_layers': 2, 'model.d_model': 32, 'model.n_heads': 4,
+  base = {'model.vocab_size': 384, 'model.n_layers': 1, 'model.d_model': 32, 'model.n_heads': 4,
           'model.n_kv_heads': 2, 'model.d_ff': 48, 'data.seq_len': 16, 'model.z_loss': 1e-4,
           'model.attention_impl': 'blocked', 'model.attention_block': 2, **(MLA if attention == 'mla' else {})}
   base.update(over)
@@ -84,3 +85,17 @@ def test_sequence_must_divide_the_context_axis():
   config = config_for('gqa', **{'data.seq_len': 18, 'mesh.data': 2, 'mesh.context': 4})
   with pytest.raises(UserError, match='does not divide the context mesh axis'):
     train.build(config, sharding.make_mesh(config.mesh)).init_state(jax.random.PRNGKey(0))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec('libtpu') is None, reason="libtpu absent (pip install 'jax[tpu]==0.10.2')")
+def test_reduced_flagship_with_context_axis_compiles_for_v5p():
+  """The flagship's context-parallel path (MLA latents gathered over context=2) compiles for a v5p topology."""
+  from sktlm import plan
+  config = configs.load_config(os.path.join(
+      ROOT, 'experiments/flagship.py:layers=2,experts=8,top_k=2,fsdp=1,expert=2,context=2,batch=2,seq_len=2048,'
+      'block=128'))
+  target = plan.get_target('v5p:2x2x1')
+  rep = plan.plan(config, target)
+  assert rep['mesh']['context'] == 2 and rep['fits']
+  assert rep['traced_flops_per_device'] == pytest.approx(rep['analytic_flops_per_device'], rel=0.5)

@@ -85,6 +85,20 @@ def test_verdict_and_step_time():
   assert 'verdict: FITS' in text and '50% MFU' in text
 
 
+def test_compiler_refusal_is_a_does_not_fit_verdict():
+  """libtpu refuses to compile a step whose temporaries exceed HBM; `plan` reports that as DOES NOT FIT."""
+  msg = ('RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries (103.90G) '
+         'exceeds available HBM (95.74G).')
+  r = plan.compiler_refusal(jax.errors.JaxRuntimeError(msg))
+  assert r['temp'] == pytest.approx(103.90 * plan.GiB) and r['available'] == pytest.approx(95.74 * plan.GiB)
+  assert plan.compiler_refusal(jax.errors.JaxRuntimeError('INTERNAL: something else')) is None
+  rep = plan.plan(small_config(), plan.get_target('cpu:8', chip='v5p'), compile=False)
+  r['peak_at_least'] = r['temp'] + rep['state_bytes']['params'] + rep['state_bytes']['opt_state']
+  rep.update(compiler_refused=r, fits=False, headroom_bytes=rep['hbm_per_device'] - r['peak_at_least'])
+  text = plan.format_report(rep, 'pico')
+  assert 'refused by the compiler, temporaries 103.90 GiB' in text and 'verdict: DOES NOT FIT: peak >= ' in text
+
+
 def test_search_batch_finds_largest_fit():
   config = small_config(**{'mesh.data': 2})
   target = plan.get_target('cpu:2', chip='h100')
