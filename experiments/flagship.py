@@ -19,7 +19,8 @@ vocabulary 163,840; context 131,072. Choices here (counts: `python experiments/f
 - Training shape: sequence 4096 (DeepSeek-V3 pretrains at 4K and extends context afterwards), 2048
   sequences per step (8.4M tokens), bf16 compute, float32 parameters and AdamW moments, full remat.
 - Mesh for a v5p:8x16x16 slice (2048 chips): fsdp=32 x expert=64 (3 experts per device). Parameters shard
-  their `embed` axis over fsdp x context, so a context-parallel mesh still shards them over every device.
+  their `embed` (and MLA latent) axis over fsdp x context, so a context-parallel mesh still shards them over
+  every device.
 - Long context (131K): the `context` mesh axis splits each sequence (sktlm/context.py), e.g.
   `flagship.py:seq_len=131072,batch=64,fsdp=1,context=32,block=128` on the same slice: 64 sequences over the
   64 expert shards, each over 32 devices (4096 tokens per device, as at 4K).
@@ -76,7 +77,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.mesh.fsdp = arg.fsdp
   config.mesh.expert = arg.expert
   config.mesh.context = arg.context
-  config.sharding_rules = tuple(('embed', ('fsdp', 'context')) if name == 'embed' else (name, axes)
+  fsdp_axes = ('embed', 'q_lora', 'kv_lora')  # parameters shard over fsdp x context: every device holds 1/(f c)
+  config.sharding_rules = tuple((name, ('fsdp', 'context') if name in fsdp_axes else axes)
                                 for name, axes in config.sharding_rules)
   config.lock()
   return config

@@ -137,6 +137,8 @@ def get_config(size: str = 'tiny') -> ml_collections.ConfigDict:
       ('kv_heads', 'tensor'),
       ('vocab', 'tensor'),
       ('exp', 'expert'),
+      ('q_lora', 'fsdp'),       # MLA's latent axes: weights without an embed axis (wq_b, wk_b, wv_b) shard here
+      ('kv_lora', 'fsdp'),
       ('length', 'context'),
       ('act_heads', 'tensor'),
       ('act_kv_heads', 'tensor'),

@@ -169,9 +169,9 @@ def test_same_losses_on_one_device_and_on_mesh_shapes(shape):
   losses, state = train_losses(config, sharding.make_mesh(config.mesh), batch)
   np.testing.assert_allclose(losses, ref, rtol=2e-5)
   assert losses[-1] < losses[0]
-  # The weights really are split as the logical names say: heads over tensor, embed over fsdp.
+  # The weights really are split as the logical names say: heads over tensor, embed and the latents over fsdp.
   wq_b, wkv_a = state.params['layers']['attn']['wq_b'], state.params['layers']['attn']['wkv_a']
-  assert wq_b.sharding.spec == jax.sharding.PartitionSpec(None, None, 'tensor', None)  # [layers, Lq, H, K]
+  assert wq_b.sharding.spec == jax.sharding.PartitionSpec(None, 'fsdp', 'tensor', None)  # [layers, Lq, H, K]
   assert wkv_a.sharding.shard_shape(wkv_a.shape) == (2, 32 // f, 8)
 
 
