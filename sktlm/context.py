@@ -40,6 +40,7 @@ from jax.sharding import PartitionSpec as P
 
 from sktlm import attention
 from sktlm.errors import UserError
+from sktlm.sharding import constrain
 
 AXIS = 'context'
 NEG_INF = attention.NEG_INF
@@ -130,3 +131,24 @@ def _attend(q_BxQxHxK, k_BxTxGxK, v_BxTxGxK, seg_q_BxQ, seg_k_BxT, rows_Q):
   probs = jax.nn.softmax(att, axis=-1).astype(q_BxQxHxK.dtype)
   out = jnp.einsum('bgrqt,btgv->bqgrv', probs, v_BxTxGxK, preferred_element_type=jnp.float32)
   return out.astype(q_BxQxHxK.dtype).reshape(B, Q, H, v_BxTxGxK.shape[-1])
+
+
+def in_token_groups(ffn, x_BxTxD):
+  """ffn(x) -> (y, aux), run on each context shard's own tokens: [B, T, D] -> [B C, T / C, D], with 'batch' taken
+  as the batch mesh axes plus context and 'length' unsharded while ffn is traced (its constraints on flattened
+  tokens, e.g. ('batch', 'act_mlp'), would otherwise gather every sequence onto all C devices). MoE routing
+  groups (capacity per group) are then each shard's T / C tokens rather than whole rows. Identity for C = 1."""
+  n = context_size()
+  if n == 1:
+    return ffn(x_BxTxD)
+  B, T, D = x_BxTxD.shape
+  rules = tuple(nn.get_logical_axis_rules())
+  batch = dict(rules).get('batch')
+  batch = (batch,) if isinstance(batch, str) else tuple(batch or ())
+  grouped = (('batch', batch + (AXIS,)), ('length', None)) + tuple(r for r in rules if r[0] not in ('batch', 'length'))
+  names = ('batch', 'length', 'act_embed')
+  with nn.logical_axis_rules(grouped):
+    x_GxSxD = constrain(x_BxTxD.reshape(B * n, T // n, D), names)
+    y_GxSxD, aux = ffn(x_GxSxD)
+    y_GxSxD = constrain(y_GxSxD, names)
+  return constrain(y_GxSxD.reshape(B, T, D), names), aux

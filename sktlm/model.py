@@ -69,12 +69,13 @@ class Block(nn.Module):
     c = self.config
     attn_cls = MLAttention if c.attention == 'mla' else Attention
     h = x_BxTxD + attn_cls(c, name='attn')(RMSNorm(c, name='attn_norm')(x_BxTxD), positions_BxT, segment_ids_BxT)
-    y = RMSNorm(c, name='mlp_norm')(h)
     if self.use_moe:
       from sktlm.moe import MoEFeedForward  # floor 3 sibling; imported lazily so dense models never need it
-      y, aux = MoEFeedForward(c, name='moe')(y)
+      ffn = MoEFeedForward(c, name='moe')
     else:
-      y, aux = Mlp(c, d_ff=c.d_ff, name='mlp')(y), {}
+      mlp = Mlp(c, d_ff=c.d_ff, name='mlp')
+      ffn = lambda x: (mlp(x), {})  # noqa: E731
+    y, aux = context.in_token_groups(ffn, RMSNorm(c, name='mlp_norm')(h))
     out = constrain(h + y, ('batch', 'length', 'act_embed'))
     return out, aux
 

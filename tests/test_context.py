@@ -41,9 +41,14 @@ def loss_and_grads(config, mesh, params, batch):
   return float(loss), grads, jitted.lower(params, b).as_text()
 
 
-@pytest.mark.parametrize('attention', ['gqa', 'mla'])
+# mla_moe: a dense then a dropless MoE layer, whose feed-forward runs on each shard's tokens (in_token_groups).
+MOE = {'model.n_layers': 2, 'model.moe.num_experts': 4, 'model.moe.top_k': 2, 'model.moe.num_shared_experts': 1,
+       'model.moe.n_dense_layers': 1, 'model.moe.capacity_factor': 0.0}
+
+
+@pytest.mark.parametrize('attention', ['gqa', 'mla', pytest.param('mla_moe', marks=pytest.mark.slow)])
 def test_context_parallel_equals_unsharded(attention):
-  config = config_for(attention)
+  config = config_for(attention.removesuffix('_moe'), **(MOE if attention.endswith('_moe') else {}))
   m = model.make_model(config.model)
   params = nn.meta.unbox(m.init(jax.random.PRNGKey(0), np.zeros((1, 16), np.int32))['params'])
   batch = make_batch()  # row 0 packs two documents; the boundary (row 9) lies in context shard 2 of 4
@@ -98,4 +103,4 @@ def test_reduced_flagship_with_context_axis_compiles_for_v5p():
   target = plan.get_target('v5p:2x2x1')
   rep = plan.plan(config, target)
   assert rep['mesh']['context'] == 2 and rep['fits']
-  assert rep['traced_flops_per_device'] == pytest.approx(rep['analytic_flops_per_device'], rel=0.5)
+  assert rep['traced_flops_per_device'] == pytest.approx(rep['analytic_flops_per_device'], rel=0.25)
