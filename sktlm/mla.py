@@ -29,7 +29,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from sktlm import context, kernels
+from sktlm import context, kernels, mup
 from sktlm.errors import UserError
 from sktlm.layers import RMSNorm, dtype, param_init, rope
 from sktlm.sharding import constrain
@@ -86,7 +86,7 @@ class MLAttention(nn.Module):
     q_BxTxHxK = q_NxHK.reshape(B, T, H, N + R)
     q_rope = rope(q_BxTxHxK[..., N:], positions_BxT, c.rope_theta, jnp.float32)
     q_BxTxHxK = jnp.concatenate([q_BxTxHxK[..., :N].astype(jnp.float32), q_rope], axis=-1)
-    q_BxTxHxK = (q_BxTxHxK * (N + R) ** -0.5).astype(adt)
+    q_BxTxHxK = (q_BxTxHxK * mup.attention_scale(c, N + R)).astype(adt)  # SP: 1/sqrt(N + R)
 
     # The latents: what context parallelism all-gathers (length-replicated from here on when it is on).
     kv_len = context.kv_length_axis()
