@@ -95,6 +95,8 @@ def get_config(size: str = 'tiny') -> ml_collections.ConfigDict:
       async_checkpoint=True,
       init_from='',           # workdir of another run: start from its checkpoint (e.g. WSD decay branch)
       init_step=-1,           # which step of init_from (-1: latest)
+      init_from_hf='',        # Hugging Face Llama folder (config.json + safetensors): start from its weights with a
+                              # fresh optimizer and data stream; its shapes must match config.model (sktlm/hf.py)
   ))
 
   config.optim = ml_collections.ConfigDict(dict(

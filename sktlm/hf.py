@@ -1,5 +1,6 @@
 """Hugging Face interop for dense models: sktlm params <-> a `LlamaForCausalLM` folder (config.json,
-safetensors, generation_config.json). numpy + safetensors only: neither torch nor transformers is imported.
+safetensors, generation_config.json). numpy + safetensors: neither torch nor transformers is imported (jax
+only in `init_state`, which places imported weights into a train state for `train.init_from_hf`).
 
 Layouts. sktlm keeps wq [D, H, K], wk / wv [D, G, K], wo [H, K, D], wi_gate / wi_up [D, F], mlp wo [F, D],
 embedding [V, D], head [D, V]; a torch Linear weight is [out, in], so every matrix is reshaped to 2-D and
@@ -211,6 +212,30 @@ def check_importable(mc, cfg: dict) -> None:
   diff = [f'{k}: checkpoint {theirs[k]!r}, config {ours[k]!r}' for k in theirs if theirs[k] != ours[k]]
   if diff:
     raise UserError('HF checkpoint does not match config.model (set these keys to match): ' + '; '.join(diff))
+
+
+def init_state(config, setup):
+  """TrainState (step 0, fresh optimizer state) holding the weights of the HF folder config.train.init_from_hf,
+  laid out in setup's shardings; UserError when the checkpoint's shapes or function differ from config.model."""
+  import jax
+  import jax.numpy as jnp
+
+  from sktlm import train
+  path = config.train.init_from_hf
+  if config.train.init_from:
+    raise UserError('set train.init_from or train.init_from_hf, not both')
+  cfg, tensors = read_folder(path)
+  check_importable(config.model, cfg)
+  params = from_hf_tensors(config.model, tensors)
+  abstract = setup.abstract_state.params
+  if jax.tree.structure(params) != jax.tree.structure(abstract):
+    raise UserError(f'{path}: the imported parameter tree does not match this model (dense Llama layout only)')
+  params = jax.tree.map(lambda x, a: jax.make_array_from_callback(x.shape, a.sharding,
+                                                                   lambda idx, x=x, a=a: x[idx].astype(a.dtype)),
+                        params, abstract)
+  make = jax.jit(lambda p: train.TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=setup.tx.init(p)),
+                 out_shardings=setup.state_shardings)
+  return make(params)
 
 
 # --- the folder on disk ---

@@ -97,6 +97,9 @@ def _restore_or_init(config, setup, ckpt, it, rng):
     state, data_state = ckpt.restore(latest, setup.abstract_state)
     it.set_state(data_state)
     return state, latest, f'resumed from step {latest}'
+  if config.train.init_from_hf:  # weights from a Hugging Face Llama folder (sktlm/hf.py); step 0, fresh optimizer
+    from sktlm import hf
+    return hf.init_state(config, setup), 0, f'initialised from Hugging Face weights {config.train.init_from_hf}'
   if config.train.init_from:
     src = config.train.init_from
     src_ckpt_dir = os.path.join(src, 'checkpoints')

@@ -44,12 +44,23 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(_tuples(raw))
 
 
-def checkpoint_step(workdir: str, step: int | None) -> int:
+def _reader(workdir: str):
+  """A read-only Checkpointer; Orbax's warnings about read-only options are expected here, so hidden."""
+  from absl import logging
+
   from sktlm.checkpoint import Checkpointer
-  ckpt_dir = os.path.join(workdir, 'checkpoints')
-  if not os.path.isdir(ckpt_dir):
+  old = logging.get_verbosity()
+  logging.set_verbosity(logging.ERROR)
+  try:
+    return Checkpointer(os.path.join(workdir, 'checkpoints'), read_only=True, async_save=False)
+  finally:
+    logging.set_verbosity(old)
+
+
+def checkpoint_step(workdir: str, step: int | None) -> int:
+  if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
     raise UserError(f'{workdir}: no checkpoints/ folder (train the run first)')
-  ckpt = Checkpointer(ckpt_dir, read_only=True, async_save=False)
+  ckpt = _reader(workdir)
   steps = ckpt.all_steps()
   ckpt.close()
   if not steps:
@@ -61,12 +72,13 @@ def checkpoint_step(workdir: str, step: int | None) -> int:
   return step
 
 
-def load(workdir: str, step: int | None = None, mesh_cfg: dict | None = None, devices=None) -> LoadedRun:
-  """Restores params of checkpoint `step` (None: latest) onto a mesh (default: the run's config.mesh)."""
+def load(workdir: str, step: int | None = None, mesh_cfg: dict | None = None, devices=None,
+         batch_size: int | None = None) -> LoadedRun:
+  """Restores params of checkpoint `step` (None: latest) onto a mesh (default: the run's config.mesh);
+  `batch_size` (default: the run's) is what setup.eval_step is fed."""
   import jax
 
   from sktlm import data, sharding, train
-  from sktlm.checkpoint import Checkpointer
   config = read_config(workdir)
   step = checkpoint_step(workdir, step)
   tokenizer = data.get_tokenizer(config.data)
@@ -76,12 +88,17 @@ def load(workdir: str, step: int | None = None, mesh_cfg: dict | None = None, de
   if devices is None and all(int(v) > 0 for v in config.mesh.values()):  # fixed axes: the first devices
     devices = jax.devices()[:math.prod(int(v) for v in config.mesh.values())]
   mesh = sharding.make_mesh(config.mesh, devices)
-  if config.train.batch_size % sharding.batch_axis_size(mesh, sharding.logical_rules(config)):
-    with config.unlocked():  # the batch size only matters for the train step, which is not used here
-      config.train.batch_size = sharding.batch_axis_size(mesh, sharding.logical_rules(config))
-      config.train.grad_accum = 1
+  shards = sharding.batch_axis_size(mesh, sharding.logical_rules(config))
+  with config.unlocked():  # only the eval step uses the batch size here (never the train step)
+    if batch_size:
+      if batch_size % shards:
+        raise UserError(f'--batch_size={batch_size} does not divide the {shards} batch shards of the mesh')
+      config.train.batch_size = batch_size
+    elif config.train.batch_size % shards:
+      config.train.batch_size = shards
+    config.train.grad_accum = 1
   setup = train.build(config, mesh)
-  ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), read_only=True, async_save=False)
+  ckpt = _reader(workdir)
   state, _ = ckpt.restore(step, setup.abstract_state)
   ckpt.close()
   return LoadedRun(workdir=workdir, config=config, tokenizer=tokenizer, setup=setup, params=state.params,
