@@ -88,24 +88,25 @@ def test_logit_parity_with_transformers(tmp_path, variant):
   rng = np.random.default_rng(1)
   T = 3 * mc.attention_block + 5  # several attention blocks
   tokens = rng.integers(3, 259, (2, T))
-  ours, theirs = sktlm_logits(mc, params, tokens), hf_logits(m, tokens)
-  assert ours.std() > 0.3, 'logits too small for the tolerance to mean anything'
-  assert np.abs(ours - theirs).max() < TOL
-
-  # A packed row (two documents + padding) against each document alone in transformers.
+  # Row 3: a packed row (two documents + padding), compared against each document alone in transformers.
   lens = (29, 23)
   docs = [rng.integers(3, 259, n) for n in lens]
-  row = np.zeros(T, np.int64)
-  seg, pos = np.zeros(T, np.int32), np.zeros(T, np.int32)
+  row, seg, pos = np.zeros(T, np.int64), np.zeros(T, np.int32), np.zeros(T, np.int32)
   s = 0
   for i, d in enumerate(docs):
     row[s:s + len(d)], seg[s:s + len(d)], pos[s:s + len(d)] = d, i + 1, np.arange(len(d))
     s += len(d)
-  packed = sktlm_logits(mc, params, row[None], jnp.asarray(pos[None]), jnp.asarray(seg[None]))[0]
+  positions = np.concatenate([np.broadcast_to(np.arange(T, dtype=np.int32), (2, T)), pos[None]])
+  segments = np.concatenate([np.ones((2, T), np.int32), seg[None]])
+  all_logits = sktlm_logits(mc, params, np.concatenate([tokens, row[None]]), jnp.asarray(positions),
+                            jnp.asarray(segments))
+  ours, packed = all_logits[:2], all_logits[2]
+  theirs = hf_logits(m, tokens)
+  assert ours.std() > 0.3, 'logits too small for the tolerance to mean anything'
+  assert np.abs(ours - theirs).max() < TOL
   s = 0
   for d in docs:
-    alone = hf_logits(m, d[None])[0]
-    assert np.abs(packed[s:s + len(d)] - alone).max() < TOL
+    assert np.abs(packed[s:s + len(d)] - hf_logits(m, d[None])[0]).max() < TOL
     s += len(d)
 
   # Negative controls: the same comparison with a wrong mapping must fail.

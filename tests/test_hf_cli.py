@@ -108,3 +108,19 @@ def test_export_sample_eval_and_init_from_hf_on_a_trained_run(data_dir, tmp_path
 def test_bad_input_is_one_line(cmd, args, expect):
   r = run_cli(cmd, *args)
   assert r.returncode == 2 and expect in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_scaling_reads_eval_records(tmp_path):
+  """`sktlm scaling --loss=eval:NAME` takes each run's RUN/evals/NAME.json loss; runs without one are skipped."""
+  from sktlm.scaling import io
+  for i, loss in enumerate((3.0, 2.5, None)):
+    wd = tmp_path / f'run{i}'
+    (wd / 'evals').mkdir(parents=True)
+    (wd / 'summary.json').write_text(json.dumps({'status': 'done', 'params': {'non_embedding': 1e5 * (i + 1)},
+                                                 'tokens': 1e6, 'flops': {'exact': 1e12}, 'best_eval_loss': 9.0}))
+    if loss is not None:
+      (wd / 'evals' / 'ood.json').write_text(json.dumps({'loss': loss}))
+  data, warnings = io.select(io.load_sweep(str(tmp_path)), 'non_embedding', 'eval:ood', 'exact')
+  assert list(data['loss']) == [3.0, 2.5] and 'run2' in ' '.join(warnings)
+  r = run_cli('scaling', str(tmp_path), f'--out={tmp_path / "rep"}', '--loss=eval_ood')
+  assert r.returncode == 2 and 'eval:NAME' in r.stderr
