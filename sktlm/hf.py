@@ -30,8 +30,8 @@ NEUTRAL_KEYS = frozenset(('size', 'vocab_multiple', 'init_std', 'z_loss', 'dtype
 # config.model keys the Llama mapping reads.
 MAPPED_KEYS = frozenset(('n_layers', 'd_model', 'n_heads', 'n_kv_heads', 'head_dim', 'd_ff', 'vocab_size',
                          'rope_theta', 'norm_eps', 'tie_embeddings', 'moe'))
-# Values of an unknown key that mean "feature off" (a key added by another feature, left at its default).
-OFF_VALUES = (None, False, 0, 0.0, 1.0, '', 'none', 'default', 'standard', 'sp', 'mha', 'gqa')
+# Strings of an unknown key that mean "feature off" (a key added by another feature, left at its default).
+OFF_STRINGS = ('', 'none', 'default', 'standard', 'sp', 'mha', 'gqa')
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
 WEIGHTS = 'model.safetensors'
 INDEX = 'model.safetensors.index.json'
@@ -57,11 +57,20 @@ def check_exportable(mc) -> None:
     value = mc[key]
     items = [(f'{key}.{k}', v) for k, v in value.items()] if isinstance(value, dict) else [(key, value)]
     for name, v in items:
-      if not isinstance(v, (dict, list, tuple)) and v not in OFF_VALUES:
+      if not isinstance(v, (dict, list, tuple)) and not _is_off(v):
         raise UserError(f'cannot export: model.{name}={v!r} is a feature LlamaForCausalLM does not compute '
                         '(supported: dense Llama models)')
   if head_dim(mc) % 2:
     raise UserError(f'cannot export: head_dim={head_dim(mc)} is odd (RoPE needs pairs)')
+
+
+def _is_off(v) -> bool:
+  """None, False, 0, a 1.0 multiplier or an 'off' string: an unknown feature key left at its default."""
+  if v is None or isinstance(v, bool):
+    return not v
+  if isinstance(v, (int, float)):
+    return v == 0 or (isinstance(v, float) and v == 1.0)
+  return isinstance(v, str) and v.lower() in OFF_STRINGS
 
 
 def hf_config(mc, *, max_position_embeddings: int, tokenizer_vocab_size: int, bos_id: int = 1,
@@ -300,7 +309,7 @@ def write_folder(out: str, mc, params, *, max_position_embeddings: int, tokenize
   _write_json(os.path.join(out, 'config.json'), cfg)
   _write_json(os.path.join(out, 'generation_config.json'),
               {'bos_token_id': tokenizer.bos_id, 'eos_token_id': tokenizer.eos_id, 'pad_token_id': tokenizer.pad_id,
-               'do_sample': False, 'max_length': int(max_position_embeddings),
+               'do_sample': False,
                # the padding rows of the vocab are never real tokens
                'suppress_tokens': list(range(tokenizer.vocab_size, int(mc['vocab_size'])))})
   files += hf_tokenizer.export(tokenizer, out)
