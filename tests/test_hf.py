@@ -18,7 +18,7 @@ transformers = pytest.importorskip('transformers')
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from sktlm import base_config, hf, tokenizers  # noqa: E402
+from sktlm import base_config, evaluate, hf, tokenizers  # noqa: E402
 from sktlm import model as model_lib  # noqa: E402
 from sktlm.errors import UserError  # noqa: E402
 
@@ -187,11 +187,13 @@ def test_tokenizer_export_encodes_identically(tmp_path):
     from sktlm import hf_tokenizer
     hf_tokenizer.export(tok, str(out))
     ht = transformers.AutoTokenizer.from_pretrained(str(out), local_files_only=True)
+    nbytes = evaluate.token_bytes(tok, 512)
     n = 0
     for text in SAMPLES + texts[:4]:
       ids = tok.encode(text)
       assert ht(text, add_special_tokens=False)['input_ids'] == ids, (i, text[:30])
       assert ht(text)['input_ids'] == [tok.bos_id] + ids
       assert ht.decode(ids) == text
+      assert nbytes[ids].sum() == len(text.encode('utf-8'))  # sktlm eval's bits-per-byte denominator
       n += len(ids)
     assert n > 1000 and (ht.bos_token_id, ht.eos_token_id, ht.pad_token_id) == (tok.bos_id, tok.eos_id, tok.pad_id)
