@@ -158,6 +158,8 @@ def test_refusals():
   with pytest.raises(UserError, match='logit_multiplier'):
     hf.check_exportable(dict(small_model().to_dict(), logit_multiplier=2.0))
   hf.check_exportable(dict(small_model().to_dict(), logit_multiplier=1.0, mla=False))  # features left off
+  with pytest.raises(UserError, match="parametrization='mup'"):
+    hf.check_exportable(small_model(parametrization='mup', base_width=32))
   with pytest.raises(UserError, match='mla=True'):
     hf.check_exportable(dict(small_model().to_dict(), mla=True))
   with pytest.raises(UserError, match='attention.kind=.mla.'):
