@@ -58,7 +58,7 @@ def evaluate(run, data_cfg, *, split: str = 'validation', max_batches: int = 0, 
   pending = None
   for k, batch in enumerate(batches):
     n_bytes += float(np.sum(batch['weights'] * nbytes_of[batch['targets']]))
-    out = run.setup.eval_step(run.params, train.device_batch(batch, run.setup, B))
+    out = run.setup.eval_step(run.state, train.device_batch(batch, run.setup, B))
     if pending is not None:  # fetch the previous batch's sums while this one runs
       loss_sum, weight_sum = loss_sum + float(pending['loss_sum']), weight_sum + float(pending['weight_sum'])
     pending = out

@@ -23,6 +23,7 @@ class LoadedRun:
   setup: Any      # sktlm.train.Setup on the chosen mesh
   params: Any     # restored params, laid out by setup.state_shardings.params
   step: int
+  state: Any = None  # the whole restored TrainState (setup.eval_step takes it)
 
 
 def _tuples(x):
@@ -102,7 +103,7 @@ def load(workdir: str, step: int | None = None, mesh_cfg: dict | None = None, de
   state, _ = ckpt.restore(step, setup.abstract_state)
   ckpt.close()
   return LoadedRun(workdir=workdir, config=config, tokenizer=tokenizer, setup=setup, params=state.params,
-                   step=step)
+                   step=step, state=state)
 
 
 def single_device_mesh() -> dict:

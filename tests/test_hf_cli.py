@@ -95,7 +95,7 @@ def test_export_sample_eval_and_init_from_hf_on_a_trained_run(data_dir, tmp_path
   first = [json.loads(x) for x in open(os.path.join(wd2, 'metrics.jsonl'))][0]
   from sktlm import data
   batch = next(data.make_train_iter(config2.data, batch_size=8, seed=config2.seed))
-  sums = run.setup.eval_step(run.params, train.device_batch(batch, run.setup, 8))
+  sums = run.setup.eval_step(run.state, train.device_batch(batch, run.setup, 8))
   assert abs(first['loss'] - float(sums['loss_sum']) / float(sums['weight_sum'])) < 1e-5
   assert first['loss'] < 5.2  # from scratch: ~ln(384) = 5.95
 
