@@ -62,3 +62,15 @@ def _attend(q_BxQxHxK, k_BxSxGxK, v_BxSxGxK, seg_q_BxQ, seg_k_BxS, q_offset: int
   att = jnp.where(mask_Bx1xQxS[:, :, None], att, NEG_INF)
   probs = jax.nn.softmax(att, axis=-1).astype(cdt)
   return jnp.einsum('bngqk,bknd->bqngd', probs, v_BxSxGxK).reshape(B, Q, H, K)
+
+
+def cached_attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, index):
+  """Decoding against a KV cache: queries at slots index..index+T-1 attend to the cache slots <= their own
+  (later slots are unwritten or stale). One document per row, so no segment mask. Float32 scores."""
+  B, T, H, K = q_BxTxHxK.shape
+  S, G = k_BxSxGxK.shape[1], k_BxSxGxK.shape[2]
+  mask_TxS = (index + jnp.arange(T))[:, None] >= jnp.arange(S)[None, :]
+  q_BxTxGxRxK = q_BxTxHxK.reshape(B, T, G, H // G, K)
+  att = jnp.einsum('btgrk,bsgk->bgrts', q_BxTxGxRxK, k_BxSxGxK, preferred_element_type=jnp.float32)
+  probs = jax.nn.softmax(jnp.where(mask_TxS, att, NEG_INF), axis=-1).astype(q_BxTxHxK.dtype)
+  return jnp.einsum('bgrts,bsgk->btgrk', probs, v_BxSxGxK).reshape(B, T, H, K)

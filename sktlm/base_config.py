@@ -108,6 +108,8 @@ def get_config(size: str = 'tiny') -> ml_collections.ConfigDict:
                               # spike_window step losses rolls back to the last checkpoint, skipping the batches
       spike_window=50,        # step losses in the running window (the check starts once it is full)
       spike_max_rollbacks=3,  # more spikes than this in one attempt stop the run as diverged
+      init_from_hf='',        # Hugging Face Llama folder (config.json + safetensors): start from its weights with a
+                              # fresh optimizer and data stream; its shapes must match config.model (sktlm/hf.py)
   ))
 
   config.optim = ml_collections.ConfigDict(dict(

@@ -149,6 +149,9 @@ def restore_or_init(p: Prepared, ckpt: Checkpointer):
     state, data_state = ckpt.restore(latest, setup.abstract_state)
     p.it.set_state(data_state)
     return state, latest, f'resumed from step {latest}'
+  if config.train.init_from_hf:  # weights from a Hugging Face Llama folder (sktlm/hf.py); step 0, fresh optimizer
+    from sktlm import hf
+    return hf.init_state(config, setup), 0, f'initialised from Hugging Face weights {config.train.init_from_hf}'
   if config.train.init_from:
     return _init_from_run(p)
   return setup.init_state(jax.random.PRNGKey(config.seed)), 0, 'initialised from scratch'

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from sktlm import context, flops, kernels, mup
+from sktlm import attention, context, flops, kernels, mup
 from sktlm.layers import Mlp, RMSNorm, dtype, param_init, rope
 from sktlm.mla import MLAttention
 from sktlm.sharding import constrain
@@ -22,6 +22,7 @@ from sktlm.sharding import constrain
 
 class Attention(nn.Module):
   config: object
+  decode: bool = False  # KV cache in the 'cache' collection (sktlm/decode.py)
 
   @nn.compact
   def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT):
@@ -52,23 +53,42 @@ class Attention(nn.Module):
     k_BxTxGxK = constrain(k_BxTxGxK, ('batch', 'length', 'act_kv_heads', 'kv'))
     v_BxTxGxK = constrain(v_BxTxGxK, ('batch', 'length', 'act_kv_heads', 'kv'))
 
-    out_BxTxHxK = context.causal_attention(ops.causal_attention, q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, segment_ids_BxT,
-                                           block=c.attention_block).astype(cdt)
+    out_BxTxHxK = self._cached(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK) if self.decode else None
+    if out_BxTxHxK is None:
+      out_BxTxHxK = context.causal_attention(ops.causal_attention, q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, segment_ids_BxT,
+                                             block=c.attention_block)
+    out_BxTxHxK = out_BxTxHxK.astype(cdt)
     out_BxTxHxK = constrain(out_BxTxHxK, ('batch', 'length', 'act_heads', 'kv'))
     out_BxTxD = ops.dense(out_BxTxHxK.reshape(B * T, H * K), wo.reshape(H * K, D)).reshape(B, T, D)
     return constrain(out_BxTxD, ('batch', 'length', 'act_embed'))
+
+  def _cached(self, q_BxTxHxK, k_BxTxGxK, v_BxTxGxK):
+    """KV cache: init (model.init on a B x S input) creates B x S x G x K buffers and returns None (plain
+    attention); later calls write this chunk's keys/values at slots index.. and attend to the slots <= each
+    query's own. The caller keeps RoPE positions equal to slots (sktlm/decode.py)."""
+    ck = self.variable('cache', 'k', jnp.zeros, k_BxTxGxK.shape, k_BxTxGxK.dtype)
+    cv = self.variable('cache', 'v', jnp.zeros, v_BxTxGxK.shape, v_BxTxGxK.dtype)
+    index = self.variable('cache', 'index', lambda: jnp.zeros((), jnp.int32))
+    if self.is_initializing():
+      return None
+    ck.value = jax.lax.dynamic_update_slice(ck.value, k_BxTxGxK, (0, index.value, 0, 0))
+    cv.value = jax.lax.dynamic_update_slice(cv.value, v_BxTxGxK, (0, index.value, 0, 0))
+    out = attention.cached_attention(q_BxTxHxK, ck.value, cv.value, index.value)
+    index.value = index.value + q_BxTxHxK.shape[1]
+    return out
 
 
 class Block(nn.Module):
   """One pre-norm decoder layer. Returns (x, aux) so it can be the body of nn.scan."""
   config: object
   use_moe: bool = False
+  decode: bool = False
 
   @nn.compact
   def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT):
     c = self.config
-    attn_cls = MLAttention if c.attention == 'mla' else Attention
-    h = x_BxTxD + attn_cls(c, name='attn')(RMSNorm(c, name='attn_norm')(x_BxTxD), positions_BxT, segment_ids_BxT)
+    attn = MLAttention(c, name='attn') if c.attention == 'mla' else Attention(c, self.decode, name='attn')
+    h = x_BxTxD + attn(RMSNorm(c, name='attn_norm')(x_BxTxD), positions_BxT, segment_ids_BxT)
     if self.use_moe:
       from sktlm.moe import MoEFeedForward  # floor 3 sibling; imported lazily so dense models never need it
       ffn = MoEFeedForward(c, name='moe')
@@ -105,6 +125,7 @@ def scan_unroll(config, n_layers: int) -> int:
 class Transformer(nn.Module):
   """`config` is config.model as a FrozenConfigDict (hashable), with a resolved vocab_size."""
   config: ml_collections.FrozenConfigDict
+  decode: bool = False  # KV-cached attention (sktlm/decode.py); the 'cache' collection is made by init
 
   @nn.compact
   def __call__(self, tokens_BxT, positions_BxT=None, segment_ids_BxT=None):
@@ -127,16 +148,17 @@ class Transformer(nn.Module):
     aux_all = {}
     for name, n, use_moe in flops.layer_groups(c):
       if c.scan_layers:
-        # MoE routing biases and loads (sktlm/moe.py) are per layer too.
-        stack = nn.scan(block_cls, variable_axes={'params': 0, 'moe_bias': 0, 'moe_load': 0},
+        # MoE routing biases and loads (sktlm/moe.py) and the decode KV cache (sktlm/decode.py) are per layer too.
+        stack = nn.scan(block_cls, variable_axes={'params': 0, 'moe_bias': 0, 'moe_load': 0, 'cache': 0},
                         split_rngs={'params': True},
                         in_axes=(nn.broadcast, nn.broadcast), length=n,
                         metadata_params={nn.PARTITION_NAME: 'layers'}, unroll=scan_unroll(c, n))
-        x_BxTxD, aux = stack(c, use_moe, name=name)(x_BxTxD, positions_BxT, segment_ids_BxT)
+        x_BxTxD, aux = stack(c, use_moe, self.decode, name=name)(x_BxTxD, positions_BxT, segment_ids_BxT)
       else:
         auxes = []
         for i in range(n):
-          x_BxTxD, a = block_cls(c, use_moe, name=f'{name}_{i}')(x_BxTxD, positions_BxT, segment_ids_BxT)
+          x_BxTxD, a = block_cls(c, use_moe, self.decode, name=f'{name}_{i}')(x_BxTxD, positions_BxT,
+                                                                             segment_ids_BxT)
           auxes.append(a)
         aux = jax.tree.map(lambda *xs: jnp.stack(xs), *auxes) if auxes and auxes[0] else {}
       for k, v in aux.items():
@@ -155,5 +177,5 @@ class Transformer(nn.Module):
     return constrain(logits_BxTxV, ('batch', 'length', 'act_vocab')), aux_all
 
 
-def make_model(model_cfg) -> Transformer:
-  return Transformer(ml_collections.FrozenConfigDict(model_cfg))
+def make_model(model_cfg, decode: bool = False) -> Transformer:
+  return Transformer(ml_collections.FrozenConfigDict(model_cfg), decode)

@@ -14,9 +14,10 @@ from sktlm.errors import UserError
 _OUT = flags.DEFINE_string('out', None, 'output folder for report.md, fits.json and the plots')
 _N = flags.DEFINE_enum('n', 'non_embedding', ['non_embedding', 'total', 'active'],
                        'parameter count used as N (non_embedding: Kaplan et al.; active: MoE per-token)')
-_LOSS = flags.DEFINE_enum('loss', 'best_eval', ['best_eval', 'final_eval', 'final_train'], 'loss per run')
+_LOSS = flags.DEFINE_string('loss', 'best_eval', 'loss per run: best_eval | final_eval | final_train | eval:NAME '
+                            '(the `sktlm eval` record RUN/evals/NAME.json)')
 _FLOPS = flags.DEFINE_string('flops', 'exact', 'FLOP convention of every compute quantity in the report: exact '
-                              '(model FLOPs: 6N + full TxT attention, as MFU) or 6n (see sktlm/flops.py)')
+                             '(model FLOPs: 6N + full TxT attention, as MFU) or 6n (see sktlm/flops.py)')
 _BACKTEST = flags.DEFINE_integer('backtest', -1, 'fit on all but the K largest sizes (or compute budgets) and '
                                  'predict those; -1: 1 when there are >= 4 sizes (budgets), else none; 0: none')
 _TARGET_PARAMS = flags.DEFINE_float('target_params', None, 'predict the loss of a model with this N')
@@ -47,6 +48,8 @@ def main(argv):
                   ('target_flops', _TARGET_FLOPS.value), ('huber_delta', _DELTA.value)):
     if v is not None and not v > 0:
       raise UserError(f'--{name} must be > 0, got {v}')
+  if _LOSS.value not in ('best_eval', 'final_eval', 'final_train') and not _LOSS.value.startswith('eval:'):
+    raise UserError(f'--loss must be best_eval, final_eval, final_train or eval:NAME, got {_LOSS.value!r}')
   if _TARGET_TOKENS.value and not _TARGET_PARAMS.value:
     raise UserError('--target_tokens needs --target_params')
   if _BOOTSTRAP.value < 0:

@@ -18,7 +18,8 @@ from sktlm.data import packing, pipeline, sources
 from sktlm.data.pipeline import DataIterator
 from sktlm.errors import UserError
 
-__all__ = ['DataIterator', 'get_tokenizer', 'make_train_iter', 'make_eval_batches', 'prepare', 'info']
+__all__ = ['DataIterator', 'get_tokenizer', 'make_train_iter', 'make_eval_batches', 'iter_eval_batches', 'prepare',
+           'info']
 
 
 def get_tokenizer(data_cfg) -> tokenizers.Tokenizer:
@@ -64,6 +65,17 @@ def make_eval_batches(data_cfg, *, batch_size: int, num_batches: int, process_in
   rows = pipeline.PackedRows(stream, src, 'validation', tok, batch_size, process_index, process_count)
   b = batch_size // process_count
   return [pipeline._batch_fn([rows[k * b + i] for i in range(b)]) for k in range(num_batches)]
+
+
+def iter_eval_batches(data_cfg, *, batch_size: int, split: str = 'validation', max_batches: int = 0):
+  """(number of batches, iterator over them): one unshuffled pass over `split` (all of it, or the first
+  max_batches batches), the last batch padded (weight 0). Single host (`sktlm eval`)."""
+  _check_batch(batch_size, 0, 1, data_cfg.seq_len)
+  tok, src, stream = _stream(data_cfg, split, 0, train=False)
+  rows = pipeline.PackedRows(stream, src, split, tok, batch_size, 0, 1)
+  n = -(-stream.num_rows // batch_size)
+  n = min(n, max_batches) if max_batches > 0 else n
+  return n, (pipeline._batch_fn([rows[k * batch_size + i] for i in range(batch_size)]) for k in range(n))
 
 
 def prepare(data_cfg, allow_download: bool = False) -> float:

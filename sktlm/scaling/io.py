@@ -150,9 +150,25 @@ def load_sweep(path: str, label: str | None = None) -> Sweep:
   return Sweep(label, path, rows, 'workdirs')
 
 
+def loss_column(loss_key: str) -> str:
+  """Row column of a --loss choice; 'eval:NAME' is `sktlm eval`'s record W/evals/NAME.json."""
+  return LOSS_COLUMNS.get(loss_key, loss_key)
+
+
+def _eval_loss(workdir: str, name: str) -> float:
+  try:
+    with open(os.path.join(workdir, 'evals', f'{name}.json')) as f:
+      return _float(json.load(f).get('loss'))
+  except (OSError, json.JSONDecodeError, AttributeError):
+    return math.nan
+
+
 def select(sweep: Sweep, n_key: str, loss_key: str, flops_key: str) -> tuple[dict[str, np.ndarray], list[str]]:
   """Arrays of the done runs with usable values: name, N, D, C, loss, budget, row index; and warnings."""
-  n_col, loss_col, c_col = N_COLUMNS[n_key], LOSS_COLUMNS[loss_key], FLOPS_COLUMNS[flops_key]
+  n_col, loss_col, c_col = N_COLUMNS[n_key], loss_column(loss_key), FLOPS_COLUMNS[flops_key]
+  if loss_key.startswith('eval:'):  # sktlm eval records beside each run
+    for r in sweep.rows:
+      r[loss_col] = _eval_loss(r['workdir'], loss_key[5:]) if r['workdir'] else math.nan
   warnings = []
   statuses: dict[str, int] = {}
   keep, bad_vals, c_fallback = [], [], 0

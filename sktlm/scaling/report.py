@@ -308,7 +308,7 @@ def _runs_table(a: SweepAnalysis) -> list[str]:
       marks += ['L(N,D)'] if a.fits.get('L(N,D)') is not None else []
       marks += ['held out in backtest'] if gi in held else []
     else:
-      n, c, loss = r[io.N_COLUMNS[o.n_key]], r[io.FLOPS_COLUMNS[o.flops_key]], r[io.LOSS_COLUMNS[o.loss_key]]
+      n, c, loss = r[io.N_COLUMNS[o.n_key]], r[io.FLOPS_COLUMNS[o.flops_key]], r[io.loss_column(o.loss_key)]
     lines.append(f"| {r['name']} | {r['status']} | {_g(n, 3)} | {_g(r['tokens'], 3)} | {_g(c, 3)} | "
                  f"{_g(loss)} | {' '.join(marks) if j is not None else '-'} |")
   return lines

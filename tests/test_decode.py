@@ -1,0 +1,134 @@
+"""KV-cached decoding (sktlm/decode.py) against the plain model's full forward passes.
+
+The reference: the uncached model run on the whole sequence (prompt + generated tokens): by causality its
+logits at position t are what a fresh full forward pass over tokens[:t+1] gives. Negative controls show the
+comparison catches a wrong RoPE offset and a wrong cache slot.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sktlm import base_config, decode, sharding, train
+from sktlm import model as model_lib
+
+TOL = 1e-4
+
+
+def small_model(**over):
+  mc = base_config.get_config('pico').model
+  mc.update(dict(n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, d_ff=96, vocab_size=384, init_std=0.1,
+                 attention_block=8))
+  mc.update(over)
+  return mc
+
+
+def random_params(mc, seed=0):
+  m = model_lib.make_model(mc)
+  params = nn.meta.unbox(jax.jit(lambda r: m.init(r, jnp.zeros((1, 8), jnp.int32))['params'])(jax.random.PRNGKey(seed)))
+  rng = np.random.default_rng(seed)  # non-trivial norm scales
+  return jax.tree_util.tree_map_with_path(
+      lambda p, x: jnp.asarray(rng.uniform(0.5, 1.5, x.shape), jnp.float32) if 'scale' in jax.tree_util.keystr(p)
+      else x, params)
+
+
+def full_logits(mc, params, tokens_BxT):
+  return np.asarray(jax.jit(model_lib.make_model(mc).apply)({'params': params}, jnp.asarray(tokens_BxT))[0])
+
+
+@pytest.fixture(scope='module')
+def model():
+  mc = small_model()
+  return mc, random_params(mc)
+
+
+def test_greedy_equals_full_forward_argmax_also_sharded(model):
+  mc, params = model
+  P, N = 19, 24  # the prompt spans three attention blocks
+  prompt = np.random.default_rng(0).integers(3, 259, (2, P))
+  opts = decode.SamplingOptions(max_new_tokens=N, temperature=0.0, vocab_limit=259, keep_logits=True)
+  toks, lens, step_logits = decode.Sampler(mc, 2, P, opts)(params, prompt, jax.random.PRNGKey(0))
+  assert toks.shape == (2, N) and list(lens) == [N, N]
+  ref = full_logits(mc, params, np.concatenate([prompt, toks], 1))[:, P - 1:-1]
+  assert np.abs(step_logits - ref).max() < TOL
+  assert (ref[..., :259].argmax(-1) == toks).all()
+  assert len(set(toks.ravel().tolist())) > 5  # not a degenerate repetition
+
+  # The same on a mesh that shards the params (fsdp x tensor) as training does.
+  config = base_config.get_config('pico')
+  config.model = mc
+  config.mesh.update(data=2, fsdp=2, tensor=2)
+  mesh = sharding.make_mesh(config.mesh)
+  setup = train.build(config, mesh)
+  sharded = jax.device_put(params, setup.state_shardings.params)
+  assert not sharded['layers']['attn']['wq'].sharding.is_fully_replicated
+  toks2, _, logits2 = decode.Sampler(mc, 2, P, opts, mesh, setup.rules)(sharded, prompt, jax.random.PRNGKey(0))
+  np.testing.assert_array_equal(toks2, toks)
+  assert np.abs(logits2 - step_logits).max() < TOL
+
+
+def test_wrong_rope_offset_or_cache_slot_is_caught(model):
+  """One decode step by hand: right position and slot match the full forward; a shifted RoPE position or a
+  shifted cache slot does not (what a bug in decode.py's bookkeeping would do)."""
+  mc, params = model
+  P = 11
+  seq = np.random.default_rng(1).integers(3, 259, (1, P + 1))
+  ref = full_logits(mc, params, seq)[0, P]
+  sampler = decode.Sampler(mc, 1, P, decode.SamplingOptions(max_new_tokens=4))
+  _, cache = sampler.prefill(params, jnp.asarray(seq[:, :P]))
+  m = model_lib.make_model(mc, decode=True)
+
+  @jax.jit
+  def step(position, slot):
+    c = jax.tree_util.tree_map_with_path(
+        lambda p, x: jnp.full_like(x, slot) if 'index' in jax.tree_util.keystr(p) else x, cache)
+    (logits, _), _ = m.apply({'params': params, 'cache': c}, jnp.asarray(seq[:, P:]), jnp.full((1, 1), position),
+                             mutable=['cache'])
+    return logits[0, 0]
+
+  assert np.abs(step(P, P) - ref).max() < TOL
+  assert np.abs(step(P + 1, P) - ref).max() > 100 * TOL  # RoPE offset off by one
+  assert np.abs(step(P, P + 1) - ref).max() > 100 * TOL  # cache slot off by one (a stale zero key is seen)
+  assert np.abs(step(P, P - 1) - ref).max() > 100 * TOL  # overwrites the last prompt key
+
+
+def test_stop_at_end_of_document(model):
+  mc, params = model
+  prompt = np.random.default_rng(2).integers(3, 259, (1, 5))
+  greedy = decode.SamplingOptions(max_new_tokens=12, temperature=0.0, vocab_limit=259)
+  toks, _, _ = decode.Sampler(mc, 1, 5, greedy)(params, prompt, jax.random.PRNGKey(0))
+  eos = int(toks[0, 4])  # pretend the 5th generated token ends the document
+  first = int(np.argmax(toks[0] == eos))
+  stop = decode.SamplingOptions(max_new_tokens=12, temperature=0.0, vocab_limit=259, eos_id=eos, pad_id=0)
+  toks2, lens, _ = decode.Sampler(mc, 1, 5, stop)(params, prompt, jax.random.PRNGKey(0))
+  assert int(lens[0]) == first + 1
+  np.testing.assert_array_equal(toks2[0, :first + 1], toks[0, :first + 1])
+  assert (toks2[0, first + 1:] == 0).all()
+
+
+def test_sampling_distribution_top_k_top_p():
+  """Frequencies over 20000 draws against the renormalised softmax (6 sigma), masks exact."""
+  logits = np.log(np.array([0.4, 0.25, 0.15, 0.1, 0.06, 0.04], np.float32))
+  n = 20000
+  batch = jnp.asarray(np.tile(logits, (n, 1)))
+
+  def freqs(**kw):
+    opts = decode.SamplingOptions(**kw)
+    ids = np.asarray(decode.sample_logits(batch, jax.random.PRNGKey(0), opts))  # eager: no compile per option
+    return np.bincount(ids, minlength=6) / n
+
+  def check(f, keep, temperature=1.0):
+    p = np.zeros(6)
+    p[keep] = np.exp(logits[keep] / temperature)
+    p /= p.sum()
+    assert np.all(np.abs(f - p) <= 6 * np.sqrt(p * (1 - p) / n) + 1e-9), (f, p)
+
+  check(freqs(), list(range(6)))
+  check(freqs(temperature=0.5), list(range(6)), 0.5)
+  check(freqs(top_k=3), [0, 1, 2])
+  check(freqs(top_p=0.7), [0, 1, 2])     # 0.4 + 0.25 < 0.7 <= 0.8
+  check(freqs(top_p=0.6), [0, 1])        # 0.4 + 0.25 reaches 0.6
+  check(freqs(vocab_limit=4), [0, 1, 2, 3])
+  assert freqs(temperature=0.0)[0] == 1.0
