@@ -25,7 +25,7 @@ main: setup
 	@echo "report: $(SWEEP_DIR)/report/report.md"
 
 test: setup-test
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -n 2 -m "not slow"
 
 # AOT compile of a reduced flagship for a v5p topology: needs libtpu (684 MB), kept out of the venv so that
 # ordinary jax processes do not probe for TPUs.

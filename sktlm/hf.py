@@ -27,7 +27,8 @@ from sktlm.errors import UserError
 # config.model keys that change neither the function nor the parameter layout.
 NEUTRAL_KEYS = frozenset(('size', 'vocab_multiple', 'init_std', 'z_loss', 'dtype', 'param_dtype', 'scan_layers',
                           'scan_unroll', 'remat', 'attention_dtype', 'attention_impl', 'attention_block', 'kernels',
-                          'base_width'))  # base_width: read only under muP, refused below
+                          'base_width', 'mla'))  # base_width: read only under muP; mla: only under attention=mla;
+                                                 # both refused below
 # config.model keys the Llama mapping reads.
 MAPPED_KEYS = frozenset(('n_layers', 'd_model', 'n_heads', 'n_kv_heads', 'head_dim', 'd_ff', 'vocab_size',
                          'rope_theta', 'norm_eps', 'tie_embeddings', 'moe'))
@@ -54,6 +55,9 @@ def check_exportable(mc) -> None:
   if moe.get('num_experts', 0) > 0:
     raise UserError(f"cannot export a MoE model (model.moe.num_experts={moe['num_experts']}) as "
                     'LlamaForCausalLM; only dense models are supported')
+  if mc.get('attention', 'gqa') != 'gqa':
+    raise UserError(f"cannot export model.attention={mc['attention']!r} as LlamaForCausalLM (only grouped-query "
+                    'attention; multi-head latent attention has no Llama equivalent)')
   if mc.get('parametrization', 'sp') != 'sp':
     raise UserError(f"cannot export model.parametrization={mc['parametrization']!r}: its attention scale and logit "
                     'multiplier are not LlamaForCausalLM\'s (only sp models can be exported)')

@@ -25,7 +25,7 @@ MESH_AXES = ('data', 'fsdp', 'expert', 'context', 'tensor')
 
 
 def mesh_shape(mesh_cfg, n_devices: int) -> tuple[int, ...]:
-  sizes = {a: int(mesh_cfg[a]) for a in MESH_AXES}
+  sizes = {a: int(mesh_cfg.get(a, 1)) for a in MESH_AXES}  # an axis left out has size 1
   fill = [a for a, s in sizes.items() if s == -1]
   if len(fill) > 1:
     raise UserError(f"mesh: at most one axis may be -1 (fill); got {', '.join(fill)}")

@@ -83,9 +83,10 @@ def _moe_terms(config, aux):
 def make_loss_fn(config, model):
   z_coef = config.model.z_loss
 
-  def loss_fn(params, model_state, batch, denom):
-    """Loss normalised by `denom` (target tokens in the whole global batch), so micro-batch grads add up."""
-    (logits, aux), loads = model.apply({'params': params, **model_state}, batch['inputs'], batch['positions'],
+  def loss_fn(params, batch, denom, model_state=None):
+    """Loss normalised by `denom` (target tokens in the whole global batch), so micro-batch grads add up.
+    `model_state`: the non-parameter collections (MoE routing biases), {} or None for dense models."""
+    (logits, aux), loads = model.apply({'params': params, **(model_state or {})}, batch['inputs'], batch['positions'],
                                        batch['segment_ids'], mutable=[moe_lib.LOAD_COLLECTION])
     ce_sum, z_sum = cross_entropy(logits, batch['targets'], batch['weights'])
     moe_extra, moe_stats = _moe_terms(config, aux)
@@ -117,18 +118,18 @@ def make_train_step(config, model, tx, schedule, batch_sharding):
   def train_step(state: TrainState, batch):
     denom = jnp.maximum(jnp.sum(batch['weights']), 1.0)
     if n_micro == 1:
-      (_, aux), grads = grad_fn(state.params, state.model_state, batch, denom)
+      (_, aux), grads = grad_fn(state.params, batch, denom, state.model_state)
     else:
       micro = _microbatches(batch, n_micro)
 
       def body(acc, mb):
         mb = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, batch_sharding), mb)
-        (_, aux), g = grad_fn(state.params, state.model_state, mb, denom)
+        (_, aux), g = grad_fn(state.params, mb, denom, state.model_state)
         return jax.tree.map(jnp.add, acc, (g, aux)), None
 
       zero_g = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
       zero_aux = jax.eval_shape(
-          lambda: grad_fn(state.params, state.model_state, jax.tree.map(lambda x: x[0], micro), denom)[0][1])
+          lambda: grad_fn(state.params, jax.tree.map(lambda x: x[0], micro), denom, state.model_state)[0][1])
       zero_aux = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero_aux)
       (grads, aux), _ = jax.lax.scan(body, (zero_g, zero_aux), micro)
       aux = {k: (v if k == 'ce_sum' else jax.tree.map(lambda a: a / n_micro, v)) for k, v in aux.items()}

@@ -157,13 +157,13 @@ def test_refusals():
     hf.check_exportable(mc)
   with pytest.raises(UserError, match='logit_multiplier'):
     hf.check_exportable(dict(small_model().to_dict(), logit_multiplier=2.0))
-  hf.check_exportable(dict(small_model().to_dict(), logit_multiplier=1.0, mla=False))  # features left off
+  hf.check_exportable(dict(small_model().to_dict(), logit_multiplier=1.0, use_bias=False))  # features left off
   with pytest.raises(UserError, match="parametrization='mup'"):
     hf.check_exportable(small_model(parametrization='mup', base_width=32))
-  with pytest.raises(UserError, match='mla=True'):
-    hf.check_exportable(dict(small_model().to_dict(), mla=True))
-  with pytest.raises(UserError, match='attention.kind=.mla.'):
-    hf.check_exportable(dict(small_model().to_dict(), attention={'kind': 'mla', 'rank': 0}))
+  with pytest.raises(UserError, match="attention='mla'"):
+    hf.check_exportable(small_model(attention='mla'))
+  with pytest.raises(UserError, match='use_bias=True'):
+    hf.check_exportable(dict(small_model().to_dict(), use_bias=True))
   cfg = hf.hf_config(small_model(), max_position_embeddings=64, tokenizer_vocab_size=259)
   with pytest.raises(UserError, match='n_kv_heads: checkpoint 2, config 4'):
     hf.check_importable(small_model(n_kv_heads=4), cfg)
