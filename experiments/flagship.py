@@ -12,10 +12,11 @@ vocabulary 163,840; context 131,072. Choices here (counts: `python experiments/f
   128 + 64 query/key dims per head, 128 value dims; ~101M attention weights per layer, a 576-value KV cache
   per token per layer. Counts: 519.0B total / 32.8B active against the published ~519B / ~33B.
 - Dense first layer: SwiGLU d_ff 18432 (DeepSeek-V3's dense width).
-- Routing: sigmoid gates with top-k renormalisation (DeepSeek-V3); their auxiliary-loss-free bias balancing
-  is not implemented, so a small Switch load-balancing loss (1e-4, DeepSeek-V3's sequence-wise coefficient)
-  stands in. Capacity factor 1.25 (token dropping) so that experts shard over the `expert` mesh axis with
-  all-to-all token exchange; DeepSeek-V3 trains dropless (capacity_factor=0 here, not expert-parallel).
+- Routing as DeepSeek-V3: sigmoid gates with top-k renormalisation, auxiliary-loss-free balancing (a per-expert
+  bias for top-k selection only, updated by 1e-3 x sign of the load error after each step; sktlm/moe.py) plus
+  the small sequence-wise balance loss (1e-4), and dropless expert-parallel dispatch (sktlm/moe_ep.py: tokens
+  exchanged by all-to-all over the `expert` mesh axis, with a worst-case buffer so that no token is ever
+  dropped). `capacity=1.25` gives the older token-dropping capacity dispatch instead.
 - Training shape: sequence 4096 (DeepSeek-V3 pretrains at 4K and extends context afterwards), 2048
   sequences per step (8.4M tokens), bf16 compute, float32 parameters and AdamW moments, full remat.
 - Mesh for a v5p:8x16x16 slice (2048 chips): fsdp=32 x expert=64 (3 experts per device). Parameters shard
@@ -26,8 +27,8 @@ vocabulary 163,840; context 131,072. Choices here (counts: `python experiments/f
   64 expert shards, each over 32 devices (4096 tokens per device, as at 4K).
 
 Arguments: layers=61, experts=192, top_k=8, seq_len=4096, batch=2048, fsdp=32, expert=64, context=1,
-remat=full, capacity=1.25, block=512 (attention query block). Reduced variants keep every width (d_model,
-heads, MLA ranks, expert d_ff, vocab).
+remat=full, capacity=0 (dropless EP; >0: capacity dispatch), block=512 (attention query block). Reduced
+variants keep every width (d_model, heads, MLA ranks, expert d_ff, vocab).
 """
 
 import ml_collections
@@ -37,7 +38,7 @@ from sktlm import base_config, configs
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   arg = configs.parse_arg(arg, layers=61, experts=192, top_k=8, seq_len=4096, batch=2048, fsdp=32, expert=64,
-                          context=1, remat='full', capacity=1.25, block=512)
+                          context=1, remat='full', capacity=0.0, block=512)
   config = base_config.get_config()
   m = config.model
   m.size = 'flagship'
@@ -64,9 +65,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   m.moe.n_dense_layers = 1
   m.moe.gate = 'sigmoid'
   m.moe.renormalize = True
-  m.moe.aux_loss_coef = 1e-4
+  m.moe.balance = 'aux_free'
+  m.moe.bias_update_rate = 1e-3
+  m.moe.seq_aux_loss_coef = 1e-4
   m.moe.router_z_loss_coef = 1e-3
   m.moe.capacity_factor = arg.capacity
+  m.moe.dispatch = 'dropless_ep' if arg.capacity <= 0 else 'capacity'
 
   config.data.seq_len = arg.seq_len
   config.train.batch_size = arg.batch

@@ -70,3 +70,17 @@ def dot_operand_dtypes(hlo_text):
     if d:
       out.append((types.get(d.group(1)), types.get(d.group(2)), m.group(2)))
   return out
+
+
+def assert_documents_isolated(model, params, batch):
+  """Changing document 2 of packed row 0 (rows 9..) leaves document 1's logits and row 1 bit-identical, and does
+  change document 2's logits (so the check can fail)."""
+  import jax
+  import numpy as np
+  changed = {k: v.copy() for k, v in batch.items()}
+  changed['inputs'][0, 9:] = (changed['inputs'][0, 9:] + 7) % 256 + 3
+  f = jax.jit(lambda b: model.apply({'params': params}, b['inputs'], b['positions'], b['segment_ids'])[0])
+  a, b = np.asarray(f(batch)), np.asarray(f(changed))
+  np.testing.assert_array_equal(a[0, :9], b[0, :9])
+  assert np.abs(a[0, 9:] - b[0, 9:]).max() > 1e-3
+  np.testing.assert_array_equal(a[1], b[1])
