@@ -308,7 +308,10 @@ def read_folder(path: str) -> tuple[dict, dict[str, np.ndarray]]:
 def write_folder(out: str, mc, params, *, max_position_embeddings: int, tokenizer,
                  max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list[str]:
   """Writes config.json, weights, generation_config.json and the tokenizer files; returns the file names."""
-  from sktlm import hf_tokenizer
+  from sktlm import hf_tokenizer, mup
+  if mup.is_mup(mc):  # LlamaForCausalLM computes SP attention and logits: fold muP's multipliers into the weights
+    params = mup.to_sp_params(params, mc)  # (a one-line UserError for tied embeddings, which cannot be folded)
+    mc = dict(as_dict(mc), parametrization='sp')
   cfg = hf_config(mc, max_position_embeddings=max_position_embeddings, tokenizer_vocab_size=tokenizer.vocab_size,
                   bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
   tensors = to_hf_tensors(mc, params)

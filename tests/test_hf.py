@@ -133,6 +133,21 @@ def _load_tensors(m, tensors):
   return m2
 
 
+def test_mup_model_exports_with_its_multipliers_folded(tmp_path):
+  """A muP model (width 2x its base: attention 1/d_head scale and logit multiplier != SP's) loads in transformers
+  with the same logits; exporting the unfolded weights (a wrong mapping) does not match."""
+  mc = small_model(parametrization='mup', base_width=32)
+  params = random_params(mc)
+  m = hf_model(export(tmp_path, 'mup', mc, params))
+  tokens = np.random.default_rng(2).integers(3, 259, (2, 2 * mc.attention_block + 3))
+  ours, theirs = sktlm_logits(mc, params, tokens), hf_logits(m, tokens)
+  assert np.abs(ours - theirs).max() < TOL
+  unfolded = _load_tensors(m, hf.to_hf_tensors(dict(hf.as_dict(mc), parametrization='sp'), params))
+  assert np.abs(ours - hf_logits(unfolded, tokens)).max() > 1e-2
+  with pytest.raises(UserError, match='tied embeddings'):
+    export(tmp_path, 'tied', small_model(parametrization='mup', base_width=32, tie_embeddings=True), params)
+
+
 def test_round_trip_is_bit_exact(tmp_path):
   """sktlm -> HF folder (sharded) -> sktlm: every parameter bit-exact, scanned and unrolled layouts."""
   import flax.linen as nn
