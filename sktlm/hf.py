@@ -24,11 +24,11 @@ import numpy as np
 
 from sktlm.errors import UserError
 
-# config.model keys that change neither the function nor the parameter layout.
+# config.model keys that change neither the function nor the parameter layout, or that check_exportable checks on
+# their own (base_width and parametrization: muP is folded into the weights; mla: read only under attention=mla).
 NEUTRAL_KEYS = frozenset(('size', 'vocab_multiple', 'init_std', 'z_loss', 'dtype', 'param_dtype', 'scan_layers',
                           'scan_unroll', 'remat', 'attention_dtype', 'attention_impl', 'attention_block', 'kernels',
-                          'base_width', 'mla'))  # base_width: read only under muP; mla: only under attention=mla;
-                                                 # both refused below
+                          'base_width', 'mla', 'parametrization'))
 # config.model keys the Llama mapping reads.
 MAPPED_KEYS = frozenset(('n_layers', 'd_model', 'n_heads', 'n_kv_heads', 'head_dim', 'd_ff', 'vocab_size',
                          'rope_theta', 'norm_eps', 'tie_embeddings', 'moe'))
@@ -58,9 +58,11 @@ def check_exportable(mc) -> None:
   if mc.get('attention', 'gqa') != 'gqa':
     raise UserError(f"cannot export model.attention={mc['attention']!r} as LlamaForCausalLM (only grouped-query "
                     'attention; multi-head latent attention has no Llama equivalent)')
-  if mc.get('parametrization', 'sp') != 'sp':
-    raise UserError(f"cannot export model.parametrization={mc['parametrization']!r}: its attention scale and logit "
-                    'multiplier are not LlamaForCausalLM\'s (only sp models can be exported)')
+  param = mc.get('parametrization', 'sp')
+  if param not in ('sp', 'mup') or (param == 'mup' and mc['tie_embeddings']):
+    raise UserError(f"cannot export model.parametrization={param!r}" + (' with tied embeddings' if param == 'mup'
+                    else '') + ": its attention scale and logit multiplier cannot be folded into LlamaForCausalLM's "
+                    'weights (sp models, and muP models with an untied head, can be exported)')
   for key in sorted(set(mc) - NEUTRAL_KEYS - MAPPED_KEYS):
     value = mc[key]
     items = [(f'{key}.{k}', v) for k, v in value.items()] if isinstance(value, dict) else [(key, value)]
@@ -70,6 +72,11 @@ def check_exportable(mc) -> None:
                         '(supported: dense Llama models)')
   if head_dim(mc) % 2:
     raise UserError(f'cannot export: head_dim={head_dim(mc)} is odd (RoPE needs pairs)')
+
+
+def _check_sp(mc, why: str) -> None:
+  if as_dict(mc).get('parametrization', 'sp') != 'sp':
+    raise UserError(f"model.parametrization={as_dict(mc)['parametrization']!r} cannot {why}")
 
 
 def _is_off(v) -> bool:
@@ -133,8 +140,10 @@ def _tree_index(tree, i):
 
 
 def to_hf_tensors(mc, params) -> dict[str, np.ndarray]:
-  """HF tensor name -> float32 array (numpy), from sktlm params (numpy or jax arrays, any float dtype)."""
+  """HF tensor name -> float32 array (numpy), from sktlm params (numpy or jax arrays, any float dtype); SP weights
+  (write_folder folds a muP model's multipliers in first)."""
   check_exportable(mc)
+  _check_sp(mc, 'export: fold its multipliers with mup.to_sp_params first (write_folder does)')
   D, H, G, K, L = mc['d_model'], mc['n_heads'], mc['n_kv_heads'], head_dim(mc), mc['n_layers']
   f32 = lambda x: np.ascontiguousarray(np.asarray(x, np.float32))
   out = {'model.embed_tokens.weight': f32(params['embedding']),
@@ -172,6 +181,7 @@ def expected_shapes(mc) -> dict[str, tuple[int, ...]]:
 def from_hf_tensors(mc, tensors: dict[str, np.ndarray]) -> dict:
   """sktlm params (float32 numpy, the layout of model.scan_layers) from HF tensors; names and shapes checked."""
   check_exportable(mc)
+  _check_sp(mc, 'import: HF weights are SP weights; starting a muP run from them is not supported')
   want = expected_shapes(mc)
   missing = sorted(set(want) - set(tensors))
   extra = sorted(set(tensors) - set(want) - {'lm_head.weight'})

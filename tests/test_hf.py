@@ -146,6 +146,7 @@ def test_mup_model_exports_with_its_multipliers_folded(tmp_path):
   assert np.abs(ours - hf_logits(unfolded, tokens)).max() > 1e-2
   with pytest.raises(UserError, match='tied embeddings'):
     export(tmp_path, 'tied', small_model(parametrization='mup', base_width=32, tie_embeddings=True), params)
+  assert not os.path.exists(tmp_path / 'tied')
 
 
 def test_round_trip_is_bit_exact(tmp_path):
@@ -173,8 +174,11 @@ def test_refusals():
   with pytest.raises(UserError, match='logit_multiplier'):
     hf.check_exportable(dict(small_model().to_dict(), logit_multiplier=2.0))
   hf.check_exportable(dict(small_model().to_dict(), logit_multiplier=1.0, use_bias=False))  # features left off
-  with pytest.raises(UserError, match="parametrization='mup'"):
-    hf.check_exportable(small_model(parametrization='mup', base_width=32))
+  hf.check_exportable(small_model(parametrization='mup', base_width=32))  # write_folder folds its multipliers
+  with pytest.raises(UserError, match="parametrization='mup' with tied embeddings"):
+    hf.check_exportable(small_model(parametrization='mup', base_width=32, tie_embeddings=True))
+  with pytest.raises(UserError, match="parametrization='mup' cannot"):
+    hf.to_hf_tensors(small_model(parametrization='mup', base_width=32), random_params(small_model()))
   with pytest.raises(UserError, match="attention='mla'"):
     hf.check_exportable(small_model(attention='mla'))
   with pytest.raises(UserError, match='use_bias=True'):
