@@ -76,14 +76,8 @@ def run(agg: dict, k: int, *, by_budget: bool, gap: float, n_boot: int, seed: in
   bt = Backtest(k=k, unit=unit, held_out=[float(v) for v in held], train=train, fits={}, rows=[])
 
   def attempt(kind, fn):
-    if kind not in kinds:
-      return
-    try:
-      bt.fits[kind] = fn()
-      bt.warnings += [f'backtest {w}' for w in bt.fits[kind].warnings]
-    except fitlib.FitError as e:
-      bt.fits[kind] = None
-      bt.warnings.append(f'backtest {kind} not fitted: {e}')
+    if kind in kinds:
+      fitlib.try_fit(bt.fits, bt.warnings, kind, fn, 'backtest ')
 
   tn, tl = n[train], loss[train]
   if not by_budget:

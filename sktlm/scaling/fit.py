@@ -330,3 +330,13 @@ def fit_isoflop(n: np.ndarray, c: np.ndarray, loss: np.ndarray, *, declared_budg
     warnings.append(f'IsoFLOP: {dropped} of {n_boot} bootstrap resamples had < 2 usable budgets')
   return IsoFlop(budgets=rows, k=float(np.exp(icpt)), a=float(slope), boot=np.array(boot).reshape(-1, 2),
                  warnings=warnings, n_boot_dropped=dropped, f=f)
+
+
+def try_fit(fits: dict, warnings: list, kind: str, fn, prefix: str = '') -> None:
+  """Runs fn(): records the fit in fits[kind] and its warnings (prefixed), or None and why it failed."""
+  try:
+    fits[kind] = fn()
+    warnings += [f'{prefix}{w}' for w in fits[kind].warnings]
+  except FitError as e:
+    fits[kind] = None
+    warnings.append(f'{prefix}{kind} not fitted: {e}')

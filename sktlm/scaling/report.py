@@ -80,12 +80,7 @@ frontier_points = points.frontier_points
 
 
 def _try(a: SweepAnalysis, kind: str, fn):
-  try:
-    a.fits[kind] = fn()
-    a.warnings += [f'{a.label}: {w}' for w in a.fits[kind].warnings]
-  except fitlib.FitError as e:
-    a.fits[kind] = None
-    a.warnings.append(f'{a.label}: {kind} not fitted: {e}')
+  fitlib.try_fit(a.fits, a.warnings, kind, fn, f'{a.label}: ')
 
 
 def analyze(sweep: io.Sweep, opts: Options) -> SweepAnalysis:
