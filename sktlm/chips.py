@@ -14,14 +14,16 @@ class Chip:
   hbm_bytes: int          # memory per chip (per device as JAX sees it)
   peak_bf16_flops: float  # dense, per chip
   note: str = ''
+  ici_bytes_per_s: float = 0.0  # published bidirectional inter-chip bandwidth per chip (0: not listed here)
 
 
-# Published per-chip figures (dense bf16, no sparsity).
+# Published per-chip figures (dense bf16, no sparsity; ICI from Cloud TPU's v5e/v5p/v6e pages). GPUs leave
+# ICI out: their all-to-alls cross NVLink within a node and the network beyond it, no single figure.
 CHIPS: dict[str, Chip] = {c.name: c for c in [
     Chip('v4', 32 * GiB, 275e12, 'TPU v4 (one chip = 2 TensorCores as one device)'),
-    Chip('v5e', 16 * GiB, 197e12, 'TPU v5 lite'),
-    Chip('v5p', 95 * GiB, 459e12, 'TPU v5p'),
-    Chip('v6e', 32 * GiB, 918e12, 'TPU v6e (Trillium)'),
+    Chip('v5e', 16 * GiB, 197e12, 'TPU v5 lite', 400e9),
+    Chip('v5p', 95 * GiB, 459e12, 'TPU v5p', 1200e9),
+    Chip('v6e', 32 * GiB, 918e12, 'TPU v6e (Trillium)', 800e9),
     Chip('a100', 80 * 10**9, 312e12, 'NVIDIA A100 80GB SXM'),
     Chip('h100', 80 * 10**9, 989e12, 'NVIDIA H100 SXM'),
     Chip('h200', 141 * 10**9, 989e12, 'NVIDIA H200 SXM'),

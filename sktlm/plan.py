@@ -132,29 +132,60 @@ def _sub_jaxprs(eqn):
         yield j
 
 
-def jaxpr_matmul_flops(jaxpr) -> float:
-  """Matmul FLOPs of a jaxpr (global, all devices): dot_general and ragged_dot; scan bodies x length."""
+def _jaxpr_sum(jaxpr, leaf, axis_sizes=None) -> float:
+  """Sums leaf(eqn, axis_sizes) over a jaxpr, summed over devices: scan bodies x length, the larger branch of
+  a cond, shard_map bodies (per-device shapes) x mesh size. leaf returns None for an eqn it does not count."""
   total = 0.0
   for eqn in jaxpr.eqns:
     name = eqn.primitive.name
-    if name == 'dot_general':
-      (lc, _), _ = eqn.params['dimension_numbers']
-      lhs = eqn.invars[0].aval.shape
-      total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[i] for i in lc)
-    elif name == 'ragged_dot_general':
-      a, b, g = (v.aval.shape for v in eqn.invars[:3])
-      out = eqn.outvars[0].aval.shape
-      total += 2.0 * math.sqrt(math.prod(a) * math.prod(b) * math.prod(out) / g[0])
-    elif name == 'pallas_call':
-      continue  # a fused kernel's body runs once per grid cell: its matmuls are not counted (see fused_kernels)
+    value = leaf(eqn, axis_sizes)
+    if value is not None:
+      total += value
     elif name == 'cond':
-      total += max(jaxpr_matmul_flops(b.jaxpr) for b in eqn.params['branches'])
-    elif name == 'shard_map':  # the body's shapes are per device (e.g. MoE dropless_ep)
-      total += jaxpr_matmul_flops(eqn.params['jaxpr']) * eqn.params['mesh'].size
+      total += max(_jaxpr_sum(b.jaxpr, leaf, axis_sizes) for b in eqn.params['branches'])
+    elif name == 'shard_map':
+      mesh = eqn.params['mesh']
+      total += _jaxpr_sum(eqn.params['jaxpr'], leaf, dict(mesh.shape)) * mesh.size
     else:
-      inner = sum(jaxpr_matmul_flops(j) for j in _sub_jaxprs(eqn))
+      inner = sum(_jaxpr_sum(j, leaf, axis_sizes) for j in _sub_jaxprs(eqn))
       total += inner * (eqn.params['length'] if name == 'scan' else 1)
   return total
+
+
+def _matmul_flops(eqn, _):
+  name = eqn.primitive.name
+  if name == 'dot_general':
+    (lc, _), _ = eqn.params['dimension_numbers']
+    lhs = eqn.invars[0].aval.shape
+    return 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[i] for i in lc)
+  if name == 'ragged_dot_general':
+    a, b, g = (v.aval.shape for v in eqn.invars[:3])
+    out = eqn.outvars[0].aval.shape
+    return 2.0 * math.sqrt(math.prod(a) * math.prod(b) * math.prod(out) / g[0])
+  if name == 'pallas_call':
+    return 0.0  # a fused kernel's body runs once per grid cell: its matmuls are not counted (see fused_kernels)
+  return None
+
+
+def _all_to_all_bytes(eqn, axis_sizes):
+  if eqn.primitive.name != 'all_to_all':
+    return None
+  axes = eqn.params['axis_name']
+  n = math.prod(axis_sizes[a] for a in (axes if isinstance(axes, tuple) else (axes,)))
+  aval = eqn.invars[0].aval
+  return math.prod(aval.shape) * aval.dtype.itemsize * (n - 1) / n  # 1/n of the buffer stays on the device
+
+
+def jaxpr_matmul_flops(jaxpr) -> float:
+  """Matmul FLOPs of a jaxpr (global, all devices): dot_general and ragged_dot; scan bodies x length."""
+  return _jaxpr_sum(jaxpr, _matmul_flops)
+
+
+def jaxpr_all_to_all_bytes(jaxpr) -> float:
+  """Bytes the explicit all_to_alls of a jaxpr (shard_map bodies: MoE dropless_ep) send off their devices,
+  summed over devices; forward, rematerialised forward and backward. The all-to-alls XLA inserts for
+  sharding constraints (capacity dispatch) are not in the jaxpr and not counted."""
+  return _jaxpr_sum(jaxpr, _all_to_all_bytes)
 
 
 # --- compile ----------------------------------------------------------------------------------------------
@@ -165,6 +196,7 @@ class Compiled:
   memory: dict        # per device, bytes
   xla_flops: float    # per device, cost_analysis (while bodies once)
   traced_flops: float  # global, jaxpr matmuls
+  all_to_all_bytes: float  # global, sent off-device by the jaxpr's all_to_alls
   compile_s: float
   fused_kernels: list  # names of the Pallas (Mosaic) kernels in the compiled step, e.g. splash attention's
 
@@ -185,8 +217,9 @@ def compile_step(config, mesh) -> Compiled:
   mem['peak'] = mem['arguments'] + mem['outputs'] - mem['aliased'] + mem['temp'] + mem['code']
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return Compiled(setup, mem, float(cost.get('flops', 0.0)), jaxpr_matmul_flops(traced.jaxpr.jaxpr), dt,
-                  fused_kernels(compiled.as_text()))
+  jaxpr = traced.jaxpr.jaxpr
+  return Compiled(setup, mem, float(cost.get('flops', 0.0)), jaxpr_matmul_flops(jaxpr),
+                  jaxpr_all_to_all_bytes(jaxpr), dt, fused_kernels(compiled.as_text()))
 
 
 def fused_kernels(hlo_text: str) -> list[str]:
@@ -232,6 +265,7 @@ def plan(config, target: Target, mfu: float = 0.4, compile: bool = True) -> dict
     rep['state_bytes'] = state_bytes(c.setup.abstract_state)
     rep.update(memory=c.memory, xla_flops_per_device=c.xla_flops,
                traced_flops_per_device=c.traced_flops / n_dev, compile_s=c.compile_s,
+               all_to_all_bytes_per_device=c.all_to_all_bytes / n_dev,
                fused_kernels=c.fused_kernels)
   else:
     setup = train.build(config, mesh)
@@ -247,6 +281,12 @@ def plan(config, target: Target, mfu: float = 0.4, compile: bool = True) -> dict
   if target.chip:
     step_s = rep['analytic_flops_per_device'] / (target.peak_per_device * mfu)
     rep.update(mfu=mfu, step_time_s=step_s, tokens_per_s=tokens / step_s)
+    if rep.get('all_to_all_bytes_per_device') and target.chip.ici_bytes_per_s:
+      # A floor: every byte leaves through the chip's links at half the bidirectional figure, nothing
+      # overlaps; multi-hop routes on the torus and contention only add to it.
+      one_way = target.chip.ici_bytes_per_s / 2 / target.devices_per_chip
+      rep.update(ici_one_way_per_device=one_way,
+                 all_to_all_s_at_least=rep['all_to_all_bytes_per_device'] / one_way)
   return rep
 
 
@@ -331,11 +371,19 @@ def format_report(rep: dict, config_name: str = '') -> str:
     lines.append(f"FLOPs per device per step: analytic (exact) {h(rep['analytic_flops_per_device'])}, traced "
                  f"matmuls {h(rep['traced_flops_per_device'])} "
                  f"({rep['traced_flops_per_device'] / rep['analytic_flops_per_device']:.2f}x; counts remat recompute, "
-                 f"MoE capacity padding, one-hot embeddings{unfused}), "
+                 f"MoE padding (capacity slots, dropless_ep buffer rows), one-hot embeddings{unfused}), "
                  f"XLA cost_analysis {h(rep['xla_flops_per_device'])} "
                  "(loop bodies counted once)")
     if rep.get('fused_kernels'):
       lines.append(f"fused kernels in the compiled step: {', '.join(rep['fused_kernels'])}")
+    if rep.get('all_to_all_bytes_per_device'):
+      line = (f"all-to-all (traced, MoE dropless_ep): {_gib(rep['all_to_all_bytes_per_device'])} sent off each "
+              'device per step (forward, remat recompute, backward)')
+      if 'all_to_all_s_at_least' in rep:
+        line += (f"; at {rep['ici_one_way_per_device'] / 1e9:.0f} GB/s one-way ICI per device that is >= "
+                 f"{rep['all_to_all_s_at_least']:.2f} s of transfer per step (a floor: multi-hop routes and "
+                 'contention add to it; compute may overlap it)')
+      lines.append(line)
   if 'compiler_refused' in rep:
     r = rep['compiler_refused']
     lines.append(f"compiled step ({rep['platform']}): refused by the compiler, temporaries {_gib(r['temp'])} exceed "

@@ -8,9 +8,10 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import pytest
 
-from sktlm import configs, flops, plan, sharding, train
+from sktlm import configs, flops, moe_ep, plan, sharding, train
 from sktlm.kernels import cpu
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -73,6 +74,30 @@ def test_compiled_flops_match_analytic(scan, extra):
     assert rep['xla_flops_per_device'] == pytest.approx(analytic + one_hot, rel=0.10)
   m = rep['memory']
   assert m['peak'] >= m['arguments'] > 0 and 'fits' not in rep  # no chip: no verdict
+
+
+@pytest.mark.parametrize('remat', ['none', 'full'])
+def test_all_to_all_bytes_match_closed_form(remat):
+  """dropless_ep's exchange, counted from the traced step, equals the closed form: per MoE layer the forward
+  sends the token buffer [X, S, D], the expert ids [X, S] (int32) and the outputs [X, S, D] back; the backward
+  sends both buffers' cotangents; full remat repeats the forward. (X - 1) / X of each leaves the device."""
+  config = small_config(**{**MOE, 'model.moe.capacity_factor': 0.0, 'model.moe.dispatch': 'dropless_ep',
+                           'mesh.data': 2, 'mesh.expert': 4, 'model.remat': remat, 'model.n_layers': 3})
+  rep = plan.plan(config, plan.get_target('cpu:8', chip='v5p'))
+  mc = config.model
+  X, n_moe = 4, mc.n_layers - mc.moe.n_dense_layers
+  N = 8 * 64 // 8                                  # tokens per device: the batch splits over all 8
+  S = moe_ep.buffer_rows(mc.moe, N, X)
+  big, ids = X * S * mc.d_model * jnp.dtype(mc.dtype).itemsize, X * S * 4
+  forward = 2 * big + ids
+  per_layer = forward + 2 * big + (forward if remat == 'full' else 0)
+  expected = n_moe * per_layer * (X - 1) / X
+  assert n_moe == 2 and rep['all_to_all_bytes_per_device'] == pytest.approx(expected, rel=1e-12)
+  assert rep['all_to_all_s_at_least'] == pytest.approx(expected / 600e9)
+  assert 'all-to-all (traced, MoE dropless_ep)' in plan.format_report(rep, 'pico')
+  # Capacity dispatch's all-to-alls come from sharding constraints, not the jaxpr: none counted.
+  cap = plan.plan(small_config(**MOE, **{'mesh.data': 2, 'mesh.expert': 4}), plan.get_target('cpu:8'))
+  assert cap['all_to_all_bytes_per_device'] == 0
 
 
 def test_verdict_and_step_time():
