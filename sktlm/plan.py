@@ -354,7 +354,10 @@ def format_report(rep: dict, config_name: str = '') -> str:
                + f"remat {rep['remat']}")
   if 'kernels' in rep:
     k = rep['kernels']
-    lines.append(f"kernels: {k['kernels']} (attention {k['attention_impl']}, scan_unroll {k['scan_unroll']})")
+    ctx = rep['mesh'].get('context', 1)
+    attn = (f"attention: the context-parallel all-gather form of sktlm/context.py over context={ctx}, not "
+            f"{k['attention_impl']}" if ctx > 1 else f"attention {k['attention_impl']}")
+    lines.append(f"kernels: {k['kernels']} ({attn}, scan_unroll {k['scan_unroll']})")
   lines.append(f"params: total {h(p['total'])}, active/token {h(p['active'])}, embedding {h(p['embedding'])}, "
                f"head {h(p['head'])}, non-embedding {h(p['non_embedding'])} (active {h(p['active_non_embedding'])})")
   lines.append(f"train FLOPs/token: 6N {h(f['6N'])}, exact {h(f['exact'])} (full TxT attention), "

@@ -100,6 +100,13 @@ def test_all_to_all_bytes_match_closed_form(remat):
   assert cap['all_to_all_bytes_per_device'] == 0
 
 
+def test_report_names_the_attention_a_context_parallel_step_runs():
+  """With a context axis the kernel set's attention is not used (sktlm/context.py): the report says so."""
+  for ctx, expected in ((1, 'attention dense'), (4, 'all-gather form of sktlm/context.py over context=4')):
+    config = small_config(**{'mesh.fsdp': 8 // ctx, 'mesh.context': ctx, 'model.attention_impl': 'dense'})
+    assert expected in plan.format_report(plan.plan(config, plan.get_target('cpu:8'), compile=False), 'pico')
+
+
 def test_verdict_and_step_time():
   config = small_config()
   rep = plan.plan(config, plan.get_target('cpu:8', chip='h100'), mfu=0.5)
