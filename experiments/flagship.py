@@ -15,8 +15,9 @@ vocabulary 163,840; context 131,072. Choices here (counts: `python experiments/f
 - Routing as DeepSeek-V3: sigmoid gates with top-k renormalisation, auxiliary-loss-free balancing (a per-expert
   bias for top-k selection only, updated by 1e-3 x sign of the load error after each step; sktlm/moe.py) plus
   the small sequence-wise balance loss (1e-4), and dropless expert-parallel dispatch (sktlm/moe_ep.py: tokens
-  exchanged by all-to-all over the `expert` mesh axis, with a worst-case buffer so that no token is ever
-  dropped). `capacity=1.25` gives the older token-dropping capacity dispatch instead.
+  exchanged by all-to-all over the `expert` mesh axis in buffers of twice the balanced load per device pair;
+  a layer where some pair overflows runs a second exchange for the rest, so no token is ever dropped).
+  `ep_buffer=0` uses one worst-case buffer instead; `capacity=1.25` the older token-dropping capacity dispatch.
 - Training shape: sequence 4096 (DeepSeek-V3 pretrains at 4K and extends context afterwards), 2048
   sequences per step (8.4M tokens), bf16 compute, float32 parameters and AdamW moments, full remat.
 - Mesh for a v5p:8x16x16 slice (2048 chips): fsdp=32 x expert=64 (3 experts per device). Parameters shard
@@ -27,7 +28,8 @@ vocabulary 163,840; context 131,072. Choices here (counts: `python experiments/f
   64 expert shards, each over 32 devices (4096 tokens per device, as at 4K).
 
 Arguments: layers=61, experts=192, top_k=8, seq_len=4096, batch=2048, fsdp=32, expert=64, context=1,
-remat=full, capacity=0 (dropless EP; >0: capacity dispatch), block=512 (attention query block). Reduced
+remat=full, capacity=0 (dropless EP; >0: capacity dispatch), ep_buffer=2 (dropless EP's first buffer, x the
+balanced load; 0: one worst-case buffer), block=512 (attention query block). Reduced
 variants keep every width (d_model, heads, MLA ranks, expert d_ff, vocab).
 """
 
@@ -38,7 +40,7 @@ from sktlm import base_config, configs
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   arg = configs.parse_arg(arg, layers=61, experts=192, top_k=8, seq_len=4096, batch=2048, fsdp=32, expert=64,
-                          context=1, remat='full', capacity=0.0, block=512)
+                          context=1, remat='full', capacity=0.0, ep_buffer=2.0, block=512)
   config = base_config.get_config()
   m = config.model
   m.size = 'flagship'
@@ -71,6 +73,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   m.moe.router_z_loss_coef = 1e-3
   m.moe.capacity_factor = arg.capacity
   m.moe.dispatch = 'dropless_ep' if arg.capacity <= 0 else 'capacity'
+  m.moe.ep_buffer_factor = arg.ep_buffer  # first exchange: 2x the balanced load; overflow: a second exchange
+  m.moe.ep_overflow = 'exchange'
 
   config.data.seq_len = arg.seq_len
   config.train.batch_size = arg.batch

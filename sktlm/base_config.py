@@ -69,8 +69,10 @@ def model_config(size: str) -> ml_collections.ConfigDict:
           capacity_factor=0.0,   # 0: dropless; >0: per-expert capacity, overflow tokens dropped
           dispatch='auto',       # auto | capacity | dropless | dropless_ep (sktlm/moe.py); auto: capacity if
                                  # capacity_factor > 0, else dropless_ep (expert-parallel under an expert axis > 1)
-          ep_buffer_factor=0.0,  # dropless_ep: 0: worst-case buffer, never drops; f > 0: f x the balanced load
-                                 # per (source, destination) device pair, overflow dropped (sktlm/moe_ep.py)
+          ep_buffer_factor=0.0,  # dropless_ep: 0: one worst-case buffer; f > 0: f x the balanced load per
+                                 # (source, destination) device pair, overflow as ep_overflow says (sktlm/moe_ep.py)
+          ep_overflow='exchange',  # exchange: a second exchange, only when some pair overflows (dropless) |
+                                   # drop: overflow slots dropped (memory and traffic bounded by f)
       )),
   ))
 

@@ -25,7 +25,8 @@ after every step (update_bias). seq_aux_loss_coef adds the sequence-wise balance
 Auxiliary outputs (float32, same keys and shapes for every MoE layer so nn.scan can stack them):
 aux_loss (Switch load balancing E * sum_e f_e P_e, 1 at perfect balance, unscaled), seq_aux_loss (the same
 per sequence, averaged), router_z_loss (mean logsumexp(logits)^2, unscaled), dropped_frac (dropped / routed
-token-slots), expert_load ([E], fraction of routed token-slots per expert, before dropping).
+token-slots), ep_overflow_frac (dropless_ep: slots past the first exchange's buffer / routed slots; other paths:
+dropped_frac), expert_load ([E], fraction of routed token-slots per expert, before dropping).
 """
 
 from __future__ import annotations
@@ -113,7 +114,8 @@ def _ep_axes(batch_size: int):
 def check(moe, n_expert_shards: int = 1) -> None:
   """UserErrors for MoE settings (called by train.build, and by the module for direct use)."""
   balance_mode(moe)
-  dispatch_path(moe)
+  if dispatch_path(moe) == 'dropless_ep':
+    moe_ep.overflow_mode(moe)
   if not 1 <= moe.top_k <= moe.num_experts:
     raise UserError(f'moe.top_k={moe.top_k} must be in [1, num_experts={moe.num_experts}]')
   if moe.num_experts % n_expert_shards:
@@ -206,9 +208,11 @@ class MoEFeedForward(nn.Module):
     if path == 'capacity':
       y_BxTxD, dropped = self._capacity(x, w_BxTxK, e_BxTxK, weights)
     elif ep is not None:
-      y_BxTxD, dropped = moe_ep.dispatch(moe, *ep, x, w_BxTxK, e_BxTxK, weights)
+      y_BxTxD, dropped, overflow = moe_ep.dispatch(moe, *ep, x, w_BxTxK, e_BxTxK, weights)
     else:
       y_BxTxD, dropped = self._dropless(x, w_BxTxK, e_BxTxK, weights), jnp.zeros((), jnp.float32)
+    if ep is None:
+      overflow = dropped
 
     if moe.num_shared_experts > 0:
       y_BxTxD = y_BxTxD + layers.Mlp(c, d_ff=F * moe.num_shared_experts, name='shared')(x)
@@ -230,6 +234,7 @@ class MoEFeedForward(nn.Module):
         seq_aux_loss=E * jnp.mean(jnp.sum(load_BxE * jnp.mean(p_BxTxE, axis=1), axis=-1)),
         router_z_loss=jnp.mean(jnp.square(jax.nn.logsumexp(logits_BxTxE, axis=-1))),
         dropped_frac=dropped,
+        ep_overflow_frac=overflow,
         expert_load=load_E,
     )
     return constrain(y_BxTxD.astype(cdt), ('batch', 'length', 'act_embed')), aux

@@ -132,9 +132,10 @@ def _sub_jaxprs(eqn):
         yield j
 
 
-def _jaxpr_sum(jaxpr, leaf, axis_sizes=None) -> float:
-  """Sums leaf(eqn, axis_sizes) over a jaxpr, summed over devices: scan bodies x length, the larger branch of
-  a cond, shard_map bodies (per-device shapes) x mesh size. leaf returns None for an eqn it does not count."""
+def _jaxpr_sum(jaxpr, leaf, axis_sizes=None, branch=max) -> float:
+  """Sums leaf(eqn, axis_sizes) over a jaxpr, summed over devices: scan bodies x length, branch (max or min)
+  over a cond's branches, shard_map bodies (per-device shapes) x mesh size. leaf returns None for an eqn it
+  does not count."""
   total = 0.0
   for eqn in jaxpr.eqns:
     name = eqn.primitive.name
@@ -142,12 +143,12 @@ def _jaxpr_sum(jaxpr, leaf, axis_sizes=None) -> float:
     if value is not None:
       total += value
     elif name == 'cond':
-      total += max(_jaxpr_sum(b.jaxpr, leaf, axis_sizes) for b in eqn.params['branches'])
+      total += branch(_jaxpr_sum(b.jaxpr, leaf, axis_sizes, branch) for b in eqn.params['branches'])
     elif name == 'shard_map':
       mesh = eqn.params['mesh']
-      total += _jaxpr_sum(eqn.params['jaxpr'], leaf, dict(mesh.shape)) * mesh.size
+      total += _jaxpr_sum(eqn.params['jaxpr'], leaf, dict(mesh.shape), branch) * mesh.size
     else:
-      inner = sum(_jaxpr_sum(j, leaf, axis_sizes) for j in _sub_jaxprs(eqn))
+      inner = sum(_jaxpr_sum(j, leaf, axis_sizes, branch) for j in _sub_jaxprs(eqn))
       total += inner * (eqn.params['length'] if name == 'scan' else 1)
   return total
 
@@ -176,16 +177,18 @@ def _all_to_all_bytes(eqn, axis_sizes):
   return math.prod(aval.shape) * aval.dtype.itemsize * (n - 1) / n  # 1/n of the buffer stays on the device
 
 
-def jaxpr_matmul_flops(jaxpr) -> float:
-  """Matmul FLOPs of a jaxpr (global, all devices): dot_general and ragged_dot; scan bodies x length."""
-  return _jaxpr_sum(jaxpr, _matmul_flops)
+def jaxpr_matmul_flops(jaxpr, branch=max) -> float:
+  """Matmul FLOPs of a jaxpr (global, all devices): dot_general and ragged_dot; scan bodies x length; conds:
+  the costlier branch (branch=min: the cheaper)."""
+  return _jaxpr_sum(jaxpr, _matmul_flops, branch=branch)
 
 
-def jaxpr_all_to_all_bytes(jaxpr) -> float:
+def jaxpr_all_to_all_bytes(jaxpr, branch=max) -> float:
   """Bytes the explicit all_to_alls of a jaxpr (shard_map bodies: MoE dropless_ep) send off their devices,
-  summed over devices; forward, rematerialised forward and backward. The all-to-alls XLA inserts for
-  sharding constraints (capacity dispatch) are not in the jaxpr and not counted."""
-  return _jaxpr_sum(jaxpr, _all_to_all_bytes)
+  summed over devices; forward, rematerialised forward and backward. branch=min: conds take their cheaper
+  branch (dropless_ep's overflow exchange not run). The all-to-alls XLA inserts for sharding constraints
+  (capacity dispatch) are not in the jaxpr and not counted."""
+  return _jaxpr_sum(jaxpr, _all_to_all_bytes, branch=branch)
 
 
 # --- compile ----------------------------------------------------------------------------------------------
@@ -195,8 +198,10 @@ class Compiled:
   setup: train.Setup
   memory: dict        # per device, bytes
   xla_flops: float    # per device, cost_analysis (while bodies once)
-  traced_flops: float  # global, jaxpr matmuls
-  all_to_all_bytes: float  # global, sent off-device by the jaxpr's all_to_alls
+  traced_flops: float  # global, jaxpr matmuls (conds: the costlier branch)
+  traced_flops_min: float  # the same with conds' cheaper branch (dropless_ep: no overflow exchange)
+  all_to_all_bytes: float  # global, sent off-device by the jaxpr's all_to_alls (conds: the costlier branch)
+  all_to_all_bytes_min: float  # the same with conds' cheaper branch
   compile_s: float
   fused_kernels: list  # names of the Pallas (Mosaic) kernels in the compiled step, e.g. splash attention's
 
@@ -219,7 +224,8 @@ def compile_step(config, mesh) -> Compiled:
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   jaxpr = traced.jaxpr.jaxpr
   return Compiled(setup, mem, float(cost.get('flops', 0.0)), jaxpr_matmul_flops(jaxpr),
-                  jaxpr_all_to_all_bytes(jaxpr), dt, fused_kernels(compiled.as_text()))
+                  jaxpr_matmul_flops(jaxpr, min), jaxpr_all_to_all_bytes(jaxpr), jaxpr_all_to_all_bytes(jaxpr, min), dt,
+                  fused_kernels(compiled.as_text()))
 
 
 def fused_kernels(hlo_text: str) -> list[str]:
@@ -265,7 +271,9 @@ def plan(config, target: Target, mfu: float = 0.4, compile: bool = True) -> dict
     rep['state_bytes'] = state_bytes(c.setup.abstract_state)
     rep.update(memory=c.memory, xla_flops_per_device=c.xla_flops,
                traced_flops_per_device=c.traced_flops / n_dev, compile_s=c.compile_s,
+               traced_flops_min_per_device=c.traced_flops_min / n_dev,
                all_to_all_bytes_per_device=c.all_to_all_bytes / n_dev,
+               all_to_all_bytes_min_per_device=c.all_to_all_bytes_min / n_dev,
                fused_kernels=c.fused_kernels)
   else:
     setup = train.build(config, mesh)
@@ -286,7 +294,8 @@ def plan(config, target: Target, mfu: float = 0.4, compile: bool = True) -> dict
       # overlaps; multi-hop routes on the torus and contention only add to it.
       one_way = target.chip.ici_bytes_per_s / 2 / target.devices_per_chip
       rep.update(ici_one_way_per_device=one_way,
-                 all_to_all_s_at_least=rep['all_to_all_bytes_per_device'] / one_way)
+                 all_to_all_s_at_least=rep['all_to_all_bytes_per_device'] / one_way,
+                 all_to_all_min_s_at_least=rep['all_to_all_bytes_min_per_device'] / one_way)
   return rep
 
 
@@ -342,6 +351,32 @@ def _h(n):
   return f'{n / 1e15:.3g}P' if abs(n) >= 1e15 else flops.human(n)
 
 
+def _traced(rep: dict) -> str:
+  lo, hi, ref = rep['traced_flops_min_per_device'], rep['traced_flops_per_device'], rep['analytic_flops_per_device']
+  if lo == hi:
+    return f'{_h(hi)} ({hi / ref:.2f}x)'
+  return f'{_h(lo)} ({lo / ref:.2f}x) without MoE overflow, {_h(hi)} ({hi / ref:.2f}x) with it in every layer'
+
+
+def _all_to_all_line(rep: dict) -> str:
+  lo, hi = rep['all_to_all_bytes_min_per_device'], rep['all_to_all_bytes_per_device']
+  secs = 'all_to_all_s_at_least' in rep
+
+  def amount(b, s):
+    return _gib(b) + (f" (>= {rep[s]:.2f} s)" if secs else '')
+
+  line = 'all-to-all (traced, MoE dropless_ep), sent off each device per step (forward, remat recompute, backward): '
+  if lo == hi:
+    line += amount(hi, 'all_to_all_s_at_least')
+  else:
+    line += (f"{amount(lo, 'all_to_all_min_s_at_least')} when no device pair overflows its first buffer, up to "
+             f"{amount(hi, 'all_to_all_s_at_least')} when every MoE layer does")
+  if secs:
+    line += (f"; seconds: transfer at {rep['ici_one_way_per_device'] / 1e9:.0f} GB/s one-way ICI per device, a "
+             'floor (multi-hop routes and contention add to it; compute may overlap it)')
+  return line
+
+
 def format_report(rep: dict, config_name: str = '') -> str:
   h = _h
   p, f = rep['params'], rep['flops_per_token']
@@ -372,21 +407,14 @@ def format_report(rep: dict, config_name: str = '') -> str:
                  f"{_gib(m['arguments'])}, outputs {_gib(m['outputs'])} (aliased {_gib(m['aliased'])}), "
                  f"temporaries {_gib(m['temp'])}, code {_gib(m['code'])} -> peak {_gib(m['peak'])}")
     lines.append(f"FLOPs per device per step: analytic (exact) {h(rep['analytic_flops_per_device'])}, traced "
-                 f"matmuls {h(rep['traced_flops_per_device'])} "
-                 f"({rep['traced_flops_per_device'] / rep['analytic_flops_per_device']:.2f}x; counts remat recompute, "
+                 f"matmuls {_traced(rep)} (counts remat recompute, "
                  f"MoE padding (capacity slots, dropless_ep buffer rows), one-hot embeddings{unfused}), "
                  f"XLA cost_analysis {h(rep['xla_flops_per_device'])} "
                  "(loop bodies counted once)")
     if rep.get('fused_kernels'):
       lines.append(f"fused kernels in the compiled step: {', '.join(rep['fused_kernels'])}")
     if rep.get('all_to_all_bytes_per_device'):
-      line = (f"all-to-all (traced, MoE dropless_ep): {_gib(rep['all_to_all_bytes_per_device'])} sent off each "
-              'device per step (forward, remat recompute, backward)')
-      if 'all_to_all_s_at_least' in rep:
-        line += (f"; at {rep['ici_one_way_per_device'] / 1e9:.0f} GB/s one-way ICI per device that is >= "
-                 f"{rep['all_to_all_s_at_least']:.2f} s of transfer per step (a floor: multi-hop routes and "
-                 'contention add to it; compute may overlap it)')
-      lines.append(line)
+      lines.append(_all_to_all_line(rep))
   if 'compiler_refused' in rep:
     r = rep['compiler_refused']
     lines.append(f"compiled step ({rep['platform']}): refused by the compiler, temporaries {_gib(r['temp'])} exceed "

@@ -76,6 +76,7 @@ def _moe_terms(config, aux):
   extra = lb_coef * lb + moe.seq_aux_loss_coef * sl + moe.router_z_loss_coef * zl
   stats = {'moe_aux_loss': lb, 'moe_seq_aux_loss': sl, 'moe_z_loss': zl,
            'moe_dropped_frac': jnp.mean(aux['dropped_frac']),
+           'moe_ep_overflow_frac': jnp.mean(aux['ep_overflow_frac']),
            'moe_expert_load': jnp.mean(aux['expert_load'], axis=0)}
   return extra, stats
 

@@ -20,7 +20,7 @@ def model_cfg(rate=1e-2, balance='aux_free', E=8, K=2, gate='sigmoid'):
       moe=dict(num_experts=E, top_k=K, num_shared_experts=0, expert_d_ff=0, n_dense_layers=0, gate=gate,
                renormalize=True, aux_loss_coef=0.01, router_z_loss_coef=0.001, capacity_factor=0.0,
                balance=balance, bias_update_rate=rate, seq_aux_loss_coef=0.0, dispatch='auto',
-               ep_buffer_factor=0.0)))
+               ep_buffer_factor=0.0, ep_overflow='exchange')))
 
 
 def skewed(c, x):

@@ -17,9 +17,12 @@ def cfg(data_dir, **over):
   return train_config(data_dir, **{**MOE, **over})
 
 
-@pytest.mark.parametrize('cf', [1.0, 0.0])
-def test_same_losses_on_one_device_and_with_expert_axis(data_dir, cf):
-  config = cfg(data_dir, **{'optim.peak_lr': 1e-2, 'model.moe.capacity_factor': cf})
+@pytest.mark.parametrize('cf, ep_buffer', [(1.0, 0.0), (0.0, 0.0), (0.0, 0.5)])
+def test_same_losses_on_one_device_and_with_expert_axis(data_dir, cf, ep_buffer):
+  """cf 0 runs dropless_ep on the expert axis; ep_buffer 0.5 (half the balanced load) overflows its first
+  exchange, and the second one keeps it dropless."""
+  config = cfg(data_dir, **{'optim.peak_lr': 1e-2, 'model.moe.capacity_factor': cf,
+                            'model.moe.ep_buffer_factor': ep_buffer})
   train.resolve_vocab(config, data.get_tokenizer(config.data))
   one = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])
   ref, _, _ = run_steps(config, one, 3)
@@ -33,6 +36,7 @@ def test_same_losses_on_one_device_and_with_expert_axis(data_dir, cf):
     assert 0 <= float(got[0]['moe_dropped_frac']) < 0.5
   else:
     assert float(got[0]['moe_dropped_frac']) == 0
+    assert (float(got[0]['moe_ep_overflow_frac']) > 0) == (ep_buffer > 0)
 
 
 def test_param_count_matches_accounting(data_dir):

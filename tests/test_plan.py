@@ -76,25 +76,38 @@ def test_compiled_flops_match_analytic(scan, extra):
   assert m['peak'] >= m['arguments'] > 0 and 'fits' not in rep  # no chip: no verdict
 
 
-@pytest.mark.parametrize('remat', ['none', 'full'])
-def test_all_to_all_bytes_match_closed_form(remat):
+@pytest.mark.parametrize('remat, buffer', [('none', 0.0), ('full', 0.0), ('full', 1.0)])
+def test_all_to_all_bytes_match_closed_form(remat, buffer):
   """dropless_ep's exchange, counted from the traced step, equals the closed form: per MoE layer the forward
   sends the token buffer [X, S, D], the expert ids [X, S] (int32) and the outputs [X, S, D] back; the backward
-  sends both buffers' cotangents; full remat repeats the forward. (X - 1) / X of each leaves the device."""
+  sends both buffers' cotangents; full remat repeats the forward. (X - 1) / X of each leaves the device.
+  buffer 1.0: a first exchange of S = the balanced load, and the overflow exchange (W - S rows) in a cond:
+  counted in the maximum, not in the minimum. Its branch is checkpointed, so its backward pass sends the
+  tokens and ids once more (the outputs' return trip is not needed for the gradients)."""
   config = small_config(**{**MOE, 'model.moe.capacity_factor': 0.0, 'model.moe.dispatch': 'dropless_ep',
-                           'mesh.data': 2, 'mesh.expert': 4, 'model.remat': remat, 'model.n_layers': 3})
+                           'model.moe.ep_buffer_factor': buffer, 'mesh.data': 2, 'mesh.expert': 4,
+                           'model.remat': remat, 'model.n_layers': 3})
   rep = plan.plan(config, plan.get_target('cpu:8', chip='v5p'))
   mc = config.model
   X, n_moe = 4, mc.n_layers - mc.moe.n_dense_layers
   N = 8 * 64 // 8                                  # tokens per device: the batch splits over all 8
-  S = moe_ep.buffer_rows(mc.moe, N, X)
-  big, ids = X * S * mc.d_model * jnp.dtype(mc.dtype).itemsize, X * S * 4
-  forward = 2 * big + ids
-  per_layer = forward + 2 * big + (forward if remat == 'full' else 0)
-  expected = n_moe * per_layer * (X - 1) / X
-  assert n_moe == 2 and rep['all_to_all_bytes_per_device'] == pytest.approx(expected, rel=1e-12)
-  assert rep['all_to_all_s_at_least'] == pytest.approx(expected / 600e9)
-  assert 'all-to-all (traced, MoE dropless_ep)' in plan.format_report(rep, 'pico')
+  S, W = moe_ep.buffer_rows(mc.moe, N, X), moe_ep.worst_rows(mc.moe, N, X)
+  assert (S < W) == (buffer > 0)
+
+  def closed(rows, checkpointed=False):
+    big, ids = X * rows * mc.d_model * jnp.dtype(mc.dtype).itemsize, X * rows * 4
+    forward = 2 * big + ids
+    per_layer = forward + 2 * big + (forward if remat == 'full' else 0) + (big + ids if checkpointed else 0)
+    return n_moe * per_layer * (X - 1) / X
+
+  assert n_moe == 2
+  assert rep['all_to_all_bytes_min_per_device'] == pytest.approx(closed(S), rel=1e-12)
+  assert rep['all_to_all_bytes_per_device'] == pytest.approx(closed(S) + (closed(W - S, True) if S < W else 0),
+                                                            rel=1e-12)
+  assert rep['all_to_all_s_at_least'] == pytest.approx(rep['all_to_all_bytes_per_device'] / 600e9)
+  text = plan.format_report(rep, 'pico')
+  assert 'all-to-all (traced, MoE dropless_ep)' in text
+  assert ('when no device pair overflows' in text) == (buffer > 0)
   # Capacity dispatch's all-to-alls come from sharding constraints, not the jaxpr: none counted.
   cap = plan.plan(small_config(**MOE, **{'mesh.data': 2, 'mesh.expert': 4}), plan.get_target('cpu:8'))
   assert cap['all_to_all_bytes_per_device'] == 0
@@ -159,7 +172,7 @@ def test_flagship_counts_and_reduced_widths():
 @pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu absent (pip install 'jax[tpu]==0.10.2')")
 def test_reduced_flagship_compiles_for_v5p():
   config = configs.load_config(os.path.join(
-      ROOT, 'experiments/flagship.py:layers=2,experts=8,top_k=2,fsdp=2,expert=2,batch=4,seq_len=1024'))
+      ROOT, 'experiments/flagship.py:layers=2,experts=8,top_k=2,fsdp=2,expert=2,batch=4,seq_len=1024,ep_buffer=1'))
   target = plan.get_target('v5p:2x2x1')
   assert len(target.devices) == 4 and target.chip.name == 'v5p'
   rep = plan.plan(config, target)
@@ -172,6 +185,9 @@ def test_reduced_flagship_compiles_for_v5p():
   # auto resolves for the TPU devices although the host tracing the step is a CPU: a rolled loop, tpu kernels.
   assert config.model.scan_unroll == 1 and config.model.kernels == 'tpu'
   assert rep['kernels']['attention_impl'] == 'splash'
+  # Dropless EP with a first buffer of the balanced load (8 experts over 2 shards: the worst case is twice
+  # that) compiles its overflow exchange too: a cond whose costlier branch moves more.
+  assert 0 < rep['all_to_all_bytes_min_per_device'] < rep['all_to_all_bytes_per_device']
 
 
 def run_cli(*args, env_extra=None):
