@@ -89,6 +89,13 @@ def sweep_cmd(sweep_file, workdir, fake, *extra):
           f'--train_command={fake}', *extra]
 
 
+# Ctrl-C in a terminal reaches a foreground sweep whose SIGINT is at its default. A test runner started as a
+# background job of a non-interactive shell hands its children SIGINT ignored, which Python then keeps; the
+# sweep under test starts from the default, as a user's would.
+WITH_DEFAULT_SIGINT = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                       "sys.argv[0] = 'sktlm'; runpy.run_module('sktlm.cli', run_name='__main__')")
+
+
 def run_cli(*args, env=None, timeout=180):
   return subprocess.run(list(args), cwd=ROOT, capture_output=True, text=True, timeout=timeout,
                         env=dict(os.environ, **(env or {})))
@@ -250,8 +257,10 @@ def test_ctrl_c_stops_runs_cleanly_and_rerun_resumes(tmp_path, fake):
   w = tmp_path / 'w'
   # Both runs hold at step 3 until signalled (they write 'paused'), so the SIGINT always finds them running.
   env = dict(os.environ, FAKE_STEP_S='0.01', FAKE_PAUSE_AT='3')
-  sweep = subprocess.Popen(sweep_cmd(s, w, fake, '--parallel=2'), cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, text=True)
+  cmd = sweep_cmd(s, w, fake, '--parallel=2')
+  assert cmd[1:3] == ['-m', 'sktlm.cli']
+  sweep = subprocess.Popen([cmd[0], '-c', WITH_DEFAULT_SIGINT, *cmd[3:]], cwd=ROOT, env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   try:
     _wait_for(lambda: (w / 'seed-1_steps-60' / 'paused').exists() and (w / 'seed-2_steps-60' / 'paused').exists(),
               timeout=120)
