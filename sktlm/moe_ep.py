@@ -17,7 +17,8 @@ flagship), so `ep_buffer_factor` = f > 0 sizes the buffer at S = ceil(f * M / X)
 - ep_overflow = 'exchange' (dropless): slots past S in their pair go through a second exchange of W - S rows
   per pair, inside a lax.cond that runs only when some pair of the mesh overflowed in this layer (the predicate
   is a psum over the whole mesh, so every device takes the same branch). Typical steps move S rows per
-  pair; memory is still reserved for the worst case. Logged: `ep_overflow_frac`, the slots that needed it.
+  pair; memory is still reserved for the worst case, though the branch runs under jax.checkpoint, so the
+  backward pass keeps only its inputs. Logged: `ep_overflow_frac`, the slots that needed it.
 - ep_overflow = 'drop': overflow slots are dropped (the token keeps its residual and the shared expert), like
   a capacity factor per device pair; memory and traffic stay at S. Logged: `dropped_frac`.
 f = 0 is one buffer of W rows, never overflowing. jax.lax.ragged_all_to_all would move only the real rows, but
