@@ -118,7 +118,8 @@ def dispatch(moe, mesh, batch_axes, exp_axes, x_BxTxD, w_BxTxK, e_BxTxK, weights
     first = pos_sorted < S
     y_MxD = exchange(jnp.where(first, dest_sorted * S + pos_sorted, X * S), S)
     over = ~first
-    n_over = jax.lax.psum(jnp.sum(over).astype(jnp.float32), all_axes)
+    # S = W cannot overflow: no collective for a count that is always 0.
+    n_over = jax.lax.psum(jnp.sum(over).astype(jnp.float32), all_axes) if S < W else jnp.float32(0)
     if mode == 'exchange' and S < W:
       row2_M = jnp.where(over, dest_sorted * (W - S) + pos_sorted - S, X * (W - S))
       # checkpoint: the cond keeps only the branch's inputs for the backward pass, not a worst-case set of
