@@ -3,13 +3,13 @@
   python benchmarks/bench_accel.py                          # base and large, bfloat16, all devices
   python benchmarks/bench_accel.py --sizes=pico --steps=2   # CPU smoke check (seq 256, 2 rows, byte vocab)
 
-The real train step of sktlm.train (AdamW included) on every device JAX sees, FSDP over all of them
+The real train step of sktlm.train.step (AdamW included) on every device JAX sees, FSDP over all of them
 (`--mesh=data` for pure data parallelism), bfloat16 compute with float32 parameters, kernels `auto`
 (train.build picks the platform's: splash attention on TPU, Pallas flash attention on GPU). Rows are packed
 with several documents each (segment ids), as in training. Timing rounds interleave the sizes, so they all see
 the same machine; the best round counts and the spread is shown.
 
-MFU = model FLOPs per second / (devices x peak). Model FLOPs per token are sktlm.flops' `exact` count, PaLM's
+MFU = model FLOPs per second / (devices x peak). Model FLOPs per token are accounting's `exact` count, PaLM's
 definition (6N + 12 L H d_head T: every matmul weight including the output head, plus the full T x T
 attention matmuls; no remat recompute). Peak: `--peak_tflops`, else the chip's dense bf16 peak from
 sktlm.chips, else (CPU) a bf16 matmul measured here.
@@ -26,7 +26,10 @@ sys.path.insert(0, ROOT)
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from sktlm import chips, configs, flops, sharding, train  # noqa: E402
+from sktlm import chips, sharding  # noqa: E402
+from sktlm.config import accounting as flops  # noqa: E402
+from sktlm.config import load as configs  # noqa: E402
+from sktlm.train import step as train  # noqa: E402
 
 
 def packed_batch(rng, B: int, T: int, vocab: int, mean_doc: int) -> dict:
@@ -91,7 +94,7 @@ def kernels_line(mc) -> str:
 
 def main():
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  p.add_argument('--sizes', default='base,large', help='comma-separated names from sktlm.sizes')
+  p.add_argument('--sizes', default='base,large', help='comma-separated names from sktlm.config.sizes')
   p.add_argument('--dtype', default='bfloat16')
   p.add_argument('--seq_len', type=int, default=0, help='0: 2048 (CPU: 256)')
   p.add_argument('--batch', type=int, default=0, help='sequences per device; 0: 8 (CPU: 2)')
@@ -120,7 +123,7 @@ def main():
            f'{peak_src}, the best of one measurement per round (the load varies)'))
   print(f'{args.dtype}, seq {args.seq_len}, {args.batch} sequences per device, vocab {args.vocab_size}, '
         f'mesh {args.mesh}={len(devices)}, remat {args.remat}')
-  print('MFU = model FLOPs/s / (devices x peak); model FLOPs/token = sktlm.flops exact (PaLM: 6N + 12 L H d_head T)')
+  print('MFU = model FLOPs/s / (devices x peak); model FLOPs/token = accounting exact (PaLM: 6N + 12 L H d_head T)')
   runs = {}
   for size in args.sizes.split(','):
     step, state, batch, config, compile_s = build(size, args, devices)

@@ -23,7 +23,8 @@ from sktlm import hostmem  # noqa: E402
 
 hostmem.tune_malloc()  # training is measured as `sktlm train` runs it
 
-from sktlm import base_config, data  # noqa: E402
+from sktlm import data  # noqa: E402
+from sktlm.config import schema as base_config  # noqa: E402
 from sktlm.data import pipeline, sources  # noqa: E402
 
 
@@ -45,7 +46,9 @@ def _train_rate(cfg, batch_size: int, steps: int = 3) -> float:
   """Steady-state training tokens/s of the `small` model on batches from the real pipeline."""
   import jax
 
-  from sktlm import configs, sharding, train
+  from sktlm import sharding
+  from sktlm.config import load as configs
+  from sktlm.train import step as train
   config = configs.load_config(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                             'experiments/lm.py:size=small'),
                                {'model.vocab_size': 384, 'data.seq_len': cfg.seq_len,

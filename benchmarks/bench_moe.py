@@ -4,9 +4,9 @@
   XLA_FLAGS=--xla_force_host_platform_device_count=8 python benchmarks/bench_moe.py --expert_axis=4
 
 With --expert_axis=X > 1 the paths run on a mesh (data = devices / X, expert = X) and the table adds the
-dropless expert-parallel path (sktlm/moe_ep.py) and each compiled step's temporary bytes per device.
+dropless expert-parallel path (sktlm/model/moe_ep.py) and each compiled step's temporary bytes per device.
 
-Times jitted forward+backward of sktlm.moe.MoEFeedForward on the default device and prints, per path: time,
+Times jitted forward+backward of sktlm.model.moe.MoEFeedForward on the default device and prints, per path: time,
 tokens/s, useful FLOP/s (active experts only: 6 x tokens x top_k x 3 x D x F) and that as a fraction of a
 matmul peak measured in the same run (sktlm.chips.measure_matmul_peak), next to a dense SwiGLU with the same
 active width (top_k x F), which is the ceiling either routing could reach.
@@ -22,7 +22,8 @@ import numpy as np
 from flax import linen as nn
 from jax.sharding import Mesh
 
-from sktlm import chips, layers, moe
+from sktlm import chips
+from sktlm.model import layers, moe
 
 RULES = (('batch', ('data', 'fsdp', 'expert')), ('embed', 'fsdp'), ('mlp', 'tensor'), ('exp', 'expert'))
 

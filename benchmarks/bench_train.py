@@ -5,7 +5,7 @@
 Prints, for float32 and bfloat16 compute: tokens/s, step time, compile time, and the fraction of the
 float32 / bfloat16 matmul peak (one large jitted matmul, measured here, interleaved with the step timings so
 that both see the same machine load). FLOPs per token = 6N + 12 L d T (N: all matmul weights incl. the
-output head), i.e. sktlm.flops 'exact'.
+output head), i.e. sktlm.config.accounting 'exact'.
 """
 
 import argparse
@@ -24,7 +24,10 @@ MALLOC = hostmem.tune_malloc()  # as `sktlm train` does, before jax starts its t
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from sktlm import chips, configs, flops, sharding, train  # noqa: E402
+from sktlm import chips, sharding  # noqa: E402
+from sktlm.config import accounting as flops  # noqa: E402
+from sktlm.config import load as configs  # noqa: E402
+from sktlm.train import step as train  # noqa: E402
 
 
 def build_step(dtype, args):

@@ -7,14 +7,14 @@
 Published target (A.X K1): ~519B total / ~33B active parameters; 61 layers, the first dense; d_model 7168;
 64 attention heads; 192 routed experts + 1 shared, 8 routed active per token, expert hidden 2048;
 vocabulary 163,840; context 131,072. Choices here (counts: `python experiments/flagship.py`):
-- Attention is DeepSeek-V3's multi-head latent attention (sktlm/mla.py, model.mla): 64 heads, queries through a
+- Attention is DeepSeek-V3's multi-head latent attention (sktlm/model/mla.py, model.mla): 64 heads, queries through a
   1536 low-rank bottleneck, keys/values from a shared 512-dim latent plus one 64-dim decoupled RoPE key,
   128 + 64 query/key dims per head, 128 value dims; ~101M attention weights per layer, a 576-value KV cache
   per token per layer. Counts: 519.0B total / 32.8B active against the published ~519B / ~33B.
 - Dense first layer: SwiGLU d_ff 18432 (DeepSeek-V3's dense width).
 - Routing as DeepSeek-V3: sigmoid gates with top-k renormalisation, auxiliary-loss-free balancing (a per-expert
-  bias for top-k selection only, updated by 1e-3 x sign of the load error after each step; sktlm/moe.py) plus
-  the small sequence-wise balance loss (1e-4), and dropless expert-parallel dispatch (sktlm/moe_ep.py: tokens
+  bias for top-k selection only, updated by 1e-3 x sign of the load error after each step; sktlm/model/moe.py) plus
+  the small sequence-wise balance loss (1e-4), and dropless expert-parallel dispatch (sktlm/model/moe_ep.py: tokens
   exchanged by all-to-all over the `expert` mesh axis in buffers of twice the balanced load per device pair;
   a layer where some pair overflows runs a second exchange for the rest, so no token is ever dropped).
   `ep_buffer=0` uses one worst-case buffer instead; `capacity=1.25` the older token-dropping capacity dispatch.
@@ -23,7 +23,7 @@ vocabulary 163,840; context 131,072. Choices here (counts: `python experiments/f
 - Mesh for a v5p:8x16x16 slice (2048 chips): fsdp=32 x expert=64 (3 experts per device). Parameters shard
   their `embed` (and MLA latent) axis over fsdp x context, so a context-parallel mesh still shards them over
   every device.
-- Long context (131K): the `context` mesh axis splits each sequence (sktlm/context.py), e.g.
+- Long context (131K): the `context` mesh axis splits each sequence (sktlm/model/context.py), e.g.
   `flagship.py:seq_len=131072,batch=64,fsdp=1,context=32,block=128` on the same slice: 64 sequences over the
   64 expert shards, each over 32 devices (4096 tokens per device, as at 4K).
 
@@ -35,7 +35,8 @@ variants keep every width (d_model, heads, MLA ranks, expert d_ff, vocab).
 
 import ml_collections
 
-from sktlm import base_config, configs
+from sktlm.config import load as configs
+from sktlm.config import schema as base_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -95,7 +96,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 if __name__ == '__main__':
   import sys
 
-  from sktlm import flops
+  from sktlm.config import accounting as flops
 
   cfg = get_config(sys.argv[1] if len(sys.argv) > 1 else None)
   counts = flops.param_counts(cfg.model)

@@ -3,12 +3,13 @@
   sktlm train --config=experiments/lm.py:size=tiny --workdir=runs/tiny
   sktlm train --config=experiments/lm.py:size=small,runlocal --workdir=/tmp/debug
 
-Arguments: size=<name from sktlm.sizes.SIZES>, runlocal (tiny debug run: few steps, small batch).
+Arguments: size=<name from sktlm.config.sizes.SIZES>, runlocal (tiny debug run: few steps, small batch).
 """
 
 import ml_collections
 
-from sktlm import base_config, configs
+from sktlm.config import load as configs
+from sktlm.config import schema as base_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

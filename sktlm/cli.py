@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None):
   except UserError as e:  # raised by a config file's get_config while flags are parsed
     fail(cmd, str(e))
   except SyntaxError as e:  # a config file that does not parse
-    from sktlm import configs
+    from sktlm.config import load as configs
     fail(cmd, configs.syntax_error_line(e))
   except (AttributeError, KeyError, TypeError, ValueError, OSError) as e:  # config_flags errors
     fail(cmd, _override_error(cmd_argv, e))
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None):
 
 def _override_error(argv: list[str], e: Exception) -> str:
   """Names the `--config.key=value` override that config_flags could not apply."""
-  from sktlm import configs
+  from sktlm.config import load as configs
   spec = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), None)
   try:
     config = configs.load_config(spec) if spec else None

@@ -3,7 +3,7 @@ activation sharding context the model's constraints bind to.
 
 Model code names axes logically ('embed', 'mlp', 'heads', 'batch', ...); `config.sharding_rules` maps them
 to the mesh axes ('data', 'fsdp', 'expert', 'context', 'tensor'); 'context' splits each sequence (the
-logical 'length' axis, sktlm/context.py). Pure data parallelism (the old pmap) is a mesh with only `data` > 1.
+logical 'length' axis, sktlm/model/context.py). Pure data parallelism (the old pmap) is a mesh with only `data` > 1.
 The model never sees a mesh: `constrain` binds to the mesh of `activation_context`, which train.build enters
 while tracing the step (outside it, e.g. a plain `model.init`, constraints are no-ops).
 """

@@ -7,7 +7,7 @@ against log N per budget and N_opt(C) from the vertices.
   sktlm sweep sweeps/isoflop.py:budgets=3e13+1e14+3e14 --workdir=runs/isoflop_big
 """
 
-from sktlm import configs
+from sktlm.config import load as configs
 from sktlm.sweep import planners
 
 BASE = 'experiments/lm.py'

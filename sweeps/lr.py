@@ -4,7 +4,7 @@
   sktlm sweep sweeps/lr.py:steps=300 --workdir=runs/lr --parallel=2
 """
 
-from sktlm import configs
+from sktlm.config import load as configs
 from sktlm.sweep import product, sweep
 
 BASE = 'experiments/lm.py'

@@ -23,7 +23,7 @@ checks the transferred LR where it is cheap; the larger sizes are not checked he
   sktlm scaling runs/sizes --out=runs/sizes/report
 """
 
-from sktlm import configs
+from sktlm.config import load as configs
 from sktlm.sweep import planners
 
 BASE = 'experiments/lm.py'

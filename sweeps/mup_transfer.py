@@ -16,7 +16,7 @@ parametrizations=sp+mup, init_std=0.06 (tuned at the base width: 0.02, the GPT-2
 2.534 against 2.306 for 0.06).
 """
 
-from sktlm import configs
+from sktlm.config import load as configs
 from sktlm.sweep import product, sweep
 
 BASE = 'experiments/lm.py:size=pico'

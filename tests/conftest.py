@@ -34,7 +34,7 @@ def run_cli(*args, timeout=600, env=None):
 
 def train_config(data_dir, spec='experiments/lm.py:size=pico', **over):
   """A small, quiet training config on the test session's data dir (`over`: {'train.steps': 5, ...})."""
-  from sktlm import configs
+  from sktlm.config import load as configs
   base = {'data.data_dir': data_dir, 'data.seq_len': 64, 'train.batch_size': 8, 'train.log_every': 5,
           'train.eval_every': 1000, 'train.eval_batches': 2, 'metrics.progress': False,
           'metrics.tensorboard': False, 'optim.warmup_steps': 5}
@@ -47,7 +47,8 @@ def run_steps(config, mesh, steps):
   import jax
   import numpy as np
 
-  from sktlm import data, train
+  from sktlm import data
+  from sktlm.train import step as train
   setup = train.build(config, mesh)
   it = data.make_train_iter(config.data, batch_size=config.train.batch_size, seed=config.seed)
   state = setup.init_state(jax.random.PRNGKey(0))

@@ -1,4 +1,4 @@
-"""The attention implementations (plain sktlm/attention.py; blocked_vjp of sktlm/kernels/cpu.py) against a
+"""The attention implementations (plain sktlm/model/attention.py; blocked_vjp of sktlm/model/kernels/cpu.py) against a
 float64 numpy reference and each other.
 
 Values: every implementation vs float64 numpy loops. Gradients: `blocked` and `blocked_vjp` (hand-written
@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from conftest import dot_operand_dtypes
 
-from sktlm import kernels
-from sktlm.kernels import cpu
+from sktlm.model import kernels
+from sktlm.model.kernels import cpu
 
 B, T, K = 2, 13, 8
 RNG = np.random.default_rng(0)

@@ -1,4 +1,4 @@
-"""Context parallelism (sktlm/context.py): a `context` mesh axis splits every sequence over 4 of the 8 simulated
+"""Context parallelism (sktlm/model/context.py): a `context` mesh axis splits every sequence over 4 of the 8 simulated
 devices; losses and gradients equal the unsharded model's, for GQA and MLA, with packed rows."""
 
 import importlib.util
@@ -11,8 +11,11 @@ import pytest
 from test_mla import MLA
 from test_model import make_batch
 
-from sktlm import configs, model, sharding, train
+from sktlm import sharding
+from sktlm.config import load as configs
 from sktlm.errors import UserError
+from sktlm.model import transformer as model
+from sktlm.train import step as train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -96,7 +99,7 @@ def test_sequence_must_divide_the_context_axis():
 @pytest.mark.skipif(importlib.util.find_spec('libtpu') is None, reason="libtpu absent (pip install 'jax[tpu]==0.10.2')")
 def test_reduced_flagship_with_context_axis_compiles_for_v5p():
   """The flagship's context-parallel path (MLA latents gathered over context=2) compiles for a v5p topology."""
-  from sktlm import plan
+  from sktlm.plan import planner as plan
   config = configs.load_config(os.path.join(
       ROOT, 'experiments/flagship.py:layers=2,experts=8,top_k=2,fsdp=1,expert=2,context=2,batch=2,seq_len=2048,'
       'block=128'))

@@ -8,7 +8,9 @@ import time
 import numpy as np
 import pytest
 
-from sktlm import base_config, configs, data
+from sktlm import data
+from sktlm.config import load as configs
+from sktlm.config import schema as base_config
 from sktlm.data import builders, packing, sources
 from sktlm.errors import UserError
 

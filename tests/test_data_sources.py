@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from sktlm import base_config, data
+from sktlm import data
+from sktlm.config import schema as base_config
 from sktlm.data import sources
 from sktlm.errors import UserError
 

@@ -1,4 +1,4 @@
-"""KV-cached decoding (sktlm/decode.py) against the plain model's full forward passes.
+"""KV-cached decoding (sktlm/tools/decode.py) against the plain model's full forward passes.
 
 The reference: the uncached model run on the whole sequence (prompt + generated tokens): by causality its
 logits at position t are what a fresh full forward pass over tokens[:t+1] gives. Negative controls show the
@@ -11,8 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sktlm import base_config, decode, sharding, train
-from sktlm import model as model_lib
+from sktlm import sharding
+from sktlm.config import schema as base_config
+from sktlm.model import transformer as model_lib
+from sktlm.tools import decode
+from sktlm.train import step as train
 
 TOL = 1e-4
 

@@ -1,4 +1,4 @@
-"""FLOP conventions of sktlm/flops.py against the matmuls of the traced train step (an independent count).
+"""FLOP conventions of sktlm/config/accounting.py against the matmuls of the traced train step (an independent count).
 
 `executed` must equal the dot_general FLOPs of the jaxpr that training runs (scan bodies x length, remat
 recompute included) for each kernel choice; `exact` (model FLOPs) must not depend on the kernel.
@@ -8,8 +8,11 @@ import os
 
 import pytest
 
-from sktlm import configs, flops, plan, train
-from sktlm.kernels import cpu
+from sktlm.config import accounting as flops
+from sktlm.config import load as configs
+from sktlm.model.kernels import cpu
+from sktlm.plan import planner as plan
+from sktlm.train import step as train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 B, T = 2, 128

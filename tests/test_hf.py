@@ -18,9 +18,12 @@ transformers = pytest.importorskip('transformers')
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from sktlm import base_config, evaluate, hf, tokenizers  # noqa: E402
-from sktlm import model as model_lib  # noqa: E402
+from sktlm.config import schema as base_config  # noqa: E402
+from sktlm.data import tokenizers  # noqa: E402
 from sktlm.errors import UserError  # noqa: E402
+from sktlm.interop import hf  # noqa: E402
+from sktlm.model import transformer as model_lib  # noqa: E402
+from sktlm.tools import evaluate  # noqa: E402
 
 TOL = 1e-4
 
@@ -205,7 +208,7 @@ def test_tokenizer_export_encodes_identically(tmp_path):
   for i, tok in enumerate(toks):
     out = tmp_path / f't{i}'
     out.mkdir()
-    from sktlm import hf_tokenizer
+    from sktlm.data import hf_tokenizer
     hf_tokenizer.export(tok, str(out))
     ht = transformers.AutoTokenizer.from_pretrained(str(out), local_files_only=True)
     nbytes = evaluate.token_bytes(tok, 512)

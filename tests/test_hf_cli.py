@@ -12,8 +12,14 @@ from conftest import run_cli, train_config
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('TRANSFORMERS_OFFLINE', '1')
 
-from sktlm import base_config, hf, loop, runs, sharding, tokenizers, train  # noqa: E402
+from sktlm import sharding  # noqa: E402
+from sktlm.config import schema as base_config
+from sktlm.data import tokenizers
 from sktlm.errors import UserError  # noqa: E402
+from sktlm.interop import hf
+from sktlm.tools import runs
+from sktlm.train import loop
+from sktlm.train import step as train
 
 
 def test_init_from_hf_round_trip_is_bit_exact_on_a_mesh(tmp_path):
@@ -54,7 +60,7 @@ def test_export_sample_eval_and_init_from_hf_on_a_trained_run(data_dir, tmp_path
   tok = transformers.AutoTokenizer.from_pretrained(out, local_files_only=True)
   ids = tok('def main():\n    ', return_tensors='pt')['input_ids']
   theirs = m.generate(ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1]:].numpy()
-  from sktlm import decode
+  from sktlm.tools import decode
   run = runs.load(wd, 8, mesh_cfg=runs.single_device_mesh())
   opts = decode.SamplingOptions(max_new_tokens=12, temperature=0.0, vocab_limit=259, eos_id=2)
   ours, _, _ = decode.Sampler(run.config.model, 1, ids.shape[1], opts)(run.params, ids.numpy(), jax.random.PRNGKey(0))

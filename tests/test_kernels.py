@@ -1,4 +1,4 @@
-"""The kernel sets (sktlm/kernels): the cpu kernels equal the plain path, `auto` resolves per platform in
+"""The kernel sets (sktlm/model/kernels): the cpu kernels equal the plain path, `auto` resolves per platform in
 train.build and the resolved choice lands in config.json, and the cpu kernels keep bf16 matmuls bf16.
 
 Tolerances: float32, the same math in another summation order: 1e-5 of each result's scale (values and
@@ -16,8 +16,13 @@ import numpy as np
 import pytest
 from conftest import dot_operand_dtypes, train_config
 
-from sktlm import base_config, kernels, loop, model, sharding, train
+from sktlm import sharding
+from sktlm.config import schema as base_config
 from sktlm.errors import UserError
+from sktlm.model import kernels
+from sktlm.model import transformer as model
+from sktlm.train import loop
+from sktlm.train import step as train
 
 RNG = np.random.default_rng(0)
 TOL = {'float32': 1e-5, 'bfloat16': 2e-2}
@@ -178,7 +183,7 @@ def test_explicit_choices_are_kept_and_bad_ones_refused():
     kernels.resolve(model_config(attention_impl='flash2').model, 'cpu')
   for name, owner in (('splash', 'tpu'), ('flash', 'gpu')):
     if not kernels.available(owner):
-      with pytest.raises(UserError, match=f'needs sktlm/kernels/{owner}.py'):
+      with pytest.raises(UserError, match=f'needs sktlm/model/kernels/{owner}.py'):
         kernels.resolve(model_config(attention_impl=name).model, 'cpu')
 
 

@@ -1,4 +1,4 @@
-"""The fused accelerator attention kernels (sktlm/kernels/tpu.py: Pallas splash; sktlm/kernels/gpu.py: Pallas
+"""The fused accelerator attention kernels (model/kernels/tpu.py: Pallas splash; model/kernels/gpu.py: Pallas
 flash with segment ids) in Pallas interpret mode on CPU, against the plain `dense` attention (itself checked
 against float64 numpy in test_attention.py).
 
@@ -17,8 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sktlm import attention, base_config, kernels, sharding, train
-from sktlm.kernels import gpu, sharded, tpu
+from sktlm import sharding
+from sktlm.config import schema as base_config
+from sktlm.model import attention, kernels
+from sktlm.model.kernels import gpu, sharded, tpu
+from sktlm.train import step as train
 
 KERNELS = {
     # name: (module, T, block): splash tiles are multiples of 128 lanes, so its rows are longer

@@ -1,4 +1,4 @@
-"""The CPU matmul kernels (sktlm/kernels/cpu.py): `transposed`, `dense`, `swiglu` (hand-written backward
+"""The CPU matmul kernels (sktlm/model/kernels/cpu.py): `transposed`, `dense`, `swiglu` (hand-written backward
 passes) and the one-hot embedding.
 
 Gradients are compared with float64 numpy (float32 tight, bfloat16 to its precision), and the compiled
@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from conftest import dot_operand_dtypes
 
-from sktlm import kernels
-from sktlm.kernels import cpu
+from sktlm.model import kernels
+from sktlm.model.kernels import cpu
 
 RNG = np.random.default_rng(0)
 X64 = RNG.standard_normal((64, 24))

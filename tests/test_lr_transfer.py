@@ -104,8 +104,9 @@ def test_default_sweep_spans_20x_at_a_transferred_lr():
   smallest model, the base LR in the middle of the LR grid of the smallest size."""
   from conftest import ROOT
 
-  from sktlm import flops
-  from sktlm.sweep import plan, spec
+  from sktlm.config import accounting as flops
+  from sktlm.sweep import schedule as plan
+  from sktlm.sweep import spec
   sd = spec.load_sweep_file(f'{ROOT}/sweeps/model_sizes.py')
   ns, lrs = {}, {}
   for r in sd.runs:

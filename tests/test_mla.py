@@ -1,4 +1,4 @@
-"""Multi-head latent attention (sktlm/mla.py): values and gradients against a float64 numpy per-head
+"""Multi-head latent attention (sktlm/model/mla.py): values and gradients against a float64 numpy per-head
 implementation, packed rows, scan/remat equivalence, the same losses on meshes, and its accounting."""
 
 import os
@@ -11,7 +11,12 @@ import pytest
 from conftest import assert_documents_isolated
 from test_model import make_batch, np_rmsnorm, np_rope, stack_layers, to_numpy64
 
-from sktlm import configs, flops, model, plan, sharding, train
+from sktlm import sharding
+from sktlm.config import accounting as flops
+from sktlm.config import load as configs
+from sktlm.model import transformer as model
+from sktlm.plan import planner as plan
+from sktlm.train import step as train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Small MLA: 4 heads, qk = 6 nope + 4 rope = 10, v = 6 (so the core pads v), latents 16 (q) and 8 (kv).

@@ -7,8 +7,11 @@ import numpy as np
 import pytest
 from conftest import assert_documents_isolated
 
-from sktlm import configs, flops, model, train
-from sktlm import kernels as sktlm_kernels
+from sktlm.config import accounting as flops
+from sktlm.config import load as configs
+from sktlm.model import kernels as sktlm_kernels
+from sktlm.model import transformer as model
+from sktlm.train import step as train
 
 
 def small_config(**over):

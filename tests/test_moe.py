@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from sktlm import flops, layers, moe
+from sktlm.config import accounting as flops
+from sktlm.model import layers, moe
 
 
 def model_cfg(E=4, K=2, shared=0, cf=0.0, gate='softmax', renorm=True, d=16, d_ff=24, e_ff=0):

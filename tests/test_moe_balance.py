@@ -9,8 +9,10 @@ import numpy as np
 from conftest import run_steps, train_config
 from flax import linen as nn
 
-from sktlm import loop, moe, sharding
-from sktlm.checkpoint import Checkpointer
+from sktlm import sharding
+from sktlm.model import moe
+from sktlm.train import loop
+from sktlm.train.checkpoint import Checkpointer
 
 
 def model_cfg(rate=1e-2, balance='aux_free', E=8, K=2, gate='sigmoid'):

@@ -1,4 +1,4 @@
-"""Dropless expert-parallel dispatch (sktlm/moe_ep.py) on 8 simulated devices against the single-device
+"""Dropless expert-parallel dispatch (sktlm/model/moe_ep.py) on 8 simulated devices against the single-device
 dropless path (itself checked against a float64 numpy token loop in test_moe.py)."""
 
 import jax
@@ -9,7 +9,7 @@ import pytest
 from flax import linen as nn
 from jax.sharding import Mesh
 
-from sktlm import moe, moe_ep
+from sktlm.model import moe, moe_ep
 
 RULES = (('batch', ('data', 'fsdp', 'expert')), ('embed', 'fsdp'), ('mlp', 'tensor'), ('exp', 'expert'))
 

@@ -7,7 +7,10 @@ import numpy as np
 import pytest
 from conftest import run_steps, train_config
 
-from sktlm import data, flops, loop, sharding, train
+from sktlm import data, sharding
+from sktlm.config import accounting as flops
+from sktlm.train import loop
+from sktlm.train import step as train
 
 MOE = {'model.moe.num_experts': 4, 'model.moe.top_k': 2, 'model.moe.num_shared_experts': 1,
        'model.moe.n_dense_layers': 1, 'model.moe.expert_d_ff': 96}

@@ -1,4 +1,4 @@
-"""muP (sktlm/mup.py): the rules against closed forms, muP at base width = SP, the muP forward pass against the SP
+"""muP (sktlm/model/mup.py): the rules against closed forms, muP at base width = SP, the muP forward pass against the SP
 one with reparametrised weights, and the coordinate check's slopes (with a negative control)."""
 
 import math
@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 from conftest import train_config
 
-from sktlm import coord_check, mup, optim
-from sktlm import model as model_lib
 from sktlm.errors import UserError
+from sktlm.model import mup
+from sktlm.model import transformer as model_lib
+from sktlm.tools import coord_check
+from sktlm.train import optim
 
 
 def pico(data_dir, **over):

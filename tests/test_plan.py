@@ -11,8 +11,13 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from sktlm import configs, flops, moe_ep, plan, sharding, train
-from sktlm.kernels import cpu
+from sktlm import sharding
+from sktlm.config import accounting as flops
+from sktlm.config import load as configs
+from sktlm.model import moe_ep
+from sktlm.model.kernels import cpu
+from sktlm.plan import planner as plan
+from sktlm.train import step as train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAS_LIBTPU = importlib.util.find_spec('libtpu') is not None
@@ -65,7 +70,7 @@ def test_compiled_flops_match_analytic(scan, extra):
   analytic = rep['analytic_flops_per_device']
   assert analytic == pytest.approx(flops.flops_per_token(config.model, 64)['exact'] * 8 * 64 / 8)
   assert rep['traced_flops_per_device'] == pytest.approx(analytic, rel=0.10)
-  # Sharper: small vocabularies embed with a one-hot matmul (sktlm/kernels/cpu.py), 4 V D FLOPs/token (fwd + grad)
+  # Sharper: small vocabularies embed with a one-hot matmul (sktlm/model/kernels/cpu.py), 4 V D FLOPs/token (fwd + grad)
   # that 6N leaves out as a lookup; with it added the traced matmuls equal the analytic count.
   v, d = config.model.vocab_size, config.model.d_model
   one_hot = 4 * v * d * 8 * 64 / 8 if v <= cpu.ONE_HOT_EMBED_MAX_VOCAB else 0
@@ -114,8 +119,8 @@ def test_all_to_all_bytes_match_closed_form(remat, buffer):
 
 
 def test_report_names_the_attention_a_context_parallel_step_runs():
-  """With a context axis the kernel set's attention is not used (sktlm/context.py): the report says so."""
-  for ctx, expected in ((1, 'attention dense'), (4, 'all-gather form of sktlm/context.py over context=4')):
+  """With a context axis the kernel set's attention is not used (sktlm/model/context.py): the report says so."""
+  for ctx, expected in ((1, 'attention dense'), (4, 'all-gather form of sktlm/model/context.py over context=4')):
     config = small_config(**{'mesh.fsdp': 8 // ctx, 'mesh.context': ctx, 'model.attention_impl': 'dense'})
     assert expected in plan.format_report(plan.plan(config, plan.get_target('cpu:8'), compile=False), 'pico')
 

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from sktlm import base_config
+from sktlm.config import schema as base_config
 from sktlm.data import sources
 from sktlm.errors import UserError
 

@@ -11,8 +11,8 @@ import sys
 import pytest
 
 from sktlm import files
-from sktlm.metrics import MetricsWriter
 from sktlm.sweep import execute, locks, results
+from sktlm.train.metrics import MetricsWriter
 from tests.conftest import ROOT
 
 
@@ -43,7 +43,7 @@ def test_metrics_append_after_a_cut_line(tmp_path, capfd):
 
 
 def test_orbax_temp_folders_of_killed_saves_are_removed(tmp_path):
-  from sktlm import checkpoint
+  from sktlm.train import checkpoint
   ck = tmp_path / 'checkpoints'
   (ck / '5.orbax-checkpoint-tmp-1700000000').mkdir(parents=True)
   (ck / '5.orbax-checkpoint-tmp-1700000000' / 'state').mkdir()

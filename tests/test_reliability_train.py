@@ -18,9 +18,11 @@ import numpy as np
 import pytest
 from conftest import ROOT, run_cli, train_config
 
-from sktlm import data, loop, train
-from sktlm.checkpoint import Checkpointer
+from sktlm import data
 from sktlm.errors import UserError
+from sktlm.train import loop
+from sktlm.train import step as train
+from sktlm.train.checkpoint import Checkpointer
 
 QUIET = {'train.log_every': 1, 'metrics.peak_flops': 1e11, 'train.eval_batches': 1}
 
@@ -215,7 +217,7 @@ def _train_args(data_dir, workdir, steps):
 
 KILL_BEFORE_SUMMARY = r'''
 import os, signal, sys
-from sktlm import loop
+from sktlm.train import loop
 orig = loop.write_summary
 def write_summary(workdir, summary):
   if summary.get('status') == 'done':

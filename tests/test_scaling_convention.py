@@ -1,5 +1,5 @@
-"""One FLOP convention end to end: synthetic runs on the real size ladder (sktlm.sizes shapes, FLOPs per
-token from sktlm.flops), losses from a known L(N, D), analysed under --flops=exact and --flops=6n.
+"""One FLOP convention end to end: synthetic runs on the real size ladder (sktlm.config.sizes shapes, FLOPs per
+token from sktlm.config.accounting), losses from a known L(N, D), analysed under --flops=exact and --flops=6n.
 
 The reference allocation is computed here independently: scipy's bounded scalar minimiser along
 D = C / f(N), with f interpolated by numpy from the shapes' FLOPs per token.
@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from scipy import optimize
 
-from sktlm import flops, sizes
+from sktlm.config import accounting as flops
+from sktlm.config import sizes
 from sktlm.scaling import compute, io, report
 from sktlm.scaling import fit as fitlib
 

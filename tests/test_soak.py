@@ -19,9 +19,11 @@ import jax
 import numpy as np
 import pytest
 
-from sktlm import configs, sharding, train
-from sktlm.checkpoint import Checkpointer
-from sktlm.metrics import summary_problems
+from sktlm import sharding
+from sktlm.config import load as configs
+from sktlm.train import step as train
+from sktlm.train.checkpoint import Checkpointer
+from sktlm.train.metrics import summary_problems
 from tests.conftest import ROOT
 
 STEPS = 24

@@ -9,9 +9,11 @@ import time
 
 import pytest
 
-from sktlm import flops, sizes
+from sktlm.config import accounting as flops
+from sktlm.config import sizes
 from sktlm.errors import UserError
-from sktlm.sweep import locks, plan, planners, spec
+from sktlm.sweep import locks, planners, spec
+from sktlm.sweep import schedule as plan
 from sktlm.sweep import zip as szip
 from sktlm.sweep.spec import product, run_name, sweep
 from tests.conftest import ROOT
@@ -76,7 +78,7 @@ def test_load_sweep_file_and_resolve(tmp_path):
   r = runs[1]
   assert r.config.endswith('lm.py:runlocal,size=nano')
   assert r.overrides == {'train.batch_size': 8, 'train.steps': 7}
-  # Counts come from sktlm.flops on the resolved config (byte tokenizer: 259 -> padded to 384).
+  # Counts come from sktlm.config.accounting on the resolved config (byte tokenizer: 259 -> padded to 384).
   assert r.params['non_embedding'] == flops.param_counts(_mc('nano'))['non_embedding']
   assert r.tokens == 7 * 8 * 64 and r.flops['6N'] == r.tokens * 6 * flops.matmul_params(_mc('nano'))
   args = r.train_args('/w/x')

@@ -9,8 +9,9 @@ import sys
 
 import pytest
 
-from sktlm import flops
-from sktlm.sweep import plan, spec
+from sktlm.config import accounting as flops
+from sktlm.sweep import schedule as plan
+from sktlm.sweep import spec
 from tests.conftest import ROOT
 
 BASE = str(ROOT / 'experiments' / 'lm.py') + ':size=pico,runlocal'

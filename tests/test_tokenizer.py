@@ -8,8 +8,9 @@ import sys
 import numpy as np
 import pytest
 
-from sktlm import base_config, data, tokenizers
-from sktlm.data import sources
+from sktlm import data
+from sktlm.config import schema as base_config
+from sktlm.data import sources, tokenizers
 from sktlm.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

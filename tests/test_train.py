@@ -13,8 +13,11 @@ import numpy as np
 import pytest
 from conftest import ROOT, run_cli, run_steps, train_config
 
-from sktlm import configs, data, loop, sharding, train
-from sktlm.checkpoint import Checkpointer
+from sktlm import data, sharding
+from sktlm.config import load as configs
+from sktlm.train import loop
+from sktlm.train import step as train
+from sktlm.train.checkpoint import Checkpointer
 
 
 def cfg(data_dir, **over):

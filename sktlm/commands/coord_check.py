@@ -2,7 +2,7 @@
 
 Trains the config at each width (d_model; d_ff in proportion, heads fixed) for a few steps under SP and muP and
 prints the log-log slope of each activation's RMS against width, per step: ~0 under muP at every step, growing
-under SP. --out writes coord_check.png (RMS against width, per step) and coord_check.json. See sktlm/mup.py.
+under SP. --out writes coord_check.png (RMS against width, per step) and coord_check.json. See sktlm/model/mup.py.
 """
 
 import json
@@ -29,7 +29,8 @@ def main(argv):
     widths = [int(w) for w in _WIDTHS.value]
   except ValueError as e:
     raise UserError(f'--widths must be integers: {_WIDTHS.value}') from e
-  from sktlm import coord_check, mup
+  from sktlm.model import mup
+  from sktlm.tools import coord_check
   bad = [p for p in _PARAM.value if p not in mup.PARAMETRIZATIONS]
   if bad:
     raise UserError(f"--parametrization: unknown {bad} (known: {', '.join(mup.PARAMETRIZATIONS)})")

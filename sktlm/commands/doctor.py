@@ -41,9 +41,10 @@ class Report:
 
 
 def check_run(run_dir: str, rep: Report) -> None:
-  from sktlm import checkpoint, files
-  from sktlm.metrics import summary_problems
+  from sktlm import files
   from sktlm.sweep import execute, locks
+  from sktlm.train import checkpoint
+  from sktlm.train.metrics import summary_problems
   lock_path = os.path.join(run_dir, execute.LOCK)
   info = locks.read(lock_path)
   live = info is not None and not locks.stale_reason(lock_path, info)

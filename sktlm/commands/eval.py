@@ -30,7 +30,7 @@ def main(argv):
   import re
   import sys
 
-  from sktlm import evaluate, runs
+  from sktlm.tools import evaluate, runs
   if _NAME.value and not re.fullmatch(r'[A-Za-z0-9_.-]+', _NAME.value):
     raise UserError(f'--name={_NAME.value!r}: use letters, digits, _ . -')
   cfg = runs.read_config(_WORKDIR.value)

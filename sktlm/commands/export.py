@@ -3,7 +3,7 @@
 Writes a Hugging Face model folder that `transformers.AutoModelForCausalLM.from_pretrained(DIR)` loads as
 LlamaForCausalLM (float32 safetensors, sharded with an index above --max_shard_gib), generation_config.json and
 the tokenizer (AutoTokenizer). Dense models only; anything Llama cannot compute exactly is refused. See
-sktlm/hf.py.
+sktlm/interop/hf.py.
 """
 
 from absl import flags
@@ -27,7 +27,8 @@ def main(argv):
 
   import jax
 
-  from sktlm import hf, runs
+  from sktlm.interop import hf
+  from sktlm.tools import runs
   t0 = time.perf_counter()
   hf.check_exportable(runs.read_config(_WORKDIR.value).model)  # before restoring anything
   run = runs.load(_WORKDIR.value, _STEP.value, mesh_cfg=runs.single_device_mesh())

@@ -1,7 +1,7 @@
 """`sktlm plan --config=<file[:arg]> (--topology=v5p:8x16x16 | --devices=cpu:8) [--chip=h100] [--search=batch]`
 
 Counts, bytes per device, an AOT compile of the real train step for the target and a fit verdict, without
-allocating any parameter. See sktlm/plan.py and docs/plan.md.
+allocating any parameter. See sktlm/plan/planner.py and docs/plan.md.
 """
 
 import json
@@ -55,7 +55,7 @@ def main(argv):
     raise UserError(f"--devices must be cpu:N, got '{spec}' (TPU slices go in --topology)")
   _prepare_host_devices(int(m.group(1)) if m else 1)
 
-  from sktlm import plan
+  from sktlm.plan import planner as plan
   config = _CONFIG.value
   config_name = flags.FLAGS['config'].serialize().split('=', 1)[-1]
   target = plan.get_target(spec, _CHIP.value, _HBM.value)

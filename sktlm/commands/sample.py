@@ -1,7 +1,7 @@
 """`sktlm sample --workdir=RUN [--step=K] (--prompt=TEXT | --prompt_file=F) [--max_new_tokens=N] [--temperature=T]
 [--top_k=K] [--top_p=P] [--seed=S] [--num_samples=B]`
 
-Generates from a checkpoint with a jitted prefill and a KV-cached decode loop (sktlm/decode.py), on the run's
+Generates from a checkpoint with a jitted prefill and a KV-cached decode loop (sktlm/tools/decode.py), on the run's
 mesh rules; stops a sample at end of document. Prints each sample (prompt + continuation) and tokens/s of the
 prefill and the decode loop (compile time excluded, reported apart).
 """
@@ -47,7 +47,7 @@ def main(argv):
   import jax
   import numpy as np
 
-  from sktlm import decode, runs
+  from sktlm.tools import decode, runs
   cfg = runs.read_config(_WORKDIR.value)
   mesh_cfg = dict(cfg.mesh)
   if -1 not in mesh_cfg.values():

@@ -17,7 +17,7 @@ _N = flags.DEFINE_enum('n', 'non_embedding', ['non_embedding', 'total', 'active'
 _LOSS = flags.DEFINE_string('loss', 'best_eval', 'loss per run: best_eval | final_eval | final_train | eval:NAME '
                             '(the `sktlm eval` record RUN/evals/NAME.json)')
 _FLOPS = flags.DEFINE_string('flops', 'exact', 'FLOP convention of every compute quantity in the report: exact '
-                             '(model FLOPs: 6N + full TxT attention, as MFU) or 6n (see sktlm/flops.py)')
+                             '(model FLOPs: 6N + full TxT attention, as MFU) or 6n (see sktlm/config/accounting.py)')
 _BACKTEST = flags.DEFINE_integer('backtest', -1, 'fit on all but the K largest sizes (or compute budgets) and '
                                  'predict those; -1: 1 when there are >= 4 sizes (budgets), else none; 0: none')
 _TARGET_PARAMS = flags.DEFINE_float('target_params', None, 'predict the loss of a model with this N')

@@ -23,7 +23,7 @@ _RETRY_FAILED = flags.DEFINE_bool('retry_failed', True, 'rerun runs that failed 
 _FLOPS_PER_S = flags.DEFINE_float('flops_per_s', 0.0, 'throughput for --dry_run time estimates (default: '
                                   'measured from finished runs in --workdir, else an assumed CPU figure)')
 _FLOPS = flags.DEFINE_enum('flops', 'exact', ['exact', '6n'], 'FLOP convention of C in the --dry_run plan '
-                            '(exact: model FLOPs, as `sktlm scaling` and MFU; see sktlm/flops.py)')
+                            '(exact: model FLOPs, as `sktlm scaling` and MFU; see sktlm/config/accounting.py)')
 _TRAIN_COMMAND = flags.DEFINE_string('train_command', '', "command that trains one run (default: this "
                                      "python's `-m sktlm.cli train`); run flags are appended")
 _LOCK_TIMEOUT = flags.DEFINE_float('lock_timeout', 0.0, 'seconds to wait for a run locked by another live '
@@ -33,7 +33,8 @@ _STATUS = flags.DEFINE_bool('status', False, 'print the status table of --workdi
 
 def main(argv):
   from sktlm.errors import UserError
-  from sktlm.sweep import plan, spec
+  from sktlm.sweep import schedule as plan
+  from sktlm.sweep import spec
   if len(argv) != 2:
     raise UserError('give one sweep file, e.g. `sktlm sweep sweeps/model_sizes.py --workdir=runs/sizes`'
                     + (f' (got: {" ".join(argv[1:])})' if len(argv) > 2 else ''))

@@ -22,7 +22,7 @@ def main(argv):
   args = argv[1:]
   if not args or args[0] not in ('train', 'info'):
     raise UserError(USAGE)
-  from sktlm import tokenizers
+  from sktlm.data import tokenizers
   if args[0] == 'info':
     if len(args) != 2:
       raise UserError(USAGE)
@@ -34,7 +34,8 @@ def main(argv):
     raise UserError(f'unexpected arguments: {" ".join(args[1:])}')
   if not _OUT.value:
     raise UserError('--out=PATH.model is required')
-  from sktlm import base_config, data
+  from sktlm import data
+  from sktlm.config import schema as base_config
   data_cfg = base_config.get_config().data if _CONFIG.value is None else _CONFIG.value.data
   import time
   t0 = time.perf_counter()

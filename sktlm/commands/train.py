@@ -19,8 +19,8 @@ def main(argv):
   hostmem.tune_malloc()  # before jax starts its threads
   import os
 
-  from sktlm import loop
   from sktlm.sweep import locks
+  from sktlm.train import loop
   try:
     return loop.run(_CONFIG.value, _WORKDIR.value)
   finally:

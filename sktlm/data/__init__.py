@@ -13,8 +13,7 @@ See docs/data.md.
 
 from __future__ import annotations
 
-from sktlm import tokenizers
-from sktlm.data import packing, pipeline, sources
+from sktlm.data import packing, pipeline, sources, tokenizers
 from sktlm.data.pipeline import DataIterator
 from sktlm.errors import UserError
 

@@ -1,6 +1,6 @@
 """Compute under one FLOP convention: FLOPs per token as a function of N, and compute-optimal allocation.
 
-A report uses one convention (`--flops=exact|6n`, sktlm/flops.py) for every compute quantity. Its runs
+A report uses one convention (`--flops=exact|6n`, sktlm/config/accounting.py) for every compute quantity. Its runs
 record C in that convention, so each run gives the FLOPs per token f = C / D of its shape. `FlopsPerToken`
 interpolates f(N) between the sweep's shapes (piecewise linear in log N, log f) and extends it beyond them
 at the nearest shape's f / N. Allocations solve L(N, D) = E + A/N^alpha + B/D^beta at a budget C with
@@ -18,8 +18,8 @@ from sktlm.errors import UserError
 CONVENTIONS = ('exact', '6n')
 DESCRIPTION = {
     'exact': 'exact = model FLOPs (PaLM): 6N + the attention matmuls over the full T x T scores, as MFU counts '
-             'them (sktlm/flops.py)',
-    '6n': '6n = 6 x the matmul weights a token passes through (sktlm/flops.py)',
+             'them (sktlm/config/accounting.py)',
+    '6n': '6n = 6 x the matmul weights a token passes through (sktlm/config/accounting.py)',
 }
 LINEAR_RTOL = 1e-9
 GRID = np.linspace(0.0, np.log(1e18), 4001)  # ln N searched by the numerical allocation (1 .. 1e18)

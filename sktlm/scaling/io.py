@@ -23,7 +23,7 @@ NUMERIC = ('n_params_total', 'n_params_non_embedding', 'n_params_active', 'token
            'tokens_per_s', 'mfu', 'budget')
 N_COLUMNS = {'non_embedding': 'n_params_non_embedding', 'total': 'n_params_total', 'active': 'n_params_active'}
 LOSS_COLUMNS = {'best_eval': 'best_eval_loss', 'final_eval': 'final_eval_loss', 'final_train': 'final_train_loss'}
-# C per report convention (sktlm/flops.py). Records name the exact count `flops_model` (newer) or `flops_exact`.
+# C per report convention (config/accounting.py). Records name the exact count `flops_model` (newer) or `flops_exact`.
 FLOPS_COLUMNS = {'exact': 'flops_exact', '6n': 'flops_6n'}
 
 

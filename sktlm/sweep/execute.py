@@ -20,8 +20,8 @@ import threading
 import time
 
 from sktlm import files
-from sktlm.metrics import summary_problems
 from sktlm.sweep import locks
+from sktlm.train.metrics import summary_problems
 
 TERMINAL = ('done', 'diverged')
 LOCK = 'sweep.lock'

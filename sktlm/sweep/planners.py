@@ -1,4 +1,4 @@
-"""Planners: runs with step counts derived from the one parameter/FLOP accounting (sktlm.flops) of each
+"""Planners: runs with step counts derived from the one parameter/FLOP accounting (sktlm.config.accounting) of each
 run's resolved config, so sweep files rarely write step counts by hand.
 
   size_ladder: sizes x a token rule (D = tokens_per_param x N, or fixed tokens) -> steps.
@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import math
 
-from sktlm import flops, sizes
+from sktlm.config import accounting as flops
+from sktlm.config import sizes
 from sktlm.errors import UserError
-from sktlm.sweep import plan, spec
+from sktlm.sweep import schedule as plan
+from sktlm.sweep import spec
 
 
 def _counts(base: str, common: dict | None, size: str, param_kind: str = 'non_embedding'):
@@ -81,7 +83,7 @@ def isoflop(base: str, budgets, *, size_names=None, per_budget: int = 5, tokens_
   """For each budget C: the `per_budget` sizes whose D/N at that C is closest (in log) to tokens_per_param,
   each with steps = C / (FLOPs per token x tokens per step). Named 'C-<budget>_size-<size>'.
 
-  C is in `convention` (sktlm/flops.py: 'exact' = model FLOPs, the convention `sktlm scaling` reports in by
+  C is in `convention` (sktlm/config/accounting.py: 'exact' = model FLOPs, the convention `sktlm scaling` reports in by
   default, or '6N'), so the budgets are the ones the report groups and allocates by.
   """
   size_names = list(size_names or sizes.SIZE_NAMES)

@@ -8,7 +8,7 @@ import sys
 import time
 
 from sktlm.sweep import execute
-from sktlm.sweep.plan import fmt_time
+from sktlm.sweep.schedule import fmt_time
 
 
 def last_metrics(run_dir: str, max_bytes: int = 65536) -> dict:

@@ -15,7 +15,7 @@ import os
 
 from sktlm import files
 from sktlm.sweep import execute
-from sktlm.sweep.plan import PlannedRun
+from sktlm.sweep.schedule import PlannedRun
 
 COLUMNS = ['name', 'overrides', 'status', 'exit_code', 'n_params_total', 'n_params_non_embedding',
            'n_params_active', 'tokens', 'flops_6n', 'flops_exact', 'final_train_loss', 'final_eval_loss',

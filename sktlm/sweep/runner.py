@@ -16,7 +16,7 @@ import time
 from sktlm import files
 from sktlm.errors import UserError
 from sktlm.sweep import execute, progress, results
-from sktlm.sweep.plan import PlannedRun, fmt_time
+from sktlm.sweep.schedule import PlannedRun, fmt_time
 
 
 def default_train_cmd() -> list[str]:

@@ -23,7 +23,7 @@ import os
 import re
 from typing import Any
 
-from sktlm import configs
+from sktlm.config import load as configs
 from sktlm.errors import UserError
 
 MAX_NAME_LEN = 120

@@ -1,0 +1,2 @@
+"""Interoperability with other frameworks' checkpoints (Hugging Face transformers).
+"""

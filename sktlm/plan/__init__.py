@@ -1,0 +1,2 @@
+"""Planning a configuration for target chips before paying for them: `sktlm plan`.
+"""

@@ -1,0 +1,111 @@
+"""Opening a run's workdir after (or during) training: its stored config, tokenizer and the params of one
+checkpoint, on a mesh chosen by the caller. Used by `sktlm export`, `sktlm sample` and `sktlm eval`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any
+
+import ml_collections
+
+from sktlm.errors import UserError
+
+
+@dataclasses.dataclass
+class LoadedRun:
+  workdir: str
+  config: ml_collections.ConfigDict
+  tokenizer: Any
+  setup: Any      # sktlm.train.step.Setup on the chosen mesh
+  params: Any     # restored params, laid out by setup.state_shardings.params
+  step: int
+  state: Any = None  # the whole restored TrainState (setup.eval_step takes it)
+
+
+def _tuples(x):
+  if isinstance(x, list):
+    return tuple(_tuples(v) for v in x)
+  if isinstance(x, dict):
+    return {k: _tuples(v) for k, v in x.items()}
+  return x
+
+
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+  """The resolved config a run stored in W/config.json (lists back to tuples, as the schema has them)."""
+  path = os.path.join(workdir, 'config.json')
+  try:
+    with open(path) as f:
+      raw = json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    raise UserError(f'{workdir} is not a run directory: cannot read {path} ({e})') from None
+  return ml_collections.ConfigDict(_tuples(raw))
+
+
+def _reader(workdir: str):
+  """A read-only Checkpointer; Orbax's warnings about read-only options are expected here, so hidden."""
+  from absl import logging
+
+  from sktlm.train.checkpoint import Checkpointer
+  old = logging.get_verbosity()
+  logging.set_verbosity(logging.ERROR)
+  try:
+    return Checkpointer(os.path.join(workdir, 'checkpoints'), read_only=True, async_save=False)
+  finally:
+    logging.set_verbosity(old)
+
+
+def checkpoint_step(workdir: str, step: int | None) -> int:
+  if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
+    raise UserError(f'{workdir}: no checkpoints/ folder (train the run first)')
+  ckpt = _reader(workdir)
+  steps = ckpt.all_steps()
+  ckpt.close()
+  if not steps:
+    raise UserError(f'{workdir}: no checkpoint saved yet')
+  if step is None or step < 0:
+    return steps[-1]
+  if step not in steps:
+    raise UserError(f'{workdir}: no checkpoint at step {step} (has {steps})')
+  return step
+
+
+def load(workdir: str, step: int | None = None, mesh_cfg: dict | None = None, devices=None,
+         batch_size: int | None = None) -> LoadedRun:
+  """Restores params of checkpoint `step` (None: latest) onto a mesh (default: the run's config.mesh);
+  `batch_size` (default: the run's) is what setup.eval_step is fed."""
+  import jax
+
+  from sktlm import data, sharding
+  from sktlm.train import step as train
+  config = read_config(workdir)
+  step = checkpoint_step(workdir, step)
+  tokenizer = data.get_tokenizer(config.data)
+  if mesh_cfg is not None:
+    with config.unlocked():
+      config.mesh = ml_collections.ConfigDict(mesh_cfg)
+  if devices is None and all(int(v) > 0 for v in config.mesh.values()):  # fixed axes: the first devices
+    devices = jax.devices()[:math.prod(int(v) for v in config.mesh.values())]
+  mesh = sharding.make_mesh(config.mesh, devices)
+  shards = sharding.batch_axis_size(mesh, sharding.logical_rules(config))
+  with config.unlocked():  # only the eval step uses the batch size here (never the train step)
+    if batch_size:
+      if batch_size % shards:
+        raise UserError(f'--batch_size={batch_size} does not divide the {shards} batch shards of the mesh')
+      config.train.batch_size = batch_size
+    elif config.train.batch_size % shards:
+      config.train.batch_size = shards
+    config.train.grad_accum = 1
+  setup = train.build(config, mesh)
+  ckpt = _reader(workdir)
+  state, _ = ckpt.restore(step, setup.abstract_state)
+  ckpt.close()
+  return LoadedRun(workdir=workdir, config=config, tokenizer=tokenizer, setup=setup, params=state.params,
+                   step=step, state=state)
+
+
+def single_device_mesh() -> dict:
+  return {'data': 1, 'fsdp': 1, 'expert': 1, 'tensor': 1}

@@ -1,0 +1,391 @@
+"""The training loop: check everything, write the run's files, resume or start, then feed data, dispatch
+steps ahead of metric fetches, evaluate, log, checkpoint (periodically, at the end, on SIGTERM), and write
+the summary (docs/run_files.md).
+
+Reading order: `run` (top level) -> `prepare` (validation; writes nothing) -> `write_run_files` ->
+`restore_or_init` -> `Trainer.train` (the step loop) -> `Trainer.finish` -> the summary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+
+from sktlm import chips, data, files, hostmem, sharding
+from sktlm.config import accounting as flops
+from sktlm.config import checks
+from sktlm.config import load as configs
+from sktlm.errors import UserError
+from sktlm.train import step as train
+from sktlm.train.checkpoint import Checkpointer, steps_on_disk
+from sktlm.train.metrics import MetricsWriter, RunStats, summary_problems
+from sktlm.train.step import resolve_vocab
+
+PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: the run saved a checkpoint and can be resumed
+
+
+class Diverged(Exception):
+  pass
+
+
+@dataclasses.dataclass
+class Spike(Exception):
+  step: int
+  loss: float
+  mean: float
+
+
+def peak_flops_total(config, devices) -> tuple[float, str]:
+  """Peak FLOP/s of all devices together, and where the figure came from."""
+  n = len(devices)
+  if config.metrics.peak_flops > 0:
+    return config.metrics.peak_flops * n, 'config'
+  chip = chips.chip_for_device_kind(devices[0].device_kind)
+  if chip is not None:
+    return chip.peak_bf16_flops * n, f'{chip.name} table'
+  # CPU: simulated devices share the same cores, so the measured matmul peak is the machine's total.
+  return chips.measure_matmul_peak(config.model.dtype), f'measured {config.model.dtype} matmul'
+
+
+# ---------------------------------------------------------------------------------------------------
+# Before anything is written: the config, the workdir's earlier run, the model, the data.
+
+def _check_workdir_config(workdir: str, config) -> list[str]:
+  """Compares the stored config with this one: refuses breaking changes, returns harmless ones."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    return []
+  try:
+    with open(path) as f:
+      old = json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    raise UserError(f'{path} is unreadable ({e}); move it away or use another --workdir') from e
+  breaking, harmless = configs.diff_configs(old, configs.to_dict(config))
+  if breaking:
+    raise UserError(f'{workdir} holds a run with an incompatible config; changed: {"; ".join(breaking)} '
+                    '(use a new --workdir, or revert these keys)')
+  return harmless
+
+
+def _check_tokenizer(workdir: str, tokenizer) -> dict:
+  """The tokenizer record for tokenizer.json; refuses a workdir trained with another tokenizer."""
+  info = {'spec': str(getattr(tokenizer, 'path', 'bytes')), 'fingerprint': tokenizer.fingerprint,
+          'vocab_size': tokenizer.vocab_size}
+  old = files.read_json(os.path.join(workdir, 'tokenizer.json'))
+  if old and old.get('fingerprint') != info['fingerprint']:
+    raise UserError(f"{workdir} was trained with tokenizer {old.get('spec')} (fingerprint "
+                    f"{str(old.get('fingerprint'))[:12]}), not {info['spec']} ({info['fingerprint'][:12]})")
+  return info
+
+
+def _check_resume_step(workdir: str, steps: int) -> None:
+  done = steps_on_disk(os.path.join(workdir, 'checkpoints'))
+  if done and done[-1] > steps:
+    raise UserError(f'{workdir} holds a checkpoint at step {done[-1]}, past train.steps={steps} (raise '
+                    'train.steps to continue it, or use another --workdir)')
+
+
+@dataclasses.dataclass
+class Prepared:
+  """A validated run: nothing has been written to its workdir yet."""
+  config: Any
+  workdir: str
+  tokenizer: Any
+  tokenizer_info: dict
+  harmless: list[str]
+  mesh: Any
+  setup: train.Setup
+  it: data.DataIterator
+  eval_batches: list | None
+  leader: bool
+
+
+def prepare(config, workdir: str) -> Prepared:
+  """Every check a user's input can fail, before the workdir is touched (a failed start leaves it as it was)."""
+  checks.check_workdir(workdir)
+  checks.check_values(config)
+  tokenizer = data.get_tokenizer(config.data)
+  resolve_vocab(config, tokenizer)
+  mesh = sharding.make_mesh(config.mesh)
+  train.resolve_platform(config, mesh)  # the kernels, attention and unrolling config.json records
+  harmless = _check_workdir_config(workdir, config)
+  tokenizer_info = _check_tokenizer(workdir, tokenizer)
+  _check_resume_step(workdir, config.train.steps)
+  setup = train.build(config, mesh)
+  B, pidx, pcount = config.train.batch_size, jax.process_index(), jax.process_count()
+  it = data.make_train_iter(config.data, batch_size=B, seed=config.seed, process_index=pidx, process_count=pcount)
+  eval_batches = None
+  if config.train.eval_batches > 0:
+    eval_batches = [train.device_batch(b, setup, B) for b in data.make_eval_batches(
+        config.data, batch_size=B, num_batches=config.train.eval_batches, process_index=pidx,
+        process_count=pcount)]
+  return Prepared(config, workdir, tokenizer, tokenizer_info, harmless, mesh, setup, it, eval_batches,
+                  leader=pidx == 0)
+
+
+def write_run_files(p: Prepared) -> None:
+  os.makedirs(p.workdir, exist_ok=True)
+  if not p.leader:
+    return
+  files.remove_temp_leftovers(p.workdir)  # of writes killed in earlier attempts
+  if p.harmless:
+    print(f'config changed since the last start (allowed): {"; ".join(p.harmless)}')
+  if not os.path.exists(os.path.join(p.workdir, 'tokenizer.json')):
+    files.write_json(os.path.join(p.workdir, 'tokenizer.json'), p.tokenizer_info)
+  files.write_json(os.path.join(p.workdir, 'config.json'), configs.to_dict(p.config))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Where the state comes from: this workdir's checkpoint, another run's, or a fresh init.
+
+def restore_or_init(p: Prepared, ckpt: Checkpointer):
+  """Returns (state, start_step, origin string)."""
+  config, setup = p.config, p.setup
+  latest = ckpt.latest_step()
+  if latest is not None:
+    state, data_state = ckpt.restore(latest, setup.abstract_state)
+    p.it.set_state(data_state)
+    return state, latest, f'resumed from step {latest}'
+  if config.train.init_from_hf:  # weights from a Hugging Face Llama folder (interop/hf.py); step 0, fresh optimizer
+    from sktlm.interop import hf
+    return hf.init_state(config, setup), 0, f'initialised from Hugging Face weights {config.train.init_from_hf}'
+  if config.train.init_from:
+    return _init_from_run(p)
+  return setup.init_state(jax.random.PRNGKey(config.seed)), 0, 'initialised from scratch'
+
+
+def _init_from_run(p: Prepared):
+  src, config = p.config.train.init_from, p.config
+  src_ckpt_dir = os.path.join(src, 'checkpoints')
+  if not os.path.isdir(src_ckpt_dir):
+    raise UserError(f'train.init_from={src}: no checkpoints/ folder there')
+  _check_workdir_config(src, config)
+  src_ckpt = Checkpointer(src_ckpt_dir, read_only=True, async_save=False)
+  steps = src_ckpt.all_steps()
+  step = config.train.init_step if config.train.init_step >= 0 else (steps[-1] if steps else None)
+  if step is None or step not in steps:
+    raise UserError(f'train.init_from={src}: no checkpoint at step {config.train.init_step} (has {steps})')
+  state, data_state = src_ckpt.restore(step, p.setup.abstract_state)
+  src_ckpt.close()
+  p.it.set_state(data_state)
+  return state, step, f'initialised from {src} step {step}'
+
+
+# ---------------------------------------------------------------------------------------------------
+# The step loop.
+
+class _StopFlag:
+  def __init__(self):
+    self.signum = None
+    self._old = {}
+
+  def __enter__(self):
+    for s in (signal.SIGTERM, signal.SIGINT):
+      self._old[s] = signal.signal(s, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    if self.signum is not None and signum == signal.SIGINT:  # second Ctrl-C: stop now
+      raise KeyboardInterrupt
+    self.signum = signum
+
+  def __exit__(self, *exc):
+    for s, h in self._old.items():
+      signal.signal(s, h)
+
+
+class Trainer:
+  """Runs steps from `step` to train.steps. Step n+1 is dispatched before step n's metrics are fetched (the
+  only host sync); a step's metrics are always checked before its state is saved or evaluated."""
+
+  def __init__(self, p: Prepared, ckpt: Checkpointer, writer: MetricsWriter, stats: RunStats, state, step: int):
+    self.p, self.t, self.ckpt, self.writer, self.stats = p, p.config.train, ckpt, writer, stats
+    self.state, self.step, self.saved_step = state, step, step
+    self.compiled = None
+    self.compile_s = 0.0
+    self.rollbacks = 0
+
+  def compile(self) -> None:
+    t0 = time.time()
+    batch = train.abstract_batch(self.p.config, self.p.setup)
+    self.compiled = self.p.setup.train_step.lower(self.state, batch).compile()
+    self.compile_s = time.time() - t0
+    self.stats.restart_window(self.step)  # compile time is not training time
+
+  def train(self, stop: _StopFlag) -> None:
+    t, pending = self.t, None
+    while self.step < t.steps and stop.signum is None:
+      batch = train.device_batch(next(self.p.it), self.p.setup, t.batch_size)
+      self.state, metrics = self.compiled(self.state, batch)
+      self.step += 1
+      try:
+        if pending is not None:
+          self._check(*pending)
+        pending = (self.step, metrics)
+        at_end = self.step == t.steps
+        save_due = self.step % t.checkpoint_every == 0 or at_end
+        eval_due = self.p.eval_batches and (self.step % t.eval_every == 0 or at_end)
+        if save_due or eval_due:
+          self._check(*pending)  # never save or evaluate a state whose step was not checked
+          pending = None
+        if save_due:
+          self._save(force=at_end)
+        if eval_due:
+          self._evaluate()
+      except Spike as spike:
+        pending = None
+        self._rollback(spike)
+    if pending is not None:
+      try:
+        self._check(*pending)
+      except Spike as spike:  # the signal came; the spike step is not saved, the last checkpoint is
+        self._rollback(spike)
+
+  def finish(self, stop: _StopFlag) -> str:
+    """After the loop: the preemption save, or the final eval if an earlier attempt was killed before it."""
+    if stop.signum is not None and self.step < self.t.steps:
+      if self.saved_step != self.step:  # the signal may land just after this step's periodic save
+        self._save(force=True)
+      self.ckpt.wait()
+      return f'stopped by signal {stop.signum} at step {self.step}'
+    if self.p.eval_batches and not self.stats.has_eval(self.step):
+      self._evaluate()
+    return ''
+
+  def _check(self, step: int, metrics) -> None:
+    """Fetches step `step`'s metrics: non-finite -> Diverged, loss spike -> Spike, else logged."""
+    m = jax.device_get(metrics)
+    loss = float(m['loss'])
+    if not math.isfinite(loss):
+      raise Diverged(f'loss is not finite ({loss}) at step {step}')
+    if not bool(m.get('finite', True)):
+      raise Diverged(f'gradient norm or updated parameters are not finite at step {step} (loss {loss:.4f}, '
+                     f'grad norm {float(m["grad_norm"])})')
+    mean = self.stats.window_mean_loss()
+    if self.t.spike_factor > 0 and mean is not None and loss > self.t.spike_factor * mean:
+      raise Spike(step, loss, mean)
+    self.stats.observe(step, m)
+    if step % self.t.log_every == 0 or step == self.t.steps:
+      self.writer.write(self.stats.train_record(step))
+
+  def _save(self, force: bool = False) -> None:
+    self.ckpt.save(self.step, self.state, self.p.it.get_state(), force=force)
+    self.saved_step = self.step
+
+  def _evaluate(self) -> None:
+    setup = self.p.setup
+    sums = [setup.eval_step(self.state, b) for b in self.p.eval_batches]
+    loss = sum(float(x['loss_sum']) for x in sums) / max(sum(float(x['weight_sum']) for x in sums), 1.0)
+    if not math.isfinite(loss):
+      raise Diverged(f'eval loss is not finite ({loss}) at step {self.step}')
+    self.writer.write(self.stats.eval_record(self.step, loss, self.p.tokenizer.is_bytes))
+    self.stats.restart_window(self.step)  # eval time is not training time
+
+  def _rollback(self, spike: Spike) -> None:
+    """Back to the last checkpoint; the batches from there through the spike step are skipped."""
+    self.ckpt.wait()
+    to = self.ckpt.latest_step()
+    if to is None:
+      print(f'loss spike at step {spike.step} ({spike.loss:.4f}, window mean {spike.mean:.4f}) before any '
+            'checkpoint: nothing to roll back to, going on')
+      self.stats.forget_after(spike.step)
+      return
+    self.rollbacks += 1
+    if self.rollbacks > self.t.spike_max_rollbacks:
+      raise Diverged(f'loss spike at step {spike.step} ({spike.loss:.4f} > {self.t.spike_factor} x '
+                     f'{spike.mean:.4f}) after {self.t.spike_max_rollbacks} rollbacks')
+    self.state, data_state = self.ckpt.restore(to, self.p.setup.abstract_state)
+    self.p.it.set_state(data_state)
+    skipped = spike.step - to
+    for _ in range(skipped):
+      next(self.p.it)
+    self.step = self.saved_step = to
+    self.writer.write(self.stats.rollback_record(spike.step, to, spike.loss, spike.mean, skipped))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The run.
+
+def _start_distributed(config) -> None:
+  if not config.distributed.initialize:
+    return
+  # CPU hosts need a collectives backend for cross-process reductions (GPU/TPU ignore this setting).
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  kw = {}
+  if config.distributed.coordinator_address:
+    kw = dict(coordinator_address=config.distributed.coordinator_address,
+              num_processes=config.distributed.num_processes, process_id=config.distributed.process_id)
+  jax.distributed.initialize(**kw)
+
+
+def write_summary(workdir: str, summary: dict) -> None:
+  files.write_json(os.path.join(workdir, 'summary.json'), summary)
+
+
+def run(config, workdir: str) -> int:
+  """Trains per `config` in `workdir`; returns the process exit code (0 done, 143 preempted)."""
+  t_start = time.time()
+  _start_distributed(config)
+  p = prepare(config, workdir)
+  write_run_files(p)
+  t, B, T = config.train, config.train.batch_size, config.data.seq_len
+  ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), keep=t.keep_checkpoints, async_save=t.async_checkpoint)
+  state, start, origin = restore_or_init(p, ckpt)
+  old = files.read_json(os.path.join(workdir, 'summary.json'))
+  if start == t.steps and old and old.get('status') == 'done' and not summary_problems(old):
+    ckpt.close()
+    if p.leader:
+      print(f'already finished: step {start} of {t.steps}; {workdir}/summary.json kept as it is')
+    return 0
+  counts, fpt = flops.param_counts(config.model), flops.flops_per_token(config.model, T)
+  if p.leader:
+    print(f'{origin}; mesh {dict(p.mesh.shape)}; {flops.human(counts["total"])} params; '
+          f'host malloc {hostmem.status()}')
+  peak, peak_src = peak_flops_total(config, jax.devices())
+  history = files.read_jsonl(os.path.join(workdir, 'metrics.jsonl')) if p.leader else []
+  stats = RunStats(tokens_per_step=B * T, fpt=fpt, peak=peak, history=history, start_step=start,
+                   spike_window=t.spike_window if t.spike_factor > 0 else 0, t_start=t_start)
+  writer = MetricsWriter(workdir, tensorboard=config.metrics.tensorboard, progress=config.metrics.progress,
+                         total_steps=t.steps, enabled=p.leader)
+  trainer = Trainer(p, ckpt, writer, stats, state, start)
+  summary = {'status': 'running', 'steps': t.steps, 'seq_len': T, 'batch_size': B, 'params': counts,
+             'eval_batches': t.eval_batches if p.eval_batches else 0,
+             'flops_per_token': fpt, 'peak_flops': peak, 'peak_source': peak_src}
+  exit_code = 0
+  try:
+    if start < t.steps:
+      trainer.compile()
+    with _StopFlag() as stop:
+      trainer.train(stop)
+      stopped = trainer.finish(stop)
+    if stopped:
+      summary.update(status='preempted', message=stopped)
+      exit_code = PREEMPTED_EXIT_CODE
+    else:
+      summary['status'] = 'done'
+  except Diverged as e:
+    kept = ckpt.latest_step()
+    kept = f'last good checkpoint kept: step {kept}' if kept is not None else 'no checkpoint was saved before'
+    summary.update(status='diverged', message=f'{e}; {kept}')
+    raise UserError(summary['message']) from None
+  except Exception as e:
+    summary.update(status='failed', message=f'{type(e).__name__}: {e}'[:2000])
+    raise
+  finally:
+    ckpt.close()
+    writer.close()
+    summary.update(stats.summary(trainer.step), compile_time_s=trainer.compile_s)
+    if p.leader:
+      write_summary(workdir, summary)
+  if p.leader:
+    nan = float('nan')
+    print(f"{summary['status']}: step {trainer.step}, train loss {summary.get('final_train_loss', nan):.4f}, "
+          f"eval loss {summary.get('final_eval_loss', nan):.4f}, {summary['tokens_per_s'] or 0:,.0f} tok/s")
+  return exit_code
