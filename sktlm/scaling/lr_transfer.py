@@ -84,6 +84,8 @@ def groups(rows, loss_col: str) -> list[Group]:
   for (p, bw, nl, d, h, ff, tokens, moe), g in sorted(found.items(), key=lambda kv: (kv[0][0], kv[0][3], kv[0][2],
                                                                                        kv[0][7])):
     pts = sorted(g['points'])
+    if not pts:  # no run of this model is done yet (a sweep still running)
+      continue
     out.append(Group(p, bw, d, (nl, d, h, ff) + moe, tokens, g['n'], np.array([x[0] for x in pts]),
                      np.array([x[1] for x in pts]), [x[2] for x in pts], sorted(g['failed'])))
   return out
