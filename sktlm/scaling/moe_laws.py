@@ -163,7 +163,8 @@ class LawFit:
   def predict_boot(self, cols: dict) -> np.ndarray:
     """(B, N) bootstrap predictions."""
     c = _cols(cols)
-    return np.array([np.exp(self.law.log_predict(t, c)) for t in self.boot])
+    n = max(len(v) for v in c.values())
+    return np.array([np.exp(self.law.log_predict(t, c)) for t in self.boot]).reshape(len(self.boot), n)
 
   def ci(self, name: str) -> tuple[float, float]:
     key = name if name in self.law.names else f'ln_{name}'
@@ -243,9 +244,17 @@ def fit_law(law: Law, cols: dict, loss, *, n_boot: int = 200, seed: int = 0, del
       continue
     r, _ = _minimize(_huber(law, feats_w, y, w, delta), cands, keep=1)
     boot.append(t @ r.x)
-  out = LawFit(law, t @ best.x, np.array(boot).reshape(-1, n_par), len(loss), float(best.fun), bool(best.success))
+  warnings = []
+  if n_boot and len(boot) < max(20, n_boot // 4):  # e.g. n_par + 1 points: nearly every resample is degenerate
+    warnings.append(f'{law.kind}: only {len(boot)} of {n_boot} bootstrap resamples had more than {n_par} distinct '
+                    f'points: no intervals')
+    boot = []
+  out = LawFit(law, t @ best.x, np.array(boot).reshape(-1, n_par), len(loss), float(best.fun), bool(best.success),
+               warnings)
+  if 'ln_c' in law.names and out.values['c'] < 1e-3 * float(loss.min()):
+    out.warnings.append(f"{law.kind}: c = {out.values['c']:.3g} collapsed to ~0: no irreducible loss resolved")
   if not best.success:
     out.warnings.append(f'{law.kind}: the optimiser did not converge ({best.message})')
-  if n_boot and len(boot) < 0.9 * n_boot:
+  if boot and len(boot) < 0.9 * n_boot:
     out.warnings.append(f'{law.kind}: {n_boot - len(boot)} of {n_boot} bootstrap resamples had too few distinct points')
   return out

@@ -153,7 +153,7 @@ def backtest(pts: dict, n_boot: int, seed: int, delta: float) -> dict | None:
     pred = float(f.predict(c)[0])
     rows.append(dict(name=pts['name'][i], X=float(pts['X'][i]), actual=float(pts['loss'][i]), predicted=pred,
                      ci=fitlib.interval(f.predict_boot(c)[:, 0]), rel_error=pred / pts['loss'][i] - 1))
-  return dict(size=largest, law=law.kind, rows=rows, n_train=int((~held).sum()))
+  return dict(size=largest, law=law.kind, rows=rows, n_train=int((~held).sum()), warnings=f.warnings)
 
 
 def target_prediction(spec: str, tokens: float | None, fit: ml.LawFit, pts: dict, flops_key: str) -> dict:
@@ -251,6 +251,7 @@ def lines(res: dict, figs: list) -> list[str]:
            '|---|---|---|---|---|---|']
     md += [f"| {r['name']} | {_g(r['X'])} | {r['actual']:.4f} | {r['predicted']:.4f} | {_ci(r['ci'])} | "
            f"{100 * r['rel_error']:+.2f}% |" for r in bt['rows']] + ['']
+    md += [f'- backtest fit: {w}' for w in bt['warnings']] + ([''] if bt['warnings'] else [])
   elif bt:
     md += [f"Backtest not run: {bt['error']}", '']
   t = res.get('target')
