@@ -245,7 +245,7 @@ def fit_law(law: Law, cols: dict, loss, *, n_boot: int = 200, seed: int = 0, del
     r, _ = _minimize(_huber(law, feats_w, y, w, delta), cands, keep=1)
     boot.append(t @ r.x)
   warnings = []
-  if n_boot and len(boot) < max(20, n_boot // 4):  # e.g. n_par + 1 points: nearly every resample is degenerate
+  if n_boot and len(boot) < max(min(10, n_boot), n_boot // 4):  # e.g. n_par + 1 points: most resamples degenerate
     warnings.append(f'{law.kind}: only {len(boot)} of {n_boot} bootstrap resamples had more than {n_par} distinct '
                     f'points: no intervals')
     boot = []
