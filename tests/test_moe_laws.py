@@ -1,6 +1,7 @@
 """MoE scaling laws: Clark et al.'s Ê, the published constants and what they imply, and recovery of known
 constants from noisy synthetic runs drawn from each law."""
 
+import itertools
 from fractions import Fraction
 
 import numpy as np
@@ -82,6 +83,63 @@ def test_krajewski_granularity_and_dense_at_equal_size():
   gap = [ml.krajewski_loss(ml.KRAJEWSKI_MOE, m, 20 * m, 1) - ml.krajewski_loss(ml.KRAJEWSKI_DENSE, m, 20 * m)
          for m in (1e9, 1e11)]
   np.testing.assert_allclose(gap, [0.2958, 0.1745], atol=5e-5)
+
+
+# Krajewski et al. 2024, Table 2 ("Compute optimal training hyper-parameters for MoE models", E = 64), as printed:
+# (N label: 64 x active size, D, G, FLOPs, Loss).
+KRAJEWSKI_TABLE2 = [
+    (100e6, 4.37e9, 8, 2.95e18, 3.133),
+    (1e9, 28.94e9, 16, 1.93e20, 2.491),
+    (3e9, 72.90e9, 16, 1.41e21, 2.245),
+    (7e9, 137.60e9, 32, 6.46e21, 2.076),
+    (70e9, 941.07e9, 32, 4.16e23, 1.694),
+    (300e9, 2.96e12, 64, 5.69e24, 1.503),
+    (1e12, 7.94e12, 64, 4.97e25, 1.367),
+]
+
+
+def test_krajewski_flop_model_gives_table2_flops():
+  """Krajewski et al. 2024, Eq. 10 (Section 6.1, c_f = 6, c_r = 14 from their Appendix E, d_model = 64 n_blocks):
+  at each Table 2 row's model (12 d_model^2 n_blocks = the label's active size, 100M ... 1T), printed D and G,
+  F reproduces the printed FLOPs column (2.95e18 ... 4.97e25) to 0.5%: the labels are rounded model sizes."""
+  for n_act, d, g, flops, _ in KRAJEWSKI_TABLE2:
+    n_blocks = (n_act / (12 * 64.0 ** 2)) ** (1 / 3)
+    assert ml.krajewski_flops(n_blocks, d, g) == pytest.approx(flops, rel=5e-3)
+
+
+def test_krajewski_compute_optimal_reproduces_table2():
+  """Krajewski et al. 2024, Section 6.2 and Table 2: minimising L(N, D, G) (Table 1 constants) at FLOPs = Eq. 10
+  with routing cost gives, at every printed budget, the printed optimal granularity exactly:
+      FLOPs  2.95e18 1.93e20 1.41e21 6.46e21 4.16e23 5.69e24 4.97e25
+      G      8       16      16      32      32      64      64
+  The printed D (4.37B, 28.94B, 72.90B, 137.60B, 941.07B, 2.96T, 7.94T) and loss (3.133, 2.491, 2.245, 2.076,
+  1.694, 1.503, 1.367) come out 1.6-2.2% and 0.011-0.024 lower (4.28B, 28.30B, 71.35B, 135.0B, 924.4B, 2.91T,
+  7.81T; 3.109, 2.472, 2.227, 2.060, 1.680, 1.490, 1.356), and the optimal model 1.4-2.5% above the label's
+  active size: Table 1 prints its constants to 3 digits, and that rounding alone moves D by 7-11% and the loss
+  by 0.02-0.04 at these budgets (test_krajewski_table2_within_table1_rounding)."""
+  for n_act, d, g, flops, loss in KRAJEWSKI_TABLE2:
+    opt = ml.krajewski_compute_optimal(flops)
+    assert opt['G'] == g, (flops, opt)
+    assert opt['D'] == pytest.approx(d, rel=0.03), (flops, opt)
+    assert opt['loss'] == pytest.approx(loss, abs=0.025), (flops, opt)
+    assert opt['N_act'] == pytest.approx(n_act, rel=0.03), (flops, opt)
+    assert ml.krajewski_flops(opt['n_blocks'], opt['D'], opt['G']) == pytest.approx(flops, rel=1e-12)
+    assert opt['N'] == pytest.approx(opt['N_act'] * (8 * 64 + 4) / 12, rel=1e-12)
+
+
+@pytest.mark.parametrize('row', [0, 6])
+def test_krajewski_table2_within_table1_rounding(row):
+  """The printed D and loss of Table 2's smallest and largest budgets lie inside what Table 1's constants, each
+  anywhere within its printed rounding (a = 18.1 +- 0.05, alpha = 0.115 +- 0.0005, ...), give; G is the printed
+  one (among G = 1 ... 256) at every corner of that box."""
+  _, d, g, flops, loss = KRAJEWSKI_TABLE2[row]
+  k = ml.KRAJEWSKI_MOE
+  half = dict(a=0.05, alpha=5e-4, b=0.05, beta=5e-4, g=0.05, gamma=5e-3, c=5e-3)
+  outs = [ml.krajewski_compute_optimal(flops, {key: k[key] + s * half[key] for key, s in zip(half, signs, strict=True)})
+          for signs in itertools.product((-1, 1), repeat=len(half))]
+  assert {o['G'] for o in outs} == {g}
+  assert min(o['D'] for o in outs) < d < max(o['D'] for o in outs)
+  assert min(o['loss'] for o in outs) < loss < max(o['loss'] for o in outs)
 
 
 def _noisy(loss, rng, sigma=0.003):

@@ -2,6 +2,8 @@
 
 - Krajewski et al. 2024 (fine-grained MoE), N = non-embedding parameters, D tokens, G granularity:
     L(N, D, G) = c + (g / G^gamma + a) / N^alpha + b / D^beta
+  `krajewski_compute_optimal`: their compute-optimal (N, D, G) at a FLOP budget under their FLOP model with
+  routing cost (`krajewski_flops`, Eq. 10), as in their Section 6.2 / Table 2.
 - Ludziejewski et al. 2025 (joint MoE law), N_act = active parameters, E experts:
     L(N_act, D, E) = a Ê^delta N_act^(alpha + gamma ln Ê) + b Ê^omega D^(beta + zeta ln Ê) + c
   with Ê Clark et al. 2022's saturating expert count, 1/Ê = 1/(E - 1 + (1/E_start - 1/E_max)^-1) + 1/E_max
@@ -47,6 +49,41 @@ def krajewski_loss(p: dict, n, d, g=1.0):
   n, d, g = (np.asarray(v, dtype=np.float64) for v in (n, d, g))
   expert = p['g'] / np.power(g, p['gamma']) if 'g' in p else 0.0
   return p['c'] + (expert + p['a']) / np.power(n, p['alpha']) + p['b'] / np.power(d, p['beta'])
+
+
+def krajewski_flops(n_blocks, d, g, e: float = 64, c_f: float = 6.0, c_r: float = 14.0, aspect: float = 64.0):
+  """Krajewski et al. 2024, Eq. 10: F = (12 d_model^2 c_f + d_model E G c_r) D n_blocks, d_model = aspect n_blocks.
+
+  12 d_model^2 is a block's active parameters (c_f = 6 FLOPs per active parameter and token), d_model E G
+  its router's (c_r = 14: their Appendix E's count of routing operations); embeddings are excluded."""
+  d_model = aspect * np.asarray(n_blocks, dtype=np.float64)
+  return (12.0 * d_model ** 2 * c_f + d_model * e * g * c_r) * d * n_blocks
+
+
+def krajewski_compute_optimal(flops: float, p: dict = KRAJEWSKI_MOE, *, e: float = 64, c_f: float = 6.0,
+                              c_r: float = 14.0, aspect: float = 64.0,
+                              granularities=(1, 2, 4, 8, 16, 32, 64, 128, 256)):
+  """Krajewski et al. 2024, Section 6.2: minimise L(N, D, G) subject to F = Eq. 10, with
+  N = d_model^2 (8E + 4) n_blocks (total non-embedding parameters: 8E d_model^2 in the experts, 4 d_model^2 in
+  attention) and d_model = aspect n_blocks (64). For each G in `granularities` (powers of two, as in their Table 2) the
+  one free variable, n_blocks (continuous), is found by bounded Brent on ln n_blocks; the best G wins.
+
+  Returns dict(G, n_blocks, d_model, N, N_act = 12 d_model^2 n_blocks (the "100M" in their "64 x 100M"), D, loss)."""
+  best = None
+  for g in granularities:
+    def loss_at(ln_n, g=float(g)):
+      n = np.exp(ln_n)
+      d_model = aspect * n
+      d = flops / krajewski_flops(n, 1.0, g, e, c_f, c_r, aspect)
+      return float(krajewski_loss(p, d_model ** 2 * (8 * e + 4) * n, d, g))
+    res = optimize.minimize_scalar(loss_at, bounds=(0.0, np.log(1e5)), method='bounded',
+                                   options=dict(xatol=1e-9))
+    if best is None or res.fun < best[0]:
+      best = (float(res.fun), float(g), float(np.exp(res.x)))
+  loss, g, n = best
+  d_model = aspect * n
+  return dict(G=g, n_blocks=n, d_model=d_model, N=d_model ** 2 * (8 * e + 4) * n, N_act=12 * d_model ** 2 * n,
+              D=flops / krajewski_flops(n, 1.0, g, e, c_f, c_r, aspect), loss=loss)
 
 
 def joint_loss(p: dict, n_act, d, e):
