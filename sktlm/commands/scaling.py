@@ -35,6 +35,8 @@ _CURVE_FIT = flags.DEFINE_list('curve_fit', [], 'runs (names) of one size: fit t
                                 'al. 2024, L = L0 + A S1^-alpha - C S2, on their metrics.jsonl')
 _CURVE_PREDICT = flags.DEFINE_list('curve_predict', [], 'runs (names) whose final train loss the loss-curve law '
                                    'predicts from their own LR schedule (e.g. WSD decay branches)')
+_MOE_TARGET = flags.DEFINE_string('moe_target', '', 'config (e.g. experiments/flagship.py) whose loss the '
+                                  'MoE section predicts with the fitted MoE law (tokens: planned, or --target_tokens)')
 _CURVES = flags.DEFINE_bool('curves', True, 'read metrics.jsonl of each run for the loss-curve plots')
 
 
@@ -50,8 +52,8 @@ def main(argv):
       raise UserError(f'--{name} must be > 0, got {v}')
   if _LOSS.value not in ('best_eval', 'final_eval', 'final_train') and not _LOSS.value.startswith('eval:'):
     raise UserError(f'--loss must be best_eval, final_eval, final_train or eval:NAME, got {_LOSS.value!r}')
-  if _TARGET_TOKENS.value and not _TARGET_PARAMS.value:
-    raise UserError('--target_tokens needs --target_params')
+  if _TARGET_TOKENS.value and not (_TARGET_PARAMS.value or _MOE_TARGET.value):
+    raise UserError('--target_tokens needs --target_params or --moe_target')
   if _BOOTSTRAP.value < 0:
     raise UserError(f'--bootstrap must be >= 0, got {_BOOTSTRAP.value}')
   if not _GAP.value > 1:
@@ -63,7 +65,8 @@ def main(argv):
                         seed=_SEED.value, delta=_DELTA.value, isoflop_gap=_GAP.value,
                         target_params=_TARGET_PARAMS.value, target_tokens=_TARGET_TOKENS.value,
                         target_flops=_TARGET_FLOPS.value, curves=_CURVES.value,
-                        curve_fit=tuple(_CURVE_FIT.value), curve_predict=tuple(_CURVE_PREDICT.value))
+                        curve_fit=tuple(_CURVE_FIT.value), curve_predict=tuple(_CURVE_PREDICT.value),
+                        moe_target=_MOE_TARGET.value)
   if _CURVE_PREDICT.value and not _CURVE_FIT.value:
     raise UserError('--curve_predict needs --curve_fit (the runs to fit the loss-curve law on)')
   doc = report.run(paths, _OUT.value, opts, labels=_LABELS.value)

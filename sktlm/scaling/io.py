@@ -20,7 +20,8 @@ from sktlm.errors import UserError
 
 NUMERIC = ('n_params_total', 'n_params_non_embedding', 'n_params_active', 'tokens', 'flops_6n', 'flops_exact',
            'flops_executed', 'final_train_loss', 'final_eval_loss', 'best_eval_loss', 'wall_time_s',
-           'tokens_per_s', 'mfu', 'budget')
+           'tokens_per_s', 'mfu', 'budget', 'moe_experts', 'moe_top_k', 'moe_granularity', 'moe_shared_experts',
+           'moe_dropped_frac')
 N_COLUMNS = {'non_embedding': 'n_params_non_embedding', 'total': 'n_params_total', 'active': 'n_params_active'}
 LOSS_COLUMNS = {'best_eval': 'best_eval_loss', 'final_eval': 'final_eval_loss', 'final_train': 'final_train_loss'}
 # C per report convention (config/accounting.py). Records name the exact count `flops_model` (newer) or `flops_exact`.
@@ -109,7 +110,9 @@ def row_from_workdir(workdir: str) -> dict:
              flops_executed=flops.get('executed'),
              final_train_loss=s.get('final_train_loss'), final_eval_loss=s.get('final_eval_loss'),
              best_eval_loss=s.get('best_eval_loss'), wall_time_s=s.get('wall_time_s'),
-             tokens_per_s=s.get('tokens_per_s'), mfu=s.get('mfu'), workdir=os.path.abspath(workdir))
+             tokens_per_s=s.get('tokens_per_s'), mfu=s.get('mfu'), workdir=os.path.abspath(workdir),
+             **{f'moe_{k}': (s.get('moe') or {}).get(k) for k in ('experts', 'top_k', 'granularity', 'shared_experts')},
+             moe_dropped_frac=s.get('moe_dropped_frac'))
   try:
     with open(os.path.join(workdir, 'config.json')) as f:
       cfg = json.load(f)

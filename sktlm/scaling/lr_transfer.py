@@ -41,7 +41,16 @@ class Group:
   @property
   def label(self) -> str:
     base = f', base {self.base_width}' if self.parametrization == 'mup' else ''
-    return f'{self.parametrization}{base}, d_model {self.width}, L {self.shape[0]}'
+    moe = f', MoE E {self.shape[4]} top-{self.shape[5]}' if len(self.shape) > 4 else ''
+    return f'{self.parametrization}{base}, d_model {self.width}, L {self.shape[0]}{moe}'
+
+
+def _moe_key(moe: dict) -> tuple:
+  """MoE runs of one dense shape differ in their routed experts: (E, top_k, expert d_ff, shared), () if dense."""
+  e = int(moe.get('num_experts', 0) or 0)
+  if not e:
+    return ()
+  return (e, int(moe.get('top_k', 0)), int(moe.get('expert_d_ff', 0)), int(moe.get('num_shared_experts', 0)))
 
 
 def _run_config(row) -> dict | None:
@@ -63,7 +72,8 @@ def groups(rows, loss_col: str) -> list[Group]:
     m, o = cfg.get('model', {}), cfg.get('optim', {})
     p = m.get('parametrization', 'sp')
     key = (p, int(m.get('base_width', 0)) if p == 'mup' else 0, int(m.get('n_layers', 0)), int(m.get('d_model', 0)),
-           int(m.get('n_heads', 0)), int(m.get('d_ff', 0)), float(r.get('tokens', math.nan)))
+           int(m.get('n_heads', 0)), int(m.get('d_ff', 0)), float(r.get('tokens', math.nan)),
+           _moe_key(m.get('moe') or {}))
     g = found.setdefault(key, dict(points=[], failed=[], n=r.get('n_params_non_embedding', math.nan)))
     lr, loss = float(o.get('peak_lr', math.nan)), float(r.get(loss_col, math.nan))
     if r.get('status') == 'done' and math.isfinite(loss):
@@ -71,9 +81,12 @@ def groups(rows, loss_col: str) -> list[Group]:
     else:
       g['failed'].append(lr)
   out = []
-  for (p, bw, nl, d, h, ff, tokens), g in sorted(found.items(), key=lambda kv: (kv[0][0], kv[0][3], kv[0][2])):
+  for (p, bw, nl, d, h, ff, tokens, moe), g in sorted(found.items(), key=lambda kv: (kv[0][0], kv[0][3], kv[0][2],
+                                                                                       kv[0][7])):
     pts = sorted(g['points'])
-    out.append(Group(p, bw, d, (nl, d, h, ff), tokens, g['n'], np.array([x[0] for x in pts]),
+    if not pts:  # no run of this model is done yet (a sweep still running)
+      continue
+    out.append(Group(p, bw, d, (nl, d, h, ff) + moe, tokens, g['n'], np.array([x[0] for x in pts]),
                      np.array([x[1] for x in pts]), [x[2] for x in pts], sorted(g['failed'])))
   return out
 

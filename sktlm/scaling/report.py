@@ -23,7 +23,7 @@ import numpy as np
 
 from sktlm.errors import UserError
 from sktlm.scaling import backtest as backtestlib
-from sktlm.scaling import compute, curve_law, io, lr_transfer, plots, points
+from sktlm.scaling import compute, curve_law, io, lr_transfer, moe_report, plots, points
 from sktlm.scaling import fit as fitlib
 
 
@@ -43,6 +43,7 @@ class Options:
   backtest: int = -1                # hold out the K largest sizes / budgets; -1: 1 when >= 4 of them, else 0
   curve_fit: tuple = ()             # run names: fit the Tissue et al. loss-curve law on their curves
   curve_predict: tuple = ()         # run names: predict their final train loss with it
+  moe_target: str = ''              # config (experiments/flagship.py) the MoE section predicts
 
 
 @dataclasses.dataclass
@@ -377,6 +378,9 @@ def write(out: str, analyses: list[SweepAnalysis], opts: Options) -> dict:
   if seeds:
     md += ['## Seeds', ''] + seeds + ['']
   md += lr_transfer.section([a.sweep for a in analyses], out, io.LOSS_COLUMNS[opts.loss_key], opts.n_boot, opts.seed)
+  md += moe_report.section([a.sweep for a in analyses], out, io.loss_column(opts.loss_key),
+                           io.FLOPS_COLUMNS[opts.flops_key], opts.n_boot, opts.seed, opts.delta, opts.moe_target,
+                           opts.target_tokens, opts.flops_key)
   md += ['## Plots', ''] + [f'![{f[:-4]}]({f})\n' for f in figs if f]
   md += ['## Runs', '']
   for a in analyses:

@@ -21,7 +21,8 @@ COLUMNS = ['name', 'overrides', 'status', 'exit_code', 'n_params_total', 'n_para
            'n_params_active', 'tokens', 'flops_6n', 'flops_exact', 'final_train_loss', 'final_eval_loss',
            'best_eval_loss', 'wall_time_s', 'tokens_per_s', 'mfu', 'workdir', 'log_tail']
 EXTRA = ['flops_executed', 'size', 'n_params_active_non_embedding', 'steps', 'batch_size', 'seq_len', 'parent',
-         'parent_step', 'config', 'message']
+         'parent_step', 'config', 'message'] + ['moe_experts', 'moe_top_k', 'moe_granularity',
+                                                'moe_shared_experts', 'moe_dropped_frac']
 
 
 def row(run: PlannedRun, sweep_dir: str, common: dict, state: str = '', last: dict | None = None) -> dict:
@@ -68,7 +69,15 @@ def row(run: PlannedRun, sweep_dir: str, common: dict, state: str = '', last: di
       'parent_step': run.parent_step if run.parent else None,
       'config': run.config,
       'message': s.get('message') or (last or {}).get('message', ''),
+      **moe_columns(s),
   }
+
+
+def moe_columns(s: dict) -> dict:
+  """MoE shape and dropped fraction of a summary.json (docs/run_files.md); empty for older summaries."""
+  m = s.get('moe') or {}
+  return {'moe_experts': m.get('experts'), 'moe_top_k': m.get('top_k'), 'moe_granularity': m.get('granularity'),
+          'moe_shared_experts': m.get('shared_experts'), 'moe_dropped_frac': s.get('moe_dropped_frac')}
 
 
 def csv_text(rows: list[dict]) -> str:

@@ -325,6 +325,16 @@ def _start_distributed(config) -> None:
   jax.distributed.initialize(**kw)
 
 
+def moe_shape(mc) -> dict:
+  """The routing shape a scaling analysis needs (docs/run_files.md): routed experts E, top_k, granularity
+  G = d_ff / expert d_ff (Krajewski et al. 2024), shared experts; E = 1 for a dense model."""
+  moe = mc.moe
+  if moe.num_experts <= 0:
+    return dict(experts=1, top_k=1, granularity=1.0, shared_experts=0)
+  return dict(experts=moe.num_experts, top_k=moe.top_k, granularity=mc.d_ff / (moe.expert_d_ff or mc.d_ff),
+              shared_experts=moe.num_shared_experts)
+
+
 def write_summary(workdir: str, summary: dict) -> None:
   files.write_json(os.path.join(workdir, 'summary.json'), summary)
 
@@ -357,7 +367,7 @@ def run(config, workdir: str) -> int:
   trainer = Trainer(p, ckpt, writer, stats, state, start)
   summary = {'status': 'running', 'steps': t.steps, 'seq_len': T, 'batch_size': B, 'params': counts,
              'eval_batches': t.eval_batches if p.eval_batches else 0,
-             'flops_per_token': fpt, 'peak_flops': peak, 'peak_source': peak_src}
+             'flops_per_token': fpt, 'peak_flops': peak, 'peak_source': peak_src, 'moe': moe_shape(config.model)}
   exit_code = 0
   try:
     if start < t.steps:

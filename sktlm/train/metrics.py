@@ -138,6 +138,7 @@ class RunStats:
     self.t_start = time.time() if t_start is None else t_start
     self.train_s = 0.0                    # this attempt's seconds in logged training windows
     self.trained_steps = 0
+    self.dropped: list[float] = []        # per logged window: MoE moe_dropped_frac (this attempt)
     self.evals = dict(self.prior.evals)
     self.rollbacks: list[dict] = []
     last = self.prior.last_train
@@ -192,6 +193,8 @@ class RunStats:
     for k in last:
       if k.startswith('moe_'):
         rec[k] = np.mean([x[k] for x in w], axis=0)
+    if 'moe_dropped_frac' in rec:
+      self.dropped.append(float(rec['moe_dropped_frac']))
     self.train_s += dt
     self.trained_steps += n
     self.final_train_loss = rec['loss']
@@ -234,4 +237,6 @@ class RunStats:
     if self.evals:
       out['final_eval_loss'] = self.evals[max(self.evals)]
       out['best_eval_loss'] = min(self.evals.values())
+    if self.dropped:  # mean over this attempt's logged windows (dropless dispatch: 0)
+      out['moe_dropped_frac'] = float(np.mean(self.dropped))
     return out
