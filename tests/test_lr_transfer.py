@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from sktlm.scaling import io, lr_transfer, report
+from sktlm.scaling import analysis, io, lr_transfer, report
 
 GRID = [1e-3 * 2**k for k in range(7)]  # 1e-3 .. 6.4e-2
 
@@ -58,7 +58,7 @@ def test_report_section_optimum_per_width_drift_and_edges(tmp_path):
     write_run(root, f'sp_w512_lr{lr:g}', 'sp', 512, lr, loss_at('sp', 512, lr))
   write_run(root, 'sp_w512_lr0.1', 'sp', 512, 0.1, float('nan'), status='failed')
   out = str(tmp_path / 'out')
-  report.run([root], out, report.Options(n_boot=100, curves=False))
+  report.run([root], out, analysis.Options(n_boot=100, curves=False))
   doc = json.load(open(os.path.join(out, 'lr_transfer.json')))['transfer']
   by = {(g['parametrization'], g['shape'][1]): g for g in doc}
   for p in ('sp', 'mup'):
