@@ -115,9 +115,10 @@ def analyze(sweep: io.Sweep, opts: Options) -> SweepAnalysis:
                                                    gap=opts.isoflop_gap, f=a.fpt, n_boot=opts.n_boot,
                                                    seed=opts.seed))
     a.budget_members = {float(b): idx[ids == k] for k, b in enumerate(budgets)}
-  # Hold out budgets only where the sweep declares them (IsoFLOP runs); a size ladder whose runs happen to
-  # share compute across sizes (WSD branches at fixed token budgets) still holds out its largest size.
-  by_budget = bool(a.budget_members) and bool(np.isfinite(g['budget']).any())
+  # A WSD ladder (branches: runs with a parent) whose runs happen to share compute across sizes (fixed token
+  # budgets) is still a size ladder: it holds out its largest size, not a compute budget.
+  wsd_family = any(str(r.get('parent') or '').strip() for r in sweep.rows)
+  by_budget = bool(a.budget_members) and (bool(np.isfinite(g['budget']).any()) or not wsd_family)
   k = backtestlib.choose_k(opts.backtest, len(backtestlib.units(g, by_budget, opts.isoflop_gap)[1]))
   try:
     fitted = tuple(kind for kind, f in a.fits.items() if f is not None)

@@ -13,7 +13,7 @@ import io
 import json
 import os
 
-from sktlm import files
+from sktlm import files, run_row
 from sktlm.sweep import execute
 from sktlm.sweep.schedule import PlannedRun
 
@@ -34,8 +34,9 @@ def row(run: PlannedRun, sweep_dir: str, common: dict, state: str = '', last: di
   exit_code = attempts[-1].get('exit_code') if attempts else None
   if last and last.get('exit_code') is not None:
     exit_code = last['exit_code']
-  params = s.get('params') or run.params
-  fl = s.get('flops') or run.flops
+  # What the summary lacks (a run not started or not finished) is the plan's: params, FLOPs, tokens, steps.
+  planned = {'params': run.params, 'flops': run.flops, 'tokens': run.tokens, 'step': run.steps}
+  got = run_row.from_summary({**planned, **{k: v for k, v in s.items() if v not in (None, {}, '')}})
   tail = ''
   if status not in ('done', 'pending', 'running'):
     tail = (last or {}).get('log_tail') or execute.log_tail(os.path.join(run_dir, execute.LOG))
@@ -44,30 +45,21 @@ def row(run: PlannedRun, sweep_dir: str, common: dict, state: str = '', last: di
       'overrides': json.dumps({**common, **run.settings}, sort_keys=False, default=str),
       'status': status,
       'exit_code': exit_code,
-      'n_params_total': params.get('total'),
-      'n_params_non_embedding': params.get('non_embedding'),
-      'n_params_active': params.get('active'),
-      'tokens': s.get('tokens', run.tokens),
-      'flops_6n': fl.get('6N'),
-      'flops_exact': fl.get('exact'),
-      'final_train_loss': s.get('final_train_loss'),
-      'final_eval_loss': s.get('final_eval_loss'),
-      'best_eval_loss': s.get('best_eval_loss'),
-      'wall_time_s': s.get('wall_time_s'),
-      'tokens_per_s': s.get('tokens_per_s'),
-      'mfu': s.get('mfu'),
+      **{k: got[k] for k in ('n_params_total', 'n_params_non_embedding', 'n_params_active', 'tokens', 'flops_6n',
+                             'flops_exact', 'final_train_loss', 'final_eval_loss', 'best_eval_loss',
+                             'wall_time_s', 'tokens_per_s', 'mfu')},
       'workdir': run.name,
       'log_tail': tail,
-      'flops_executed': fl.get('executed'),
+      'flops_executed': got['flops_executed'],
       'size': run.size,
-      'n_params_active_non_embedding': params.get('active_non_embedding'),
-      'steps': s.get('step', run.steps) if s else run.steps,
+      'n_params_active_non_embedding': got['n_params_active_non_embedding'],
+      'steps': got['steps'],
       'batch_size': run.batch_size,
       'seq_len': run.seq_len,
       'parent': run.parent,
       'parent_step': run.parent_step if run.parent else None,
       'config': run.config,
-      'message': s.get('message') or (last or {}).get('message', ''),
+      'message': got['message'] or (last or {}).get('message', ''),
   }
 
 
