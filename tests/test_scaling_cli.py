@@ -141,7 +141,7 @@ def test_run_workdirs_without_results_csv(tmp_path):
   sweep = io.load_sweep(str(root))
   assert sweep.source == 'workdirs' and [r['name'] for r in sweep.rows] == [f'size{i}' for i in range(5)]
   assert sweep.rows[2]['n_params_non_embedding'] == 1e6 and sweep.rows[2]['flops_exact'] == 7e6 * 1e8
-  assert sweep.rows[2]['overrides'] == {'arg.size': 'size2'}
+  assert sweep.rows[2]['size'] == 'size2' and set(sweep.rows[2]['overrides']) == {'config_id'}  # sktlm.run_row
   opts = analysis.Options(n_boot=10)
   doc = report.run([str(root)], str(tmp_path / 'out'), opts)
   fits = doc['sweeps']['ladder']['fits']
