@@ -9,9 +9,8 @@ a ladder that grows depth under width-only muP would train its larger sizes off 
   sktlm scaling runs/depth_lr --out=runs/depth_lr/report --backtest=0   # section "Learning rate"
 """
 
-from sktlm.sweep import spec
-
 import sweeps.model_sizes as ladder  # noqa: E402  (the ladder's recipe: COMMON and the width-64 shape)
+from sktlm.sweep import spec
 
 BASE = ladder.BASE
 COMMON = {**ladder.COMMON, 'config.optim.schedule': 'wsd', 'config.optim.decay_shape': '1-sqrt',
