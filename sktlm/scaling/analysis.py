@@ -110,15 +110,16 @@ def analyze(sweep: io.Sweep, opts: Options) -> SweepAnalysis:
   declared = g['budget'][c_ok]
   ids, budgets = fitlib.group_budgets(c[c_ok], declared, opts.isoflop_gap)
   idx = np.flatnonzero(c_ok)
-  if any(len(np.unique(n[idx[ids == b]])) >= 3 for b in range(len(budgets))):
+  # A WSD ladder (branches: runs with a parent) is not an IsoFLOP sweep even where runs of several sizes
+  # happen to share compute (fixed token budgets); it is one where it declares budgets.
+  wsd_family = any(str(r.get('parent') or '').strip() for r in sweep.rows)
+  iso_design = np.isfinite(declared).any() or not wsd_family
+  if iso_design and any(len(np.unique(n[idx[ids == b]])) >= 3 for b in range(len(budgets))):
     _try(a, 'isoflop', lambda: fitlib.fit_isoflop(n[c_ok], c[c_ok], loss[c_ok], declared_budgets=declared,
                                                    gap=opts.isoflop_gap, f=a.fpt, n_boot=opts.n_boot,
                                                    seed=opts.seed))
     a.budget_members = {float(b): idx[ids == k] for k, b in enumerate(budgets)}
-  # A WSD ladder (branches: runs with a parent) whose runs happen to share compute across sizes (fixed token
-  # budgets) is still a size ladder: it holds out its largest size, not a compute budget.
-  wsd_family = any(str(r.get('parent') or '').strip() for r in sweep.rows)
-  by_budget = bool(a.budget_members) and (bool(np.isfinite(g['budget']).any()) or not wsd_family)
+  by_budget = bool(a.budget_members)
   k = backtestlib.choose_k(opts.backtest, len(backtestlib.units(g, by_budget, opts.isoflop_gap)[1]))
   try:
     fitted = tuple(kind for kind, f in a.fits.items() if f is not None)
