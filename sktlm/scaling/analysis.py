@@ -97,7 +97,9 @@ def analyze(sweep: io.Sweep, opts: Options) -> SweepAnalysis:
   n, d, c, loss = g['N'], g['D'], g['C'], g['loss']
   common = dict(n_boot=opts.n_boot, seed=opts.seed, fix_E=opts.fix_E)
   a.ln_index = points.best_index_per_x(n, loss)
-  _try(a, 'L(N)', lambda: fitlib.fit_power_law(*a.ln_points, kind='L(N)', delta=opts.delta, **common))
+  # L(N) is fitted at the sweep's token budgets: its asymptote is E + B/D^beta, not E, so --fix_E leaves it free.
+  free = {**common, 'fix_E': None}
+  _try(a, 'L(N)', lambda: fitlib.fit_power_law(*a.ln_points, kind='L(N)', delta=opts.delta, **free))
   c_ok = c > 0
   if (~c_ok).any():
     a.warnings.append(f'{a.label}: {int((~c_ok).sum())} run(s) without FLOPs left out of L(C) and IsoFLOP')

@@ -81,7 +81,8 @@ def run(agg: dict, k: int, *, by_budget: bool, gap: float, n_boot: int, seed: in
 
   tn, tl = n[train], loss[train]
   if not by_budget:
-    attempt('L(N)', lambda: fitlib.fit_power_law(*points.best_per_x(tn, tl), kind='L(N)', **common))
+    attempt('L(N)', lambda: fitlib.fit_power_law(*points.best_per_x(tn, tl), kind='L(N)',
+                                                  **{**common, 'fix_E': None}))  # its asymptote is not E
   c_ok = train & (c > 0)
   if c_ok.any():
     attempt('L(C)', lambda: fitlib.fit_power_law(*points.frontier_points(c[c_ok], loss[c_ok]), kind='L(C)',

@@ -236,8 +236,9 @@ def write(out: str, analyses: list[analysis.SweepAnalysis], opts: analysis.Optio
         f'{fitlib.CI_LEVEL:.0%} percentile intervals over {opts.n_boot} bootstrap refits (seed {opts.seed}) '
         'resampling the fitted points (per-configuration seed means).', '']
   if opts.fix_E is not None:
-    md += [f'**E is fixed at {opts.fix_E:g}** in every law (`--fix_E`), not fitted: intervals do not include its '
-           'uncertainty; the E sensitivity lines show how the predictions move with it.', '']
+    md += [f'**E is fixed at {opts.fix_E:g}** in L(N,D) and L(C) (`--fix_E`), not fitted: intervals do not '
+           'include its uncertainty; the E sensitivity lines show how the predictions move with it. L(N) keeps its '
+           'own asymptote (at the sweep\'s token budgets it is E + B/D^beta).', '']
   md += ['## Warnings', ''] + ([f'- {w}' for w in doc['warnings']] or ['none']) + ['']
   md += ['## Fits', '', 'L(N) and L(C): L = E + A / X^alpha (L(N): best run per N; L(C): compute-frontier runs). '
          'L(N,D) = E + A/N^alpha + B/D^beta (all runs).', ''] + _fit_table(analyses) + ['']
