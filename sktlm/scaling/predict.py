@@ -4,8 +4,8 @@ This is what a team does when the big run finishes: `sktlm scaling RUNS_A --pred
 configuration of B (seed means, sktlm.scaling.points) and per law fitted on A: the prediction with its
 bootstrap interval, the actual loss, the relative error predicted / actual - 1, whether the interval covers
 the actual loss, and how far it extrapolates: N / (largest N of A) and C / (largest C of A).
-  L(N,D) at (N, D) of the run; L(C) at its C; L(N) at its N (A's token budgets: meaningful only when B
-  trains like A's best run per size).
+  L(N,D) every configuration at its (N, D); L(C) the configurations on B's compute frontier, at their C;
+  L(N) the best configuration of each size of B, at its N.
 
 `sensitivity`: with E fixed, the law refitted at E x (1 - r) and E x (1 + r): how the prediction and the
 lack of fit (the Huber objective) move with the assumed asymptote.
@@ -61,7 +61,16 @@ def compare(fits: dict, fit_agg: dict, target: dict) -> list[dict]:
     f = fits.get(law)
     if f is None:
       continue
-    for i in range(len(target['loss'])):
+    # Each law predicts what it describes: L(N,D) every configuration, L(C) the target's compute frontier,
+    # L(N) the best configuration of each size.
+    if law == 'L(N,D)':
+      idx = range(len(target['loss']))
+    elif law == 'L(C)':
+      ok = np.flatnonzero(target['C'] > 0)
+      idx = ok[points.frontier_index(target['C'][ok], target['loss'][ok])]
+    else:
+      idx = points.best_index_per_x(target['N'], target['loss'])
+    for i in idx:
       r = row(law, f, target['name'][i], target['N'][i], target['D'][i], target['C'][i], target['loss'][i],
               target['loss_std'][i], target['n_seeds'][i], n_max, c_max)
       if r is not None:
