@@ -1,14 +1,14 @@
 """The default sweep (the README's main command): a muP width ladder with warmup-stable-decay branches.
 
-Sizes: five widths at fixed depth (3 layers) and fixed head dim (16; heads grow with width: 4 to 20), d_ff =
-3 d_model, so non-embedding N goes 25x (160K to 4.0M) and muP's width-only transfer holds (sktlm/model/mup.py
+Sizes: five widths (d_model 64 to 288) at fixed depth (2 layers) and fixed head dim (16; heads grow with width:
+4 to 18), d_ff = 3 d_model, so non-embedding N goes 20x (107K to 2.16M) and muP's width-only transfer holds (sktlm/model/mup.py
 assumes fixed depth; docs/scaling.md argues this over CompleteP depth scaling). Every size trains in muP
 (base width 64) at the base model's tuned peak LR and init std (sweeps/mup_transfer.py).
 
 Token budgets: the same three for every size (steps x 8 x 128 tokens), reached by one constant-LR run per size
 with 1-sqrt cooldown branches over the last 20% (Hägele et al. 2024; sktlm.sweep.planners.wsd), so D does not
 move with N and L(N, D) (Chinchilla approach 3) is identifiable; every branch end is evaluated on the same
-held-out rows. The second-smallest size is repeated with 3 seeds: its spread is the noise floor the backtest
+held-out rows. The smallest size is repeated with 3 seeds: its spread is the noise floor the backtest
 error is read against. The backtest fits without the largest size and predicts each of its budgets
 (measured: -1.50%, -0.10%, +1.18%, every interval covering; docs/scaling.md).
 
