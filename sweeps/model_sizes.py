@@ -2,8 +2,8 @@
 
 Sizes: five widths (d_model 64 to 288) at fixed depth (2 layers) and fixed head dim (16; heads grow with width:
 4 to 18), d_ff = 3 d_model, so non-embedding N goes 20x (107K to 2.16M) and muP's width-only transfer holds
-(sktlm/model/mup.py assumes fixed depth; docs/scaling.md argues this over CompleteP depth scaling). Every size trains in muP
-(base width 64) at the base model's tuned peak LR and init std (sweeps/mup_transfer.py).
+(sktlm/model/mup.py assumes fixed depth; docs/scaling.md argues this over CompleteP depth scaling). Every size
+trains in muP (base width 64) at the base model's tuned peak LR and init std (sweeps/mup_transfer.py).
 
 Token budgets: the same three for every size (steps x 8 x 128 tokens), reached by one constant-LR run per size
 with 1-sqrt cooldown branches over the last 20% (Hägele et al. 2024; sktlm.sweep.planners.wsd), so D does not
