@@ -1,42 +1,45 @@
-"""The default sweep (the README's main command): five model sizes, pico to tiny (25x in non-embedding N, 107K
-to 2.66M), on the embedded corpus (Python stdlib source, bytes), sized to finish on a 2-core CPU in ~10 minutes.
+"""The default sweep (the README's main command): a muP width ladder with warmup-stable-decay branches.
 
-Learning rate: every size trains in muP (`model.parametrization=mup`, base width 64 = pico's d_model) at the
-peak LR and init std that are optimal for the base model, so the LR is transferred, not guessed:
-sweeps/mup_transfer.py measured that under muP the optimal LR stays put from d_model 64 to 256 while under SP it
-drifts (README, "muP"). The cheap smallest size also trains at LR/3 and 3 LR: `sktlm scaling` keeps its best run
-and its "Learning rate" section shows the LR each size used and flags a best LR at the edge of its grid.
-Warmup is 10% of each run's steps. Time: the dry run estimates 10 min on an idle 2-core CPU (7 runs; tiny alone
-~6 min); on the shared machine under a load of ~20 the first runs took 4-6x their estimates.
+Sizes: five widths (d_model 64 to 288) at fixed depth (2 layers) and fixed head dim (16; heads grow with width:
+4 to 18), d_ff = 3 d_model, so non-embedding N goes 20x (107K to 2.16M) and muP's width-only transfer holds
+(sktlm/model/mup.py assumes fixed depth; docs/scaling.md argues this over CompleteP depth scaling). Every size
+trains in muP (base width 64) at the base model's tuned peak LR and init std (sweeps/mup_transfer.py).
 
-What the curve shows: L(N) along a fixed D/N line, D = 0.3 N tokens (batch 8 x 128 tokens; 32 steps for pico,
-779 for tiny). The law fitted on the smaller sizes predicts the largest (the report's backtest).
-What it does not show: compute-optimal scaling. D/N = 0.3 is ~70x below Chinchilla's ~20 tokens per parameter,
-so every model is far from converged and the fitted exponent mixes the N and D terms of L(N, D); at these
-budgets a compute-optimal model would be several times smaller (the byte-level stdlib corpus also differs from
-web text). The LR was measured at 200 steps and 2 layers; along the ladder depth grows with width (2 to 6 layers),
-run length varies 25x (32 to 779 steps), and muP transfers across width only, so the LR grid at the base size
-checks the transferred LR where it is cheap; the larger sizes are not checked here.
+Token budgets: the same three for every size (steps x 8 x 128 tokens), reached by one constant-LR run per size
+with 1-sqrt cooldown branches over the last 20% (Hägele et al. 2024; sktlm.sweep.planners.wsd), so D does not
+move with N and L(N, D) (Chinchilla approach 3) is identifiable; every branch end is evaluated on the same
+held-out rows. The smallest size is repeated with 3 seeds: its spread is the noise floor the backtest
+error is read against. The backtest fits without the largest size and predicts each of its budgets
+(measured: -1.50%, -0.10%, +1.18%, every interval covering; docs/scaling.md).
 
   sktlm sweep sweeps/model_sizes.py --dry_run
   sktlm sweep sweeps/model_sizes.py --workdir=runs/sizes
   sktlm scaling runs/sizes --out=runs/sizes/report
+
+Argument `width=384` plans one other width with the same recipe (no seeds): the sweep a ladder predicts with
+`sktlm scaling runs/sizes --predict=runs/big384` (docs/scaling.md has the measured table).
+  sktlm sweep sweeps/model_sizes.py:width=384 --workdir=runs/big384
 """
 
 from sktlm.config import load as configs
 from sktlm.sweep import planners
 
 BASE = 'experiments/lm.py'
-SIZES = ['pico', 'nano', 'micro', 'mini', 'tiny']
-PEAK_LR = 6e-3          # optimal at the muP base width (d_model 64, 200 steps): sweeps/mup_transfer.py
-INIT_STD = 0.06         # tuned there too (0.02 is ~6x below 1/sqrt(64))
+WIDTHS = (64, 96, 144, 208, 288)
+DEPTH = 2
+HEAD_DIM = 16
+SEED_WIDTH = 64
+STEPS = (125, 250, 500)   # token budgets, in steps of 8 x 128 tokens
+PEAK_LR = 6e-3            # optimal at the muP base width (d_model 64): sweeps/mup_transfer.py
+INIT_STD = 0.06           # tuned there too (0.02 is ~6x below 1/sqrt(64))
+TOKENS_PER_STEP = 8 * 128
 COMMON = {
     'config.data.seq_len': 128,
     'config.train.batch_size': 8,
     'config.train.log_every': 10,
-    'config.train.eval_every': 1_000_000,  # evaluate once, at the end
-    'config.train.eval_batches': 64,       # 65K held-out tokens, rows sampled across the validation split
-    'config.train.checkpoint_every': 200,
+    'config.train.eval_every': 1_000_000,  # evaluate once, at the end of each run and branch
+    'config.train.eval_batches': 64,       # 65K held-out tokens, the same rows for every run
+    'config.optim.warmup_steps': 15,
     'config.model.parametrization': 'mup',
     'config.model.base_width': 64,
     'config.model.init_std': INIT_STD,
@@ -45,8 +48,17 @@ COMMON = {
 }
 
 
+def shape(width: int) -> dict:
+  heads = width // HEAD_DIM
+  return {'arg.size': 'pico', 'config.model.n_layers': DEPTH, 'config.model.d_model': width,
+          'config.model.n_heads': heads, 'config.model.n_kv_heads': heads, 'config.model.head_dim': HEAD_DIM,
+          'config.model.d_ff': 3 * width}
+
+
 def get_sweep(arg=None):
-  arg = configs.parse_arg(arg, tokens_per_param=0.3, lr_check=True)
-  grid = {'pico': [PEAK_LR / 3, PEAK_LR, PEAK_LR * 3]} if arg.lr_check else None
-  return planners.size_ladder(BASE, SIZES, tokens_per_param=arg.tokens_per_param, warmup_fraction=0.1,
-                              common=COMMON, lr_grid=grid)
+  arg = configs.parse_arg(arg, width=0, seeds=3)
+  widths = (arg.width,) if arg.width else WIDTHS
+  shapes = {f'd{w}': shape(w) for w in widths}
+  seeds = {f'd{SEED_WIDTH}': list(range(arg.seeds))} if not arg.width and arg.seeds > 1 else None
+  return planners.wsd(BASE, list(shapes), tokens=[s * TOKENS_PER_STEP for s in STEPS], decay_fraction=0.2,
+                      shapes=shapes, seeds=seeds, common=COMMON)

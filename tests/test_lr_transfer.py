@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from sktlm.scaling import io, lr_transfer, report
+from sktlm.scaling import analysis, io, lr_transfer, report
 
 GRID = [1e-3 * 2**k for k in range(7)]  # 1e-3 .. 6.4e-2
 
@@ -58,7 +58,7 @@ def test_report_section_optimum_per_width_drift_and_edges(tmp_path):
     write_run(root, f'sp_w512_lr{lr:g}', 'sp', 512, lr, loss_at('sp', 512, lr))
   write_run(root, 'sp_w512_lr0.1', 'sp', 512, 0.1, float('nan'), status='failed')
   out = str(tmp_path / 'out')
-  report.run([root], out, report.Options(n_boot=100, curves=False))
+  report.run([root], out, analysis.Options(n_boot=100, curves=False))
   doc = json.load(open(os.path.join(out, 'lr_transfer.json')))['transfer']
   by = {(g['parametrization'], g['shape'][1]): g for g in doc}
   for p in ('sp', 'mup'):
@@ -99,26 +99,28 @@ def test_size_ladder_lr_grid_per_size():
     planners.size_ladder(lm, ['pico'], lr_grid={'tiny': [1e-3]})
 
 
-def test_default_sweep_spans_20x_at_a_transferred_lr():
-  """sweeps/model_sizes.py (`make main`): >= 20x in non-embedding N, every run muP with the base width of its
-  smallest model, the base LR in the middle of the LR grid of the smallest size."""
+def test_default_sweep_is_a_mup_width_ladder():
+  """sweeps/model_sizes.py (`make main`): >= 5 widths spanning >= 20x in non-embedding N at one depth and one head
+  dim (heads grow with width: what width-only muP assumes), muP with the base width of the smallest model at
+  one LR, >= 3 token budgets per size shared by every size (WSD branches), >= 3 seeds at one size."""
   from conftest import ROOT
 
   from sktlm.config import accounting as flops
   from sktlm.sweep import schedule as plan
   from sktlm.sweep import spec
   sd = spec.load_sweep_file(f'{ROOT}/sweeps/model_sizes.py')
-  ns, lrs = {}, {}
+  ns, shapes, budgets, seeds = {}, set(), {}, {}
   for r in sd.runs:
-    c = spec.load_run_config(sd.base, {**sd.common, **r.settings})
+    c = spec.load_run_config(sd.base, {**sd.common, **r.common, **r.settings})
     with c.model.unlocked():
       c.model.vocab_size = plan.vocab_size(c)
-    assert c.model.parametrization == 'mup' and c.model.base_width == 64, r.name
-    ns[c.model.size] = flops.param_counts(c.model)['non_embedding']
-    lrs.setdefault(c.model.size, []).append(c.optim.peak_lr)
-  assert max(ns.values()) / min(ns.values()) >= 20
-  smallest = min(ns, key=ns.get)
-  assert spec.load_run_config(sd.base, {'arg.size': smallest}).model.d_model == 64
-  grid = sorted(lrs[smallest])
-  assert len(grid) >= 3 and grid[len(grid) // 2] == sd.common['config.optim.peak_lr']
-  assert all(v == [sd.common['config.optim.peak_lr']] for k, v in lrs.items() if k != smallest)
+    m = c.model
+    assert m.parametrization == 'mup' and m.base_width == 64 and c.optim.peak_lr == sd.common['config.optim.peak_lr']
+    ns[m.d_model] = flops.param_counts(m)['non_embedding']
+    shapes.add((m.n_layers, m.head_dim, m.d_model // m.n_heads))
+    budgets.setdefault(m.d_model, set()).add(c.train.steps)
+    seeds.setdefault((m.d_model, c.train.steps), set()).add(c.seed)
+  assert len(ns) >= 5 and max(ns.values()) / min(ns.values()) >= 20 and min(ns) == 64
+  assert len(shapes) == 1 and next(iter(shapes))[1] == next(iter(shapes))[2] == 16
+  assert all(len(b) >= 3 for b in budgets.values()) and len({frozenset(b) for b in budgets.values()}) == 1
+  assert max(len(s) for s in seeds.values()) >= 3

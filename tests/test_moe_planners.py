@@ -5,10 +5,11 @@ import math
 
 import pytest
 
+from sktlm import run_row
 from sktlm.config import schema
 from sktlm.errors import UserError
 from sktlm.scaling import io
-from sktlm.sweep import moe_planners, results
+from sktlm.sweep import moe_planners
 from sktlm.sweep.schedule import vocab_size
 from sktlm.sweep.spec import load_run_config
 from sktlm.train import loop
@@ -98,7 +99,7 @@ def test_summary_and_results_carry_the_moe_shape_and_dropped_fraction(tmp_path):
     stats.train_record(step)
   s = {**stats.summary(2), 'moe': shape, 'status': 'done'}
   assert s['moe_dropped_frac'] == pytest.approx(0.2)
-  cols = results.moe_columns(s)
+  cols = run_row.moe_columns(s)
   assert cols == dict(moe_experts=32, moe_top_k=3, moe_granularity=4.0, moe_shared_experts=1, moe_dropped_frac=0.2)
   import json
   (tmp_path / 'summary.json').write_text(json.dumps(s))

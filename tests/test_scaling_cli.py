@@ -133,7 +133,7 @@ def _workdir(root, name, n, tokens, loss):
 
 
 def test_run_workdirs_without_results_csv(tmp_path):
-  from sktlm.scaling import io, report
+  from sktlm.scaling import analysis, io, report
   root = tmp_path / 'ladder'
   sizes = [1e5, 3e5, 1e6, 3e6, 1e7]
   for i, n in enumerate(sizes):
@@ -141,8 +141,8 @@ def test_run_workdirs_without_results_csv(tmp_path):
   sweep = io.load_sweep(str(root))
   assert sweep.source == 'workdirs' and [r['name'] for r in sweep.rows] == [f'size{i}' for i in range(5)]
   assert sweep.rows[2]['n_params_non_embedding'] == 1e6 and sweep.rows[2]['flops_exact'] == 7e6 * 1e8
-  assert sweep.rows[2]['overrides'] == {'arg.size': 'size2'}
-  opts = report.Options(n_boot=10)
+  assert sweep.rows[2]['size'] == 'size2' and set(sweep.rows[2]['overrides']) == {'config_id'}  # sktlm.run_row
+  opts = analysis.Options(n_boot=10)
   doc = report.run([str(root)], str(tmp_path / 'out'), opts)
   fits = doc['sweeps']['ladder']['fits']
   assert fits['L(N)']['values']['alpha'] == pytest.approx(0.3, rel=1e-4)

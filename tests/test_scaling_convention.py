@@ -15,7 +15,7 @@ from scipy import optimize
 
 from sktlm.config import accounting as flops
 from sktlm.config import sizes
-from sktlm.scaling import compute, io, report
+from sktlm.scaling import analysis, compute, io, report
 from sktlm.scaling import fit as fitlib
 
 TRUE = dict(E=1.8, A=350.0, B=1100.0, alpha=0.33, beta=0.31)
@@ -68,8 +68,8 @@ def reference_optimum(values, c, f):
 
 def _analyse(tmp_path, convention, write=False, **targets):
   """(fits.json's sweep entry, L(N,D) predictions by quantity, fits.json); report.md and plots if `write`."""
-  opts = report.Options(flops_key=convention, n_boot=0, curves=False, backtest=0, **targets)
-  a = report.analyze(io.load_sweep(str(tmp_path / 'ladder')), opts)
+  opts = analysis.Options(flops_key=convention, n_boot=0, curves=False, backtest=0, **targets)
+  a = analysis.analyze(io.load_sweep(str(tmp_path / 'ladder')), opts)
   doc = report.write(str(tmp_path / f'out-{convention}'), [a], opts) if write else report.document([a], opts)
   sw = doc['sweeps']['ladder']
   return sw, {p['quantity']: p for p in sw['predictions'] if p['law'] == 'L(N,D)'}, doc

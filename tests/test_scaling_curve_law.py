@@ -36,13 +36,16 @@ def logged(eta):
 
 
 def test_areas_match_their_definition():
-  eta = wsd(60, warmup=5, decay=0.5)
+  eta = wsd(60, warmup=5, decay=0.5)   # steps 1-4 rise, step 5 is the first at the peak
   s1, s2 = curve_law.areas(eta, 0.9)
-  eta0 = np.concatenate([[eta[0]], eta])
+  assert curve_law.warmup_end(eta) == 4 and np.isnan(s1[:4]).all() and np.isnan(s2[:4]).all()
+  post = eta[4:]
+  eta0 = np.concatenate([[post[0]], post])
   ref2 = [sum(sum((eta0[k - 1] - eta0[k]) * 0.9 ** (i - k) for k in range(1, i + 1)) for i in range(1, j + 1))
-          for j in range(1, 61)]  # eta0[k] is eta_k (1-based), eta_0 = eta_1
-  np.testing.assert_allclose(s1, np.cumsum(eta), rtol=1e-12)
-  np.testing.assert_allclose(s2, ref2, rtol=1e-10, atol=1e-18)
+          for j in range(1, len(post) + 1)]  # eta0[k] is eta_k (1-based from the warmup end), eta_0 = eta_1
+  np.testing.assert_allclose(s1[4:], np.cumsum(eta)[4:], rtol=1e-12)  # S1 includes the warmup's area
+  np.testing.assert_allclose(s2[4:], ref2, rtol=1e-10, atol=1e-18)
+  assert np.all(s2[4:] >= 0)  # the warmup's rising LR is not negative annealing
   assert np.all(curve_law.areas(np.full(50, 3e-4))[1] == 0)  # a constant LR never anneals
 
 
@@ -60,6 +63,42 @@ def test_fit_on_cosine_predicts_wsd_final_loss():
   # Negative control: without the annealing term the WSD run's final loss is missed by far more.
   no_anneal = curve_law.CurveLaw(**{**TRUE, 'C': 0.0}, lam=curve_law.LAMBDA, n_points=0, rmse=0.0)
   assert abs(no_anneal.curve(target)[-1] / actual - 1) > 10 * abs(predicted / actual - 1)
+
+
+def transient_curve(eta, rng, lam=curve_law.LAMBDA, noise=0.004):
+  """An independent generator (a step loop, not curve_law.areas): from the warmup end on, the law (S1 from
+  step 1, S2 from the peak) plus an early transient from ln(384) that decays over ~40 steps, plus per-step
+  noise. During warmup: the forward term (S1 from step 1, large) plus the transient."""
+  law_l0, law_a, law_alpha, law_c = TRUE['L0'], TRUE['A'], TRUE['alpha'], TRUE['C']
+  peak_at = next(i for i, e in enumerate(eta) if e >= max(eta) * (1 - 1e-9))
+  out, s1, s2, m, prev = [], 0.0, 0.0, 0.0, None
+  for i, e in enumerate(eta):
+    transient = (np.log(384) - law_l0) * np.exp(-(i + 1) / 40.0)
+    s1 += e
+    if i < peak_at:
+      out.append(law_l0 + law_a * s1 ** -law_alpha + transient)
+      continue
+    m = lam * m + ((prev if prev is not None else e) - e)
+    s2, prev = s2 + m, e
+    out.append(law_l0 + law_a * s1 ** -law_alpha - law_c * s2 + transient)
+  return np.array(out) + rng.normal(0, noise, len(eta))
+
+
+def test_warmup_transient_and_noise_fitted_after_warmup():
+  """Fit a cosine run whose curve has a warmup transient and noise (generated independently), predict a WSD
+  run's final loss: fitted from the warmup end (the default) it is within 0.5%; from step 0, the warmup
+  records (and warmup as negative annealing) wreck it."""
+  rng = np.random.default_rng(0)
+  eta = cosine(STEPS, warmup=200)
+  per_step = transient_curve(eta, rng)
+  steps = np.arange(LOG_EVERY, STEPS + 1, LOG_EVERY)
+  loss = np.array([per_step[s - LOG_EVERY:s].mean() for s in steps])
+  law = curve_law.fit([(curve_law.per_step_lr(steps, eta[steps - 1], STEPS), steps, loss)])
+  target = wsd(STEPS, warmup=200)
+  actual = transient_curve(target, np.random.default_rng(1), noise=0.0)[-1]
+  predicted = law.curve(target)[-1]
+  assert abs(predicted / actual - 1) < 0.005, (predicted, actual)
+  assert law.alpha == pytest.approx(TRUE['alpha'], rel=0.25)
 
 
 def test_too_few_points_is_an_error():

@@ -242,11 +242,12 @@ def _sktlm(*args, cwd=ROOT):
 def test_dry_run_prints_the_plan(tmp_path):
   p = _sktlm('sweep', 'sweeps/model_sizes.py', '--dry_run')
   assert p.returncode == 0, p.stderr
-  for size in ('pico', 'nano', 'micro', 'mini', 'tiny'):
-    assert f'size-{size}' in p.stdout
+  for size in ('d64', 'd96', 'd144', 'd208', 'd288'):  # the muP width ladder
+    assert f'size-{size}_steps-500' in p.stdout
   assert 'N non-emb' in p.stdout and 'C = training FLOPs, exact convention' in p.stdout and 'est. time' in p.stdout
   assert p.stdout.count('convention') == 1  # one convention per plan
-  assert 'assumed' in p.stdout and not os.path.exists(ROOT / 'runs' / 'sizes' / 'size-pico' / 'sweep.lock')
+  assert 'assumed' in p.stdout
+  assert not os.path.exists(ROOT / 'runs' / 'sizes' / 'size-d64_steps-500_seed-0' / 'sweep.lock')
   p = _sktlm('sweep', 'sweeps/model_sizes.py', '--dry_run', '--flops_per_s=1e9', '--flops=6n')
   assert 'given' in p.stdout and 'C = training FLOPs, 6n convention' in p.stdout
   for f in ('isoflop.py', 'wsd.py', 'lr.py'):

@@ -37,11 +37,18 @@ _CURVE_PREDICT = flags.DEFINE_list('curve_predict', [], 'runs (names) whose fina
                                    'predicts from their own LR schedule (e.g. WSD decay branches)')
 _MOE_TARGET = flags.DEFINE_string('moe_target', '', 'config (e.g. experiments/flagship.py) whose loss the '
                                   'MoE section predicts with the fitted MoE law (tokens: planned, or --target_tokens)')
+_CURVE_SKIP = flags.DEFINE_integer('curve_skip_steps', -1, 'loss-curve law: leave out logged losses at or before '
+                                   'this step (the early transient); -1: the end of the LR warmup')
+_PREDICT = flags.DEFINE_list('predict', [], 'sweep folders whose every run the laws fitted on the positional '
+                             'sweeps predict: a predicted-vs-actual table and plot with intervals and '
+                             'extrapolation factors')
+_FIX_E = flags.DEFINE_float('fix_E', None, 'hold the asymptote E of every law at this value (E is often '
+                            'unidentified on small ladders); the report shows the predictions at E +- 5%')
 _CURVES = flags.DEFINE_bool('curves', True, 'read metrics.jsonl of each run for the loss-curve plots')
 
 
 def main(argv):
-  from sktlm.scaling import compute, report  # numpy/scipy/matplotlib only
+  from sktlm.scaling import analysis, compute, report  # numpy/scipy/matplotlib only
 
   paths = argv[1:]
   if not _OUT.value:
@@ -58,15 +65,20 @@ def main(argv):
     raise UserError(f'--bootstrap must be >= 0, got {_BOOTSTRAP.value}')
   if not _GAP.value > 1:
     raise UserError(f'--isoflop_gap must be > 1, got {_GAP.value}')
+  if _FIX_E.value is not None and not _FIX_E.value > 0:
+    raise UserError(f'--fix_E must be > 0, got {_FIX_E.value}')
+  if _CURVE_SKIP.value < -1:
+    raise UserError(f'--curve_skip_steps must be >= 0 (or -1: the warmup end), got {_CURVE_SKIP.value}')
   if _BACKTEST.value < -1:
     raise UserError(f'--backtest must be >= 0 (or -1: automatic), got {_BACKTEST.value}')
-  opts = report.Options(n_key=_N.value, loss_key=_LOSS.value, flops_key=compute.convention(_FLOPS.value),
+  opts = analysis.Options(n_key=_N.value, loss_key=_LOSS.value, flops_key=compute.convention(_FLOPS.value),
                         backtest=_BACKTEST.value, n_boot=_BOOTSTRAP.value,
                         seed=_SEED.value, delta=_DELTA.value, isoflop_gap=_GAP.value,
                         target_params=_TARGET_PARAMS.value, target_tokens=_TARGET_TOKENS.value,
                         target_flops=_TARGET_FLOPS.value, curves=_CURVES.value,
                         curve_fit=tuple(_CURVE_FIT.value), curve_predict=tuple(_CURVE_PREDICT.value),
-                        moe_target=_MOE_TARGET.value)
+                        moe_target=_MOE_TARGET.value,
+                        curve_skip_steps=_CURVE_SKIP.value, fix_E=_FIX_E.value, predict=tuple(_PREDICT.value))
   if _CURVE_PREDICT.value and not _CURVE_FIT.value:
     raise UserError('--curve_predict needs --curve_fit (the runs to fit the loss-curve law on)')
   doc = report.run(paths, _OUT.value, opts, labels=_LABELS.value)
@@ -74,6 +86,6 @@ def main(argv):
   for p in (doc.get('curve_law') or {}).get('predictions', []):
     print(f"loss-curve law: predicts {p['run']} at step {p['step']}: {p['predicted']:.4g}, actual "
           f"{p['actual']:.4g}: error {100 * p['rel_error']:+.2f}%")
-  for line in doc['backtest_summary']:  # last: what a sweep followed by `sktlm scaling` ends with
+  for line in doc['predict_summary'] + doc['backtest_summary']:  # last: what `make main` ends with
     print(line)
   return 0

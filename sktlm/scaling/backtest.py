@@ -58,9 +58,9 @@ def choose_k(requested: int, n_units: int) -> int:
 
 
 def run(agg: dict, k: int, *, by_budget: bool, gap: float, n_boot: int, seed: int, delta: float,
-        kinds=('L(N)', 'L(C)', 'L(N,D)')) -> Backtest | None:
+        kinds=('L(N)', 'L(C)', 'L(N,D)'), fix_E: float | None = None) -> Backtest | None:
   """The backtest of one sweep (the laws in `kinds`: those fitted on all points), or None for k = 0.
-  Raises fitlib.FitError when too few units remain."""
+  fix_E: the laws hold E at this value. Raises fitlib.FitError when too few units remain."""
   if k <= 0:
     return None
   unit_of, distinct = units(agg, by_budget, gap)
@@ -72,7 +72,7 @@ def run(agg: dict, k: int, *, by_budget: bool, gap: float, n_boot: int, seed: in
   held_mask = np.isin(unit_of, held)
   train = ~held_mask
   n, d, c, loss = agg['N'], agg['D'], agg['C'], agg['loss']
-  common = dict(n_boot=n_boot, seed=seed, delta=delta)
+  common = dict(n_boot=n_boot, seed=seed, delta=delta, fix_E=fix_E)
   bt = Backtest(k=k, unit=unit, held_out=[float(v) for v in held], train=train, fits={}, rows=[])
 
   def attempt(kind, fn):
@@ -81,7 +81,8 @@ def run(agg: dict, k: int, *, by_budget: bool, gap: float, n_boot: int, seed: in
 
   tn, tl = n[train], loss[train]
   if not by_budget:
-    attempt('L(N)', lambda: fitlib.fit_power_law(*points.best_per_x(tn, tl), kind='L(N)', **common))
+    attempt('L(N)', lambda: fitlib.fit_power_law(*points.best_per_x(tn, tl), kind='L(N)',
+                                                  **{**common, 'fix_E': None}))  # its asymptote is not E
   c_ok = train & (c > 0)
   if c_ok.any():
     attempt('L(C)', lambda: fitlib.fit_power_law(*points.frontier_points(c[c_ok], loss[c_ok]), kind='L(C)',
@@ -107,16 +108,19 @@ def run(agg: dict, k: int, *, by_budget: bool, gap: float, n_boot: int, seed: in
         x = (n[i], d[i])
       pred = float(f.predict(*x))
       # A law with as many parameters as points interpolates them: its bootstrap spread means nothing.
-      exact_fit = f.n_points <= len(f.names)
+      exact_fit = f.n_points <= len(f.names) - (f.fixed_E is not None)
       lo, hi = fitlib.interval(f.predict_boot(*x)) if len(f.boot) and not exact_fit else (math.nan, math.nan)
+      actual = float(loss[i])
       bt.rows.append(dict(law=kind, run=agg['name'][i], N=float(n[i]), D=float(d[i]), C=float(c[i]),
-                          predicted=pred, ci=(lo, hi), actual=float(loss[i]), seed_std=float(agg['loss_std'][i]),
-                          n_seeds=int(agg['n_seeds'][i]), rel_error=pred / float(loss[i]) - 1))
+                          predicted=pred, ci=(lo, hi), actual=actual, seed_std=float(agg['loss_std'][i]),
+                          n_seeds=int(agg['n_seeds'][i]), rel_error=pred / actual - 1,
+                          covered=bool(lo <= actual <= hi) if math.isfinite(lo) else None))
   return bt
 
 
 def headline(label: str, bt: Backtest) -> list[str]:
-  """One line per law for the largest held-out point: what a user reads first."""
+  """One line per law for the largest held-out point, then, where a law predicted several held-out points,
+  its worst error and how many of its intervals cover the actual loss: what a user reads first."""
   out = []
   what = (f'without the {bt.k} largest size(s)' if bt.unit == 'size'
           else f'without the {bt.k} largest compute budget(s)')
@@ -129,4 +133,10 @@ def headline(label: str, bt: Backtest) -> list[str]:
     spread = f" +- {r['seed_std']:.2g} over {r['n_seeds']} seeds" if r['n_seeds'] > 1 else ''
     out.append(f"backtest {label}: {kind} fitted {what} predicts {r['run']} (N={r['N']:.3g}) at "
                f"{r['predicted']:.4g}{ci}; actual {r['actual']:.4g}{spread}: error {100 * r['rel_error']:+.2f}%")
+    if len(rows) > 1:
+      worst = max(rows, key=lambda r: abs(r['rel_error']))
+      cov = [r['covered'] for r in rows if r['covered'] is not None]
+      cov_txt = f', interval covers {sum(cov)} of {len(cov)}' if cov else ''
+      out.append(f"backtest {label}: {kind} on all {len(rows)} held-out points: worst error "
+                 f"{100 * worst['rel_error']:+.2f}% ({worst['run']}){cov_txt}")
   return out

@@ -8,6 +8,11 @@ annealing lowers the loss with a delay. Fitted on one or more runs' train-loss c
 law predicts the curve, and the final loss, of the same model under another LR schedule (a WSD decay branch,
 a different decay shape or length).
 
+Warmup: the law describes the loss after the LR warmup. S1 counts every step (the warmup's area is training
+progress too), but S2 accumulates LR drops only from the warmup end (the first step at the peak LR): the
+warmup's rising LR is not negative annealing. Records at or before the warmup end (or `skip_steps`, for a
+longer early transient: the loss falling from ln(vocab)) are not fitted; the law is nan inside the warmup.
+
 The logged LR is sampled every log_every steps; per-step LRs are interpolated linearly between the logged
 ones (exact for linear warmup and linear decay, close for cosine). A logged train loss is the mean over the
 steps since the previous record, and the law is averaged over the same window.
@@ -41,17 +46,29 @@ def per_step_lr(steps: np.ndarray, lr: np.ndarray, last: int | None = None) -> n
   return np.interp(np.arange(1, last + 1), steps, lr)
 
 
-def areas(eta: np.ndarray, lam: float = LAMBDA) -> tuple[np.ndarray, np.ndarray]:
-  """(S1, S2) after each step for per-step LRs eta_1..eta_n (eta_0 = eta_1: no annealing at step 1)."""
+def warmup_end(eta: np.ndarray) -> int:
+  """Steps before the LR first reaches its peak (0 without a warmup): eta_1..eta_w rise, eta_{w+1} is the peak."""
   eta = np.asarray(eta, dtype=np.float64)
-  s1 = np.cumsum(eta)
-  drop = np.diff(eta, prepend=eta[0]) * -1.0
-  m = np.empty_like(eta)
+  if not eta.size:
+    return 0
+  return int(np.argmax(eta >= eta.max() * (1 - 1e-9)))
+
+
+def areas(eta: np.ndarray, lam: float = LAMBDA, warmup: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """(S1, S2) after each step for per-step LRs eta_1..eta_n: S1 from step 1, S2 from the warmup end (`warmup`
+  None: detected from eta); both nan inside the warmup. At the first step at the peak there is no annealing."""
+  eta = np.asarray(eta, dtype=np.float64)
+  w = warmup_end(eta) if warmup is None else warmup
+  post = eta[w:]
+  s1 = np.cumsum(eta)[w:]
+  drop = np.diff(post, prepend=post[:1]) * -1.0
+  m = np.empty_like(post)
   acc = 0.0
   for i, d in enumerate(drop):  # O(steps), a few thousand at most here
     acc = lam * acc + d
     m[i] = acc
-  return s1, np.cumsum(m)
+  pad = np.full(w, np.nan)
+  return np.concatenate([pad, s1]), np.concatenate([pad, np.cumsum(m)])
 
 
 @dataclasses.dataclass
@@ -65,9 +82,10 @@ class CurveLaw:
   rmse: float
 
   def curve(self, eta: np.ndarray) -> np.ndarray:
-    """Predicted loss after each step of a run with per-step LRs eta."""
+    """Predicted loss after each step of a run with per-step LRs eta (nan inside the warmup)."""
     s1, s2 = areas(eta, self.lam)
-    return self.L0 + self.A * np.power(s1, -self.alpha) - self.C * s2
+    with np.errstate(invalid='ignore'):
+      return self.L0 + self.A * np.power(s1, -self.alpha) - self.C * s2
 
   def to_json(self) -> dict:
     return dataclasses.asdict(self)
@@ -79,24 +97,39 @@ def _windows(steps: np.ndarray) -> list[np.ndarray]:
   return [np.arange(p, int(s)) for p, s in zip(prev, steps, strict=True)]
 
 
+def _window_means(per_step: np.ndarray, steps: np.ndarray) -> np.ndarray:
+  """The law averaged over each record's window (post-warmup steps only; nan for a window inside warmup)."""
+  out = []
+  for w in _windows(steps):
+    v = per_step[w]
+    v = v[np.isfinite(v)]
+    out.append(v.mean() if v.size else np.nan)
+  return np.array(out)
+
+
 def _model(params, runs, lam):
   l0, log_a, alpha, c = params
   out = []
   for eta, steps, _ in runs:
     s1, s2 = areas(eta, lam)
-    per_step = l0 + np.exp(log_a) * np.power(s1, -alpha) - c * s2
-    out.append(np.array([per_step[w].mean() for w in _windows(steps)]))
+    with np.errstate(invalid='ignore'):
+      per_step = l0 + np.exp(log_a) * np.power(s1, -alpha) - c * s2
+    out.append(_window_means(per_step, steps))
   return out
 
 
 def fit(runs: list[tuple[np.ndarray, np.ndarray, np.ndarray]], *, lam: float = LAMBDA,
-        skip_steps: int = 0) -> CurveLaw:
+        skip_steps: int = -1) -> CurveLaw:
   """Fit on runs given as (per-step eta, logged steps, logged train losses). Records at or before
-  `skip_steps` (the first steps, where the law does not hold) are left out."""
+  `skip_steps` (the early transient, where the law does not hold; -1: each run's warmup end) are left out,
+  and always those inside the warmup."""
   data = []
   for eta, steps, loss in runs:
     steps, loss = np.asarray(steps), np.asarray(loss, dtype=np.float64)
-    keep = (steps > skip_steps) & np.isfinite(loss) & (steps <= len(eta))
+    w = warmup_end(eta)
+    prev = np.concatenate([[0], steps[:-1]])
+    # A record averages the steps since the previous one: keep only windows wholly after the warmup.
+    keep = (steps > max(skip_steps, w)) & (prev >= w) & np.isfinite(loss) & (steps <= len(eta))
     data.append((np.asarray(eta, dtype=np.float64), steps, loss, keep))
   n_points = int(sum(k.sum() for *_, k in data))
   if n_points < 6:
@@ -142,20 +175,22 @@ def _run_curve(rows_by_name: dict, name: str):
   return per_step_lr(tr['step'], tr['lr'], int(steps.max()) if steps.size else None), steps, loss, row
 
 
-def analyse(rows_by_name: dict, fit_names: list[str], predict_names: list[str], skip_steps: int = 0) -> dict:
+def analyse(rows_by_name: dict, fit_names: list[str], predict_names: list[str], skip_steps: int = -1) -> dict:
   """Fit the law on `fit_names` (runs of one model size), predict the final logged train loss of each of
-  `predict_names` from its own LR schedule. -> JSON-ready dict (law, predictions, warnings)."""
+  `predict_names` from its own LR schedule. skip_steps: see `fit` (-1: the warmup end).
+  -> JSON-ready dict (law, predictions, warnings)."""
   fitted = [_run_curve(rows_by_name, n) for n in fit_names]
   sizes = {r['n_params_total'] for *_, r in fitted}
   law = fit([(eta, steps, loss) for eta, steps, loss, _ in fitted], skip_steps=skip_steps)
-  out = dict(fit_runs=list(fit_names), law=law.to_json(), predictions=[], warnings=[])
+  out = dict(fit_runs=list(fit_names), law=law.to_json(), predictions=[], warnings=[],
+             skip_steps=[max(skip_steps, warmup_end(eta)) for eta, *_ in fitted])
   for name in predict_names:
     eta, steps, loss, row = _run_curve(rows_by_name, name)
     if row['n_params_total'] not in sizes:
       out['warnings'].append(f"loss-curve law: '{name}' is another model size than the fitted runs: the law "
                              'holds per size, its prediction means little')
     window = slice(int(steps[-2]) if len(steps) > 1 else 0, int(steps[-1]))
-    pred = float(law.curve(eta)[window].mean())
+    pred = float(np.nanmean(law.curve(eta)[window]))
     out['predictions'].append(dict(run=name, step=int(steps[-1]), predicted=pred, actual=float(loss[-1]),
                                    rel_error=pred / float(loss[-1]) - 1))
   return out
@@ -163,7 +198,8 @@ def analyse(rows_by_name: dict, fit_names: list[str], predict_names: list[str], 
 
 def report_lines(res: dict) -> list[str]:
   law = res['law']
-  lines = [f"Fitted on {', '.join(res['fit_runs'])} ({law['n_points']} logged train losses, RMSE "
+  lines = [f"Fitted on {', '.join(res['fit_runs'])} ({law['n_points']} logged train losses after step "
+           f"{', '.join(map(str, res.get('skip_steps', [])))} (the warmup end or --curve_skip_steps), RMSE "
            f"{law['rmse']:.3g}): L(s) = {law['L0']:.4g} + {law['A']:.4g} S1^-{law['alpha']:.4g} - "
            f"{law['C']:.4g} S2 (lambda = {law['lam']}).", '']
   if res['predictions']:

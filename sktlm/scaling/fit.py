@@ -69,6 +69,7 @@ class Fit:
   n_starts: int
   warnings: list[str] = dataclasses.field(default_factory=list)
   n_boot_dropped: int = 0
+  fixed_E: float | None = None   # the asymptote was held at this value (not fitted)
 
   def ci(self, name: str) -> tuple[float, float]:
     return interval(self.boot[:, self.names.index(name)])
@@ -92,7 +93,7 @@ class Fit:
     return dict(kind=self.kind, values=self.values, ci={n: self.ci(n) for n in self.names},
                 ci_level=CI_LEVEL, n_points=self.n_points, objective=self.objective, converged=self.converged,
                 n_starts=self.n_starts, n_boot=int(len(self.boot)), n_boot_dropped=self.n_boot_dropped,
-                warnings=self.warnings)
+                fixed_E=self.fixed_E, warnings=self.warnings)
 
 
 def _check_points(kind: str, cols: dict[str, np.ndarray], loss: np.ndarray):
@@ -105,7 +106,8 @@ def _check_points(kind: str, cols: dict[str, np.ndarray], loss: np.ndarray):
     raise FitError(f'{kind}: all {len(loss)} losses are equal ({loss[0]:.6g}); nothing to fit')
 
 
-def _exponent_warnings(kind: str, values: dict[str, float], loss: np.ndarray, exps: tuple[str, ...]):
+def _exponent_warnings(kind: str, values: dict[str, float], loss: np.ndarray, exps: tuple[str, ...],
+                       e_fixed: bool = False):
   out = []
   for name in exps:
     v = values[name]
@@ -115,7 +117,7 @@ def _exponent_warnings(kind: str, values: dict[str, float], loss: np.ndarray, ex
       out.append(f'{kind}: {name} = {v:.3g} is ~0: the term is flat and trades off against E (boundary fit)')
     elif v > 3:
       out.append(f'{kind}: {name} = {v:.3g} is implausibly large (boundary fit); more spread in the data?')
-  if values['E'] < 1e-3 * float(loss.min()):
+  if not e_fixed and values['E'] < 1e-3 * float(loss.min()):
     out.append(f"{kind}: E = {values['E']:.3g} collapsed to ~0: no irreducible loss resolved (pure power law)")
   return out
 
@@ -132,27 +134,48 @@ def _finish_warnings(kind: str, m: lbfgs.Minimum, n_boot: int, n_dropped: int, n
   return out
 
 
+def _fixed_e_starts(starts: np.ndarray, e_col: int, fix_e: float | None) -> np.ndarray:
+  """The start grid with log E pinned to log(fix_e) (duplicates removed), or unchanged when E is free."""
+  if fix_e is None:
+    return starts
+  out = starts.copy()
+  out[:, e_col] = np.log(fix_e)
+  return np.unique(out, axis=0)
+
+
+def _check_fix_e(kind: str, fix_e: float | None, loss: np.ndarray):
+  if fix_e is None:
+    return
+  if not 0 < fix_e < float(loss.min()):
+    raise FitError(f'{kind}: a fixed E must lie in (0, the lowest loss {float(loss.min()):.4g}), got {fix_e}')
+
+
 def fit_power_law(x: np.ndarray, loss: np.ndarray, *, kind: str = 'L(N)', n_boot: int = 200,
-                  seed: int = 0, delta: float = 1e-3, min_distinct: int = 3) -> Fit:
-  """L(X) = E + A / X^alpha on one point per X (the caller reduces repeated X, e.g. to the lowest loss)."""
+                  seed: int = 0, delta: float = 1e-3, min_distinct: int = 3, fix_E: float | None = None) -> Fit:
+  """L(X) = E + A / X^alpha on one point per X (the caller reduces repeated X, e.g. to the lowest loss).
+  fix_E: hold the asymptote at this value (fit A and alpha only)."""
   x = np.asarray(x, dtype=np.float64)
   loss = np.asarray(loss, dtype=np.float64)
   _check_points(kind, {'x': x}, loss)
+  _check_fix_e(kind, fix_E, loss)
   n_distinct = len(np.unique(x))
   if n_distinct < min_distinct:
     raise FitError(f'{kind} needs at least {min_distinct} distinct values of the variable, got {n_distinct}')
   lx = np.log(x)[:, None]
   ly = np.log(loss)
-  m = lbfgs.minimize_grid(grid_1d(), lx, ly, delta=delta)
+  frozen = fix_E is not None
+  m = lbfgs.minimize_grid(_fixed_e_starts(grid_1d(), 1, fix_E), lx, ly, delta=delta, freeze_e=frozen)
   to_named = lambda p: np.stack([np.exp(p[..., 1]), np.exp(p[..., 0]), p[..., 2]], axis=-1)
   boot_p, dropped = (lbfgs.bootstrap(m.candidates, lx, ly, n_boot, np.random.default_rng(seed), delta=delta,
-                                     min_distinct=min_distinct) if n_boot else (np.zeros((0, 3)), 0))
+                                     min_distinct=min_distinct, freeze_e=frozen)
+                     if n_boot else (np.zeros((0, 3)), 0))
   names = ('E', 'A', 'alpha')
   values = dict(zip(names, map(float, to_named(m.p)), strict=True))
   fit = Fit(kind=kind, names=names, values=values, boot=to_named(boot_p), n_points=len(x), objective=m.fun,
             converged=m.converged, n_starts=m.n_starts, n_boot_dropped=dropped)
-  fit.warnings = (_finish_warnings(kind, m, n_boot, dropped, len(x), 3)
-                  + _exponent_warnings(kind, values, loss, ('alpha',)))
+  fit.fixed_E = fix_E
+  fit.warnings = (_finish_warnings(kind, m, n_boot, dropped, len(x), 3 - frozen)
+                  + _exponent_warnings(kind, values, loss, ('alpha',), frozen))
   return fit
 
 
@@ -167,11 +190,13 @@ def allocation_defined(values: dict) -> bool:
 
 
 def fit_parametric(n: np.ndarray, d: np.ndarray, loss: np.ndarray, *, n_boot: int = 200, seed: int = 0,
-                   delta: float = 1e-3, starts: np.ndarray | None = None) -> Fit:
-  """Chinchilla Approach 3: L(N, D) = E + A/N^alpha + B/D^beta (Hoffmann et al. 2022, Huber in log space)."""
+                   delta: float = 1e-3, starts: np.ndarray | None = None, fix_E: float | None = None) -> Fit:
+  """Chinchilla Approach 3: L(N, D) = E + A/N^alpha + B/D^beta (Hoffmann et al. 2022, Huber in log space).
+  fix_E: hold the asymptote at this value (fit the other four)."""
   kind = 'L(N,D)'
   n, d, loss = (np.asarray(v, dtype=np.float64) for v in (n, d, loss))
   _check_points(kind, {'N': n, 'D': d}, loss)
+  _check_fix_e(kind, fix_E, loss)
   if len(loss) < 5:
     raise FitError(f'{kind} has 5 parameters and needs at least 5 runs, got {len(loss)}')
   n_n, n_d = len(np.unique(n)), len(np.unique(d))
@@ -183,19 +208,22 @@ def fit_parametric(n: np.ndarray, d: np.ndarray, loss: np.ndarray, *, n_boot: in
                    f'log D = {corr:.4f}); it needs runs that vary D at fixed N (an IsoFLOP or WSD sweep)')
   x = np.stack([np.log(n), np.log(d)], axis=1)
   ly = np.log(loss)
-  m = lbfgs.minimize_grid(chinchilla_grid() if starts is None else starts, x, ly, delta=delta)
+  frozen = fix_E is not None
+  grid = _fixed_e_starts(chinchilla_grid() if starts is None else starts, 2, fix_E)
+  m = lbfgs.minimize_grid(grid, x, ly, delta=delta, freeze_e=frozen)
   to_named = lambda p: np.stack([np.exp(p[..., 2]), np.exp(p[..., 0]), np.exp(p[..., 1]), p[..., 3],
                                  p[..., 4]], axis=-1)
   boot_p, dropped = (lbfgs.bootstrap(m.candidates, x, ly, n_boot, np.random.default_rng(seed), delta=delta,
-                                     min_distinct=5) if n_boot else (np.zeros((0, 5)), 0))
+                                     min_distinct=5, freeze_e=frozen) if n_boot else (np.zeros((0, 5)), 0))
   names = ('E', 'A', 'B', 'alpha', 'beta')
   values = dict(zip(names, map(float, to_named(m.p)), strict=True))
   fit = Fit(kind=kind, names=names, values=values, boot=to_named(boot_p), n_points=len(loss), objective=m.fun,
             converged=m.converged, n_starts=m.n_starts, n_boot_dropped=dropped)
-  fit.warnings = _finish_warnings(kind, m, n_boot, dropped, len(loss), 5)
+  fit.fixed_E = fix_E
+  fit.warnings = _finish_warnings(kind, m, n_boot, dropped, len(loss), 5 - frozen)
   if n_n < 3 or n_d < 3:
     fit.warnings.append(f'{kind}: only {n_n} distinct N and {n_d} distinct D: exponents are poorly constrained')
-  fit.warnings += _exponent_warnings(kind, values, loss, ('alpha', 'beta'))
+  fit.warnings += _exponent_warnings(kind, values, loss, ('alpha', 'beta'), frozen)
   return fit
 
 

@@ -16,6 +16,7 @@ import re
 
 import numpy as np
 
+from sktlm import run_row
 from sktlm.errors import UserError
 
 NUMERIC = ('n_params_total', 'n_params_non_embedding', 'n_params_active', 'tokens', 'flops_6n', 'flops_exact',
@@ -93,32 +94,23 @@ def read_results_csv(path: str) -> list[dict]:
 
 
 def row_from_workdir(workdir: str) -> dict:
-  """One results row from a run's summary.json (+ config.json for the size name), no sweep runner needed."""
+  """One results row from a run's summary.json and config.json (sktlm.run_row: the builder sweep results use
+  too), no sweep runner needed. Older summaries (top-level flops_* keys) are still read."""
   try:
     with open(os.path.join(workdir, 'summary.json')) as f:
       s = json.load(f)
   except (OSError, json.JSONDecodeError) as e:
     raise UserError(f'cannot read {workdir}/summary.json: {e}') from None
-  params = s.get('params') or {}
-  flops = dict(s.get('flops') or {})
-  for key, top in (('model', 'flops_model'), ('executed', 'flops_executed'), ('6N', 'flops_6n')):
-    flops.setdefault(key, s.get(top))
   row = dict(name=os.path.basename(os.path.normpath(workdir)), status=s.get('status', 'done'),
-             n_params_total=params.get('total'), n_params_non_embedding=params.get('non_embedding'),
-             n_params_active=params.get('active', params.get('total')), tokens=s.get('tokens'),
-             flops_6n=flops.get('6N'), flops_exact=flops.get('model') or flops.get('exact'),
-             flops_executed=flops.get('executed'),
-             final_train_loss=s.get('final_train_loss'), final_eval_loss=s.get('final_eval_loss'),
-             best_eval_loss=s.get('best_eval_loss'), wall_time_s=s.get('wall_time_s'),
-             tokens_per_s=s.get('tokens_per_s'), mfu=s.get('mfu'), workdir=os.path.abspath(workdir),
-             **{f'moe_{k}': (s.get('moe') or {}).get(k) for k in ('experts', 'top_k', 'granularity', 'shared_experts')},
-             moe_dropped_frac=s.get('moe_dropped_frac'))
+             workdir=os.path.abspath(workdir), **run_row.from_summary(s))
+  for col, old in (('flops_exact', 'flops_model'), ('flops_executed', 'flops_executed'), ('flops_6n', 'flops_6n')):
+    if row[col] is None:  # summaries written before the flops dict
+      row[col] = s.get(old)
+  if row['n_params_active'] is None:
+    row['n_params_active'] = row['n_params_total']
   try:
     with open(os.path.join(workdir, 'config.json')) as f:
-      cfg = json.load(f)
-    size = (cfg.get('model') or {}).get('size')
-    if size:
-      row['overrides'] = {'arg.size': size}
+      row.update(run_row.from_workdir_config(json.load(f)))
   except (OSError, json.JSONDecodeError, AttributeError):
     pass
   return _normalise(row, '')

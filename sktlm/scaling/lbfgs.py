@@ -25,8 +25,11 @@ def n_params(k: int) -> int:
 
 
 def objective(p_KxP: np.ndarray, x_Nxk: np.ndarray, y_N: np.ndarray, w_KxN: np.ndarray | None,
-              delta: float) -> tuple[np.ndarray, np.ndarray]:
-  """Summed Huber objective and its gradient for K parameter vectors at once: (f_K, g_KxP)."""
+              delta: float, freeze_e: bool = False) -> tuple[np.ndarray, np.ndarray]:
+  """Summed Huber objective and its gradient for K parameter vectors at once: (f_K, g_KxP).
+
+  freeze_e: the gradient of e is 0, so L-BFGS (whose steps lie in the span of past gradients) keeps e at its
+  start value exactly: the fit with a fixed asymptote E."""
   k = x_Nxk.shape[1]
   c, e, alpha = p_KxP[:, :k], p_KxP[:, k], p_KxP[:, k + 1:]
   # One (K, N) array per log-sum-exp term (a loop over k <= 2 beats a 3-d array: fewer passes).
@@ -48,8 +51,8 @@ def objective(p_KxP: np.ndarray, x_Nxk: np.ndarray, y_N: np.ndarray, w_KxN: np.n
     psi *= w_KxN
   f = h.sum(axis=1)
   pz = [psi * zj for zj in z]
-  g = [pzj.sum(axis=1) for pzj in pz] + [(psi * ze).sum(axis=1)] + [-(pzj @ x_Nxk[:, j]) for j, pzj in
-                                                                     enumerate(pz)]
+  g_e = np.zeros_like(f) if freeze_e else (psi * ze).sum(axis=1)
+  g = [pzj.sum(axis=1) for pzj in pz] + [g_e] + [-(pzj @ x_Nxk[:, j]) for j, pzj in enumerate(pz)]
   return f, np.stack(g, axis=1)
 
 
@@ -171,7 +174,7 @@ def _unit(y_N, w_N, delta) -> float:
   return 0.5 * delta ** 2 * (len(y_N) if w_N is None else float(w_N.sum()))
 
 
-def _polish(p0: np.ndarray, x_Nxk, y_N, w_N, delta, maxiter: int) -> optimize.OptimizeResult:
+def _polish(p0: np.ndarray, x_Nxk, y_N, w_N, delta, maxiter: int, freeze_e: bool = False) -> optimize.OptimizeResult:
   """scipy L-BFGS-B from p0. Its ftol is relative to max(|f|, 1), so the objective is measured in `_unit`s:
   a fit at that level (f ~ 1e-3 for 240 points) is polished to ~1e-14 relative, and a near-exact fit
   (noise-free data) is not chased into subnormal numbers."""
@@ -179,7 +182,7 @@ def _polish(p0: np.ndarray, x_Nxk, y_N, w_N, delta, maxiter: int) -> optimize.Op
   scale = 1.0 / _unit(y_N, w_N, delta)
 
   def fg(p):
-    f, g = objective(p[None], x_Nxk, y_N, w, delta)
+    f, g = objective(p[None], x_Nxk, y_N, w, delta, freeze_e)
     return float(f[0]) * scale, g[0] * scale
 
   return optimize.minimize(fg, p0, jac=True, method='L-BFGS-B',
@@ -187,12 +190,13 @@ def _polish(p0: np.ndarray, x_Nxk, y_N, w_N, delta, maxiter: int) -> optimize.Op
 
 
 def minimize_grid(starts_SxP: np.ndarray, x_Nxk: np.ndarray, y_N: np.ndarray, *, delta: float = 1e-3,
-                  w_N: np.ndarray | None = None, n_polish: int = 5) -> Minimum:
-  """Minimise from every start, polish the best distinct end points with scipy L-BFGS-B, keep the best."""
+                  w_N: np.ndarray | None = None, n_polish: int = 5, freeze_e: bool = False) -> Minimum:
+  """Minimise from every start, polish the best distinct end points with scipy L-BFGS-B, keep the best.
+  freeze_e: keep e (log E) at each start's value (the caller sets it to the fixed asymptote)."""
   w = None if w_N is None else w_N[None]
   f_of = lambda p: float(objective(p[None], x_Nxk, y_N, w, delta)[0][0])
   unit = _unit(y_N, w_N, delta)
-  fg = lambda p, rows: objective(p, x_Nxk, y_N, w, delta)
+  fg = lambda p, rows: objective(p, x_Nxk, y_N, w, delta, freeze_e)
   # A loose batched phase only has to find the basins; scipy polishes the best few to full precision.
   xs, fs, _ = lbfgs_batched(fg, starts_SxP, ftol=1e-7, max_iter=500)
   fs = np.where(np.isfinite(fs), fs, np.inf)
@@ -214,16 +218,16 @@ def minimize_grid(starts_SxP: np.ndarray, x_Nxk: np.ndarray, y_N: np.ndarray, *,
       polished.append((f_start, c, optimize.OptimizeResult(x=c, success=exact, message='exact fit' if exact
                                                            else 'not polished')))
       continue
-    res = _polish(c, x_Nxk, y_N, w_N, delta, maxiter=1000)
+    res = _polish(c, x_Nxk, y_N, w_N, delta, maxiter=1000, freeze_e=freeze_e)
     f = f_of(res.x)
     polished.append((f, res.x, res) if f <= f_start else (f_start, c, res))  # never worse than the start
   polished.sort(key=lambda t: t[0])
   f, p, res = polished[0]
   if not res.success and 'ITERATIONS' in str(res.message).upper():
-    res = _polish(p, x_Nxk, y_N, w_N, delta, maxiter=5000)
+    res = _polish(p, x_Nxk, y_N, w_N, delta, maxiter=5000, freeze_e=freeze_e)
     if f_of(res.x) <= f:
       f, p = f_of(res.x), res.x
-  _, gbest = objective(p[None], x_Nxk, y_N, w, delta)
+  _, gbest = objective(p[None], x_Nxk, y_N, w, delta, freeze_e)
   # scipy reports ABNORMAL when its line search cannot improve at float64 precision; accept that at a
   # stationary point (gradient tiny in objective units) or an exact fit.
   converged = bool(res.success) or f <= 1e-16 * unit or float(np.abs(gbest[0]).max()) / unit < 1e-3
@@ -249,7 +253,7 @@ def minimize_scipy(starts_SxP: np.ndarray, x_Nxk: np.ndarray, y_N: np.ndarray, *
 
 
 def bootstrap(candidates_SxP: np.ndarray, x_Nxk: np.ndarray, y_N: np.ndarray, n_boot: int,
-              rng: np.random.Generator, *, delta: float = 1e-3, min_distinct: int = 3):
+              rng: np.random.Generator, *, delta: float = 1e-3, min_distinct: int = 3, freeze_e: bool = False):
   """Refits on n_boot resamples (with replacement) of the points, from the given start points.
 
   All resamples x starts run in one batched L-BFGS. Returns (params_BxP of the usable resamples,
@@ -264,7 +268,7 @@ def bootstrap(candidates_SxP: np.ndarray, x_Nxk: np.ndarray, y_N: np.ndarray, n_
     return np.zeros((0, candidates_SxP.shape[1])), n_boot
   w_RxN = np.repeat(counts, S, axis=0)
   x0 = np.tile(candidates_SxP, (B, 1))
-  fg = lambda p, rows: objective(p, x_Nxk, y_N, w_RxN[rows], delta)
+  fg = lambda p, rows: objective(p, x_Nxk, y_N, w_RxN[rows], delta, freeze_e)
   xs, fs, _ = lbfgs_batched(fg, x0, ftol=1e-10, max_iter=1000)
   fs = np.where(np.isfinite(fs), fs, np.inf).reshape(B, S)
   best = fs.argmin(axis=1)

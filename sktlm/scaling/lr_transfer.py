@@ -83,9 +83,12 @@ def groups(rows, loss_col: str) -> list[Group]:
   out = []
   for (p, bw, nl, d, h, ff, tokens, moe), g in sorted(found.items(), key=lambda kv: (kv[0][0], kv[0][3], kv[0][2],
                                                                                        kv[0][7])):
-    pts = sorted(g['points'])
-    if not pts:  # no run of this model is done yet (a sweep still running)
+    if not g['points']:  # nothing finished (pending, or every LR failed): no optimum to report
       continue
+    by_lr: dict[float, list] = {}
+    for lr, loss, name in g['points']:  # repeated seeds at one LR: their mean (one point per LR)
+      by_lr.setdefault(lr, []).append((loss, name))
+    pts = sorted((lr, float(np.mean([x[0] for x in v])), v[0][1]) for lr, v in by_lr.items())
     out.append(Group(p, bw, d, (nl, d, h, ff) + moe, tokens, g['n'], np.array([x[0] for x in pts]),
                      np.array([x[1] for x in pts]), [x[2] for x in pts], sorted(g['failed'])))
   return out

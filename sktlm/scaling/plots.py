@@ -1,6 +1,6 @@
 """Scaling plots (matplotlib Agg, PNG + SVG): curves, loss vs N, compute frontier, IsoFLOP, residuals.
 
-Each function takes the per-sweep analyses (sktlm.scaling.report.SweepAnalysis) and writes <out>/<name>.png
+Each function takes the per-sweep analyses (sktlm.scaling.analysis.SweepAnalysis) and writes <out>/<name>.png
 and .svg, returning the PNG file name, or None when nothing can be drawn. Sweeps get distinct colours
 (tab10) on shared axes; within a sweep, runs are coloured by size (viridis over log N).
 """
@@ -250,3 +250,37 @@ def residuals(analyses, out: str) -> str | None:
     ax.set_title(f'{kind} residuals')
     ax.legend(fontsize=8)
   return _save(fig, out, 'residuals')
+
+
+def predicted_vs_actual(analyses, out: str) -> str | None:
+  """--predict: predicted against actual loss per law (95% intervals as bars), the diagonal, and each point's
+  extrapolation factor in N and C."""
+  pairs = [(a, t, rows) for a in analyses for t, rows in a.predicted.items() if rows]
+  if not pairs:
+    return None
+  laws = [k for k in ('L(N,D)', 'L(C)', 'L(N)') if any(r['law'] == k for _, _, rows in pairs for r in rows)]
+  fig, axes = plt.subplots(1, len(laws), figsize=(4.8 * len(laws), 4.4), squeeze=False)
+  for ax, law in zip(axes[0], laws, strict=True):
+    lo_all, hi_all = [], []
+    for i, (a, t, rows) in enumerate(pairs):
+      rs = [r for r in rows if r['law'] == law]
+      if not rs:
+        continue
+      act = np.array([r['actual'] for r in rs])
+      pred = np.array([r['predicted'] for r in rs])
+      ci = np.array([r['ci'] for r in rs], dtype=float)
+      err = np.abs(np.stack([pred - ci[:, 0], ci[:, 1] - pred])) if np.isfinite(ci).all() else None
+      ax.errorbar(act, pred, yerr=err, fmt='o', ms=4, capsize=2, color=sweep_color(i), label=f'{a.label} -> {t}')
+      for r in rs:
+        ax.annotate(f"N x{r['n_factor']:.2g}, C x{r['c_factor']:.2g}", (r['actual'], r['predicted']), fontsize=6,
+                    xytext=(3, 3), textcoords='offset points')
+      lo_all += [act.min(), pred.min()]
+      hi_all += [act.max(), pred.max()]
+    lo, hi = min(lo_all), max(hi_all)
+    pad = 0.05 * (hi - lo + 1e-9)
+    ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], color='k', lw=0.8)
+    ax.set_xlabel('actual loss')
+    ax.set_ylabel('predicted loss')
+    ax.set_title(f'{law}: predicted vs actual')
+    ax.legend(fontsize=7)
+  return _save(fig, out, 'predicted_vs_actual')

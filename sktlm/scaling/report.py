@@ -1,18 +1,11 @@
-"""Analysis of one or more sweeps: fits, predictions, backtests, plots, report.md and fits.json.
+"""The report of one or more sweeps: report.md, fits.json and plots from the analyses (sktlm.scaling.analysis).
 
-Which runs feed which fit (runs that differ only in their seed are first averaged into one configuration,
-sktlm.scaling.points):
-- L(N): per distinct N, the configuration with the lowest loss (the best the sweep reached at that size).
-- L(C): the compute frontier: configurations with a lower loss than every one using less compute.
-- L(N, D): every configuration. IsoFLOP: every configuration, grouped into compute budgets.
-Every compute quantity is in one FLOP convention (Options.flops_key, sktlm.scaling.compute), stated once at
-the top of the report. A fit the data cannot support is skipped with a warning; if no fit at all succeeds it
-is an error.
+Every compute quantity is in one FLOP convention, stated once at the top of the report. If no fit at all
+succeeds it is an error.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import json
 import math
@@ -22,165 +15,11 @@ import sys
 import numpy as np
 
 from sktlm.errors import UserError
+from sktlm.scaling import analysis, compute, curve_law, io, lr_transfer, moe_report, plots
 from sktlm.scaling import backtest as backtestlib
-from sktlm.scaling import compute, curve_law, io, lr_transfer, moe_report, plots, points
 from sktlm.scaling import fit as fitlib
+from sktlm.scaling import predict as predictlib
 
-
-@dataclasses.dataclass
-class Options:
-  n_key: str = 'non_embedding'      # non_embedding | total | active
-  loss_key: str = 'best_eval'       # best_eval | final_eval | final_train
-  flops_key: str = 'exact'          # exact | 6n (sktlm.scaling.compute.CONVENTIONS)
-  n_boot: int = 200
-  seed: int = 0
-  delta: float = 1e-3
-  isoflop_gap: float = 1.25
-  target_params: float | None = None
-  target_tokens: float | None = None
-  target_flops: float | None = None
-  curves: bool = True
-  backtest: int = -1                # hold out the K largest sizes / budgets; -1: 1 when >= 4 of them, else 0
-  curve_fit: tuple = ()             # run names: fit the Tissue et al. loss-curve law on their curves
-  curve_predict: tuple = ()         # run names: predict their final train loss with it
-  moe_target: str = ''              # config (experiments/flagship.py) the MoE section predicts
-
-
-@dataclasses.dataclass
-class SweepAnalysis:
-  label: str
-  opts: Options
-  sweep: io.Sweep
-  data: dict                        # per run (io.select)
-  agg: dict | None = None           # per configuration: seeds averaged (points.aggregate)
-  fpt: compute.FlopsPerToken | None = None
-  fits: dict = dataclasses.field(default_factory=dict)
-  ln_index: np.ndarray | None = None   # agg points of L(N): best configuration per N
-  lc_index: np.ndarray | None = None   # agg points of L(C): the compute frontier
-  budget_members: dict = dataclasses.field(default_factory=dict)   # budget C -> agg indices
-  curves: dict = dataclasses.field(default_factory=dict)     # run name -> (N, curves)
-  predictions: list = dataclasses.field(default_factory=list)
-  backtest: backtestlib.Backtest | None = None
-  warnings: list = dataclasses.field(default_factory=list)
-
-  @property
-  def flops_curve_key(self) -> str:
-    return 'flops' if self.opts.flops_key == 'exact' else 'flops_6n'
-
-  @property
-  def ln_points(self):
-    return None if self.ln_index is None else (self.agg['N'][self.ln_index], self.agg['loss'][self.ln_index])
-
-  @property
-  def lc_points(self):
-    return None if self.lc_index is None else (self.agg['C'][self.lc_index], self.agg['loss'][self.lc_index])
-
-
-best_per_x = points.best_per_x
-frontier_points = points.frontier_points
-
-
-def _try(a: SweepAnalysis, kind: str, fn):
-  fitlib.try_fit(a.fits, a.warnings, kind, fn, f'{a.label}: ')
-
-
-def analyze(sweep: io.Sweep, opts: Options) -> SweepAnalysis:
-  data, warns = io.select(sweep, opts.n_key, opts.loss_key, opts.flops_key)
-  a = SweepAnalysis(label=sweep.label, opts=opts, sweep=sweep, data=data, warnings=sweep.warnings + warns)
-  if opts.curves:
-    for i, name in zip(data['index'], data['name'], strict=True):
-      c = io.read_curves(sweep.rows[i]['workdir'])
-      if c is not None:
-        a.curves[name] = (sweep.rows[i][io.N_COLUMNS[opts.n_key]], c)
-    if len(data['N']) and not a.curves:
-      a.warnings.append(f'{a.label}: no metrics.jsonl found for any run: no loss-curve plots')
-  if not len(data['loss']):
-    a.warnings.append(f'{a.label}: no done runs with usable values: nothing to fit')
-    return a
-  a.fpt = compute.FlopsPerToken.from_runs(data['N'], data['D'], data['C'], opts.flops_key)
-  g = a.agg = points.aggregate(data, sweep.rows)
-  n, d, c, loss = g['N'], g['D'], g['C'], g['loss']
-  common = dict(n_boot=opts.n_boot, seed=opts.seed)
-  a.ln_index = points.best_index_per_x(n, loss)
-  _try(a, 'L(N)', lambda: fitlib.fit_power_law(*a.ln_points, kind='L(N)', delta=opts.delta, **common))
-  c_ok = c > 0
-  if (~c_ok).any():
-    a.warnings.append(f'{a.label}: {int((~c_ok).sum())} run(s) without FLOPs left out of L(C) and IsoFLOP')
-  if c_ok.any():
-    a.lc_index = np.flatnonzero(c_ok)[points.frontier_index(c[c_ok], loss[c_ok])]
-    _try(a, 'L(C)', lambda: fitlib.fit_power_law(*a.lc_points, kind='L(C)', delta=opts.delta, **common))
-  d_ok = d > 0
-  _try(a, 'L(N,D)', lambda: fitlib.fit_parametric(n[d_ok], d[d_ok], loss[d_ok], delta=opts.delta, **common))
-  # IsoFLOP only where the sweep has budgets shared by several sizes (not, e.g., a plain size ladder).
-  declared = g['budget'][c_ok]
-  ids, budgets = fitlib.group_budgets(c[c_ok], declared, opts.isoflop_gap)
-  idx = np.flatnonzero(c_ok)
-  if any(len(np.unique(n[idx[ids == b]])) >= 3 for b in range(len(budgets))):
-    _try(a, 'isoflop', lambda: fitlib.fit_isoflop(n[c_ok], c[c_ok], loss[c_ok], declared_budgets=declared,
-                                                   gap=opts.isoflop_gap, f=a.fpt, **common))
-    a.budget_members = {float(b): idx[ids == k] for k, b in enumerate(budgets)}
-  by_budget = bool(a.budget_members)
-  k = backtestlib.choose_k(opts.backtest, len(backtestlib.units(g, by_budget, opts.isoflop_gap)[1]))
-  try:
-    fitted = tuple(kind for kind, f in a.fits.items() if f is not None)
-    a.backtest = backtestlib.run(g, k, by_budget=by_budget, gap=opts.isoflop_gap, delta=opts.delta, kinds=fitted,
-                                 **common)
-  except fitlib.FitError as e:
-    a.warnings.append(f'{a.label}: backtest not run: {e}')
-  if a.backtest is not None:
-    a.warnings += [f'{a.label}: {w}' for w in a.backtest.warnings]
-  a.predictions = predictions(a)
-  return a
-
-
-def _pred(law: str, quantity: str, at: dict, value, boot=None, note: str = '') -> dict:
-  lo, hi = fitlib.interval(boot) if boot is not None else (math.nan, math.nan)
-  where = ', '.join(f'{k}={v:.3g}' for k, v in at.items())
-  what = f"{quantity} at {where} ({law}{', ' + note if note else ''})"
-  return dict(what=what, law=law, quantity=quantity, at=at, value=float(value), ci=(lo, hi))
-
-
-def predictions(a: SweepAnalysis) -> list[dict]:
-  """Extrapolations to the --target_* config / budget, each with its bootstrap interval. Every C is in the
-  report's convention: a target config's C is f(N) x D with f the sweep's FLOPs per token (compute.py)."""
-  o, out = a.opts, []
-  f_n, f_c, f_p, iso = (a.fits.get(k) for k in ('L(N)', 'L(C)', 'L(N,D)', 'isoflop'))
-  c_target = o.target_flops
-  if o.target_params and o.target_tokens:
-    if not c_target and a.fpt is not None:
-      c_target = float(a.fpt(o.target_params)) * o.target_tokens
-      if not a.fpt.in_range(o.target_params):
-        a.warnings.append(f'{a.label}: the target N={o.target_params:.3g} lies outside the sizes run '
-                          f'({a.fpt.n[0]:.3g}..{a.fpt.n[-1]:.3g}): its FLOPs per token are taken at the nearest '
-                          'size\'s FLOPs/N ratio; give --target_flops to state its budget exactly')
-    if f_p is not None:
-      n, d = o.target_params, o.target_tokens
-      out.append(_pred('L(N,D)', 'loss', dict(N=n, D=d), f_p.predict(n, d), f_p.predict_boot(n, d)))
-  if o.target_params and f_n is not None:
-    n = o.target_params
-    out.append(_pred('L(N)', 'loss', dict(N=n), f_n.predict(n), f_n.predict_boot(n),
-                     note='at the token budgets of the sweep'))
-  if c_target:
-    at = dict(C=c_target)
-    if f_c is not None:
-      out.append(_pred('L(C)', 'loss', at, f_c.predict(c_target), f_c.predict_boot(c_target)))
-    if f_p is not None and fitlib.allocation_defined(f_p.values):
-      n_opt, d_opt, l_opt = fitlib.compute_optimal(f_p.values, c_target, a.fpt)
-      nb, db, lb = fitlib.compute_optimal(f_p.boot, c_target, a.fpt)
-      out.append(_pred('L(N,D)', 'compute-optimal N', at, n_opt, nb))
-      out.append(_pred('L(N,D)', 'compute-optimal D', at, d_opt, db))
-      out.append(_pred('L(N,D)', 'compute-optimal loss', at, l_opt, lb))
-    if iso is not None:
-      nb = iso.n_opt_boot(c_target)
-      out.append(_pred('IsoFLOP', 'compute-optimal N', at, iso.n_opt(c_target), nb))
-      out.append(_pred('IsoFLOP', 'compute-optimal D', at, iso.d_opt(c_target), c_target / iso.fpt(nb)))
-  for p in out:
-    if not math.isfinite(p['value']):
-      a.warnings.append(f"{a.label}: prediction '{p['what']}' is not finite")
-  return out
-
-
-# --------------------------------------------------------------------------------------------- writing
 
 def _g(v, digits: int = 4) -> str:
   if v is None or (isinstance(v, float) and not math.isfinite(v)):
@@ -254,12 +93,47 @@ def _backtest_lines(analyses) -> list[str]:
                    f"({'N' if bt.unit == 'size' else 'C'} = {held}), then asked for the held-out runs:")
       lines += [f'  - {line}' for line in backtestlib.headline(a.label, bt)]
   lines += ['', '| sweep | law | held-out run | N | D | C | predicted loss [95% CI] | actual loss '
-            '(seed sd) | error |', '|---|---|---|---|---|---|---|---|---|']
+            '(seed sd) | error | covered |', '|---|---|---|---|---|---|---|---|---|---|']
   for a, r in rows:
     spread = f" ({_g(r['seed_std'], 2)}, {r['n_seeds']} seeds)" if r['n_seeds'] > 1 else ''
     lines.append(f"| {a.label} | {r['law']} | {r['run']} | {_g(r['N'], 3)} | {_g(r['D'], 3)} | {_g(r['C'], 3)} | "
                  f"{_with_ci(r['predicted'], r['ci'])} | {_g(r['actual'])}{spread} | "
-                 f"{100 * r['rel_error']:+.2f}% |")
+                 f"{100 * r['rel_error']:+.2f}% | {_covered(r)} |")
+  lines += _sensitivity_lines(analyses, 'backtest')
+  return lines
+
+
+def _covered(r) -> str:
+  return '-' if r.get('covered') is None else ('yes' if r['covered'] else 'NO')
+
+
+def _sensitivity_lines(analyses, key: str) -> list[str]:
+  lines = []
+  for a in analyses:
+    s = a.sensitivity.get(key)
+    if not s or not s['rows']:
+      continue
+    parts = '; '.join(f"E = {_g(r['E'])}: {_g(r['predicted'])} (objective {r['objective']:.3g})" for r in s['rows'])
+    lines += ['', f"E sensitivity ({a.label}, L(N,D) with E fixed; predicted loss of {s['run']}, actual "
+              f"{_g(s['actual'])}): {parts}."]
+  return lines
+
+
+def _predict_lines(analyses) -> list[str]:
+  lines = []
+  for a in analyses:
+    for target, rows in a.predicted.items():
+      lines += [f'Laws fitted on **{a.label}** (all its runs) predict every configuration of **{target}**; '
+                'N x and C x: the extrapolation factor over the largest N and C fitted.', '']
+      lines += [f'- {line}' for line in predictlib.summary_lines(a.label, target, rows)] + ['']
+      lines += ['| law | run | N | D | C | N x | C x | predicted loss [95% CI] | actual (seed sd) | error | '
+                'covered |', '|---|---|---|---|---|---|---|---|---|---|---|']
+      for r in rows:
+        spread = f" ({_g(r['seed_std'], 2)}, {r['n_seeds']} seeds)" if r['n_seeds'] > 1 else ''
+        lines.append(f"| {r['law']} | {r['run']} | {_g(r['N'], 3)} | {_g(r['D'], 3)} | {_g(r['C'], 3)} | "
+                     f"{_g(r['n_factor'], 3)} | {_g(r['c_factor'], 3)} | {_with_ci(r['predicted'], r['ci'])} | "
+                     f"{_g(r['actual'])}{spread} | {100 * r['rel_error']:+.2f}% | {_covered(r)} |")
+      lines += _sensitivity_lines([a], target) + ['']
   return lines
 
 
@@ -280,7 +154,7 @@ def _seed_lines(analyses) -> list[str]:
   return lines
 
 
-def _runs_table(a: SweepAnalysis) -> list[str]:
+def _runs_table(a: analysis.SweepAnalysis) -> list[str]:
   o = a.opts
   lines = [f'| run | status | N ({o.n_key}) | tokens | C | {o.loss_key} loss | in fits |',
            '|---|---|---|---|---|---|---|']
@@ -310,41 +184,44 @@ def _runs_table(a: SweepAnalysis) -> list[str]:
   return lines
 
 
-def document(analyses: list[SweepAnalysis], opts: Options, curve: dict | None = None) -> dict:
+def document(analyses: list[analysis.SweepAnalysis], opts: analysis.Options, curve: dict | None = None) -> dict:
   """The fits.json content (JSON-ready: nan -> null)."""
   warnings = [w for a in analyses for w in a.warnings]
   settings = dict(n=opts.n_key, loss=opts.loss_key, flops=opts.flops_key, bootstrap=opts.n_boot, seed=opts.seed,
                   huber_delta=opts.delta, ci_level=fitlib.CI_LEVEL, isoflop_gap=opts.isoflop_gap,
                   target_params=opts.target_params, target_tokens=opts.target_tokens,
-                  target_flops=opts.target_flops, backtest=opts.backtest)
+                  target_flops=opts.target_flops, backtest=opts.backtest, fix_E=opts.fix_E)
   doc = dict(settings=settings, convention=compute.DESCRIPTION[opts.flops_key], warnings=warnings, sweeps={
       a.label: dict(path=a.sweep.path, source=a.sweep.source, n_runs=len(a.sweep.rows), n_used=len(a.data['N']),
                     flops_per_token=a.fpt.to_json() if a.fpt is not None else None,
                     fits={k: (f.to_json() if f is not None else None) for k, f in a.fits.items()},
                     predictions=a.predictions,
-                    backtest=a.backtest.to_json() if a.backtest is not None else None) for a in analyses},
+                    backtest=a.backtest.to_json() if a.backtest is not None else None,
+                    predicted=a.predicted, e_sensitivity=a.sensitivity) for a in analyses},
              backtest_summary=[line for a in analyses if a.backtest is not None
                                for line in backtestlib.headline(a.label, a.backtest)],
+             predict_summary=[line for a in analyses for t, rows in a.predicted.items()
+                              for line in predictlib.summary_lines(a.label, t, rows)],
              curve_law=curve)
   if curve:
     doc['warnings'] += curve['warnings']
   return _finite(doc)
 
 
-def write(out: str, analyses: list[SweepAnalysis], opts: Options) -> dict:
+def write(out: str, analyses: list[analysis.SweepAnalysis], opts: analysis.Options) -> dict:
   """Plots, fits.json and report.md under `out`; returns the fits.json content."""
   curve = None
   if opts.curve_fit:
     rows = {r['name']: r for a in analyses for r in a.sweep.rows}
     try:
-      curve = curve_law.analyse(rows, list(opts.curve_fit), list(opts.curve_predict))
+      curve = curve_law.analyse(rows, list(opts.curve_fit), list(opts.curve_predict), opts.curve_skip_steps)
     except fitlib.FitError as e:
       for a in analyses[:1]:
         a.warnings.append(f'loss-curve law not fitted: {e}')
   os.makedirs(out, exist_ok=True)
   figs = [plots.curves(analyses, out, 'tokens'), plots.curves(analyses, out, 'flops'),
           plots.loss_vs_n(analyses, out), plots.frontier(analyses, out), plots.isoflop(analyses, out),
-          plots.residuals(analyses, out)]
+          plots.residuals(analyses, out), plots.predicted_vs_actual(analyses, out)]
   doc = document(analyses, opts, curve)
   with open(os.path.join(out, 'fits.json'), 'w') as f:
     json.dump(doc, f, indent=1, allow_nan=False)
@@ -358,6 +235,10 @@ def write(out: str, analyses: list[SweepAnalysis], opts: Options) -> dict:
         f'Huber loss (delta={opts.delta:g}) of log-space residuals (Hoffmann et al. 2022); intervals are '
         f'{fitlib.CI_LEVEL:.0%} percentile intervals over {opts.n_boot} bootstrap refits (seed {opts.seed}) '
         'resampling the fitted points (per-configuration seed means).', '']
+  if opts.fix_E is not None:
+    md += [f'**E is fixed at {opts.fix_E:g}** in L(N,D) and L(C) (`--fix_E`), not fitted: intervals do not '
+           'include its uncertainty; the E sensitivity lines show how the predictions move with it. L(N) keeps its '
+           'own asymptote (at the sweep\'s token budgets it is E + B/D^beta).', '']
   md += ['## Warnings', ''] + ([f'- {w}' for w in doc['warnings']] or ['none']) + ['']
   md += ['## Fits', '', 'L(N) and L(C): L = E + A / X^alpha (L(N): best run per N; L(C): compute-frontier runs). '
          'L(N,D) = E + A/N^alpha + B/D^beta (all runs).', ''] + _fit_table(analyses) + ['']
@@ -372,6 +253,9 @@ def write(out: str, analyses: list[SweepAnalysis], opts: Options) -> dict:
   bt = _backtest_lines(analyses)
   if bt:
     md += ['## Backtest', ''] + bt + ['']
+  pv = _predict_lines(analyses)
+  if pv:
+    md += ['## Predicted versus actual', ''] + pv
   if curve:
     md += ['## Loss-curve law (Tissue et al. 2024)', ''] + curve_law.report_lines(curve) + ['']
   seeds = _seed_lines(analyses)
@@ -406,7 +290,7 @@ def _finite(o):
   return o
 
 
-def run(paths: list[str], out: str, opts: Options, labels: list[str] | None = None) -> dict:
+def run(paths: list[str], out: str, opts: analysis.Options, labels: list[str] | None = None) -> dict:
   if not paths:
     raise UserError('give at least one sweep directory (with results.csv or run workdirs)')
   if labels and len(labels) != len(paths):
@@ -417,7 +301,7 @@ def run(paths: list[str], out: str, opts: Options, labels: list[str] | None = No
     seen[s.label] = seen.get(s.label, 0) + 1
     if seen[s.label] > 1:
       s.label = f'{s.label}-{seen[s.label]}'
-  analyses = [analyze(s, opts) for s in sweeps]
+  analyses = [analysis.analyze(s, opts) for s in sweeps]
   if not opts.curve_fit and not any(f is not None for a in analyses for f in a.fits.values()):
     raise UserError('no scaling law could be fitted: ' + '; '.join(w for a in analyses for w in a.warnings))
   doc = write(out, analyses, opts)

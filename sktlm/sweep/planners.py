@@ -114,32 +114,47 @@ def isoflop(base: str, budgets, *, size_names=None, per_budget: int = 5, tokens_
 
 def wsd(base: str, size_names, *, tokens_per_param=(5.0, 10.0, 20.0), decay_fraction: float = 0.2,
         decay_shape: str = '1-sqrt', param_kind: str = 'non_embedding', common: dict | None = None,
-        extra: dict | None = None) -> list[spec.Run]:
+        extra: dict | None = None, tokens=None, shapes: dict | None = None,
+        seeds: dict | None = None) -> list[spec.Run]:
   """Per size: one WSD run to the largest budget, and for each smaller budget a branch that resumes the
   long run's stable-phase checkpoint at step K and decays over its last `decay_fraction` of steps.
 
   Every budget T (steps) keeps the same shape: decay starts at K = (1 - decay_fraction) T. The long run
   checkpoints every p steps with all K multiples of p, and keeps all its checkpoints.
+  tokens: token budgets shared by every size (instead of tokens_per_param x N), so D does not move with N.
+  shapes: {label: config overrides} for sizes outside the table (e.g. a width ladder at fixed depth and head
+    dim); size_names are then those labels, each run trains `arg.size` of its overrides (default pico) with them.
+  seeds: {label: [seed, ...]}: that size's whole family (long run and branches) once per seed, named
+    '..._seed-S' with config.seed set, which `sktlm scaling` averages as one configuration.
   """
-  _check_sizes(size_names)
+  shapes = shapes or {}
+  _check_sizes([s for s in size_names if s not in shapes])
   if not 0 < decay_fraction < 1:
     raise UserError('decay_fraction must be in (0, 1)')
-  budgets = sorted(set(tokens_per_param))
   runs = []
   for size in size_names:
-    n, _, per_step = _counts(base, common, size, param_kind)
-    raw_k = [max(1.0, b * n / per_step * (1 - decay_fraction)) for b in budgets]
+    shape = dict(shapes.get(size) or {})
+    table_size = shape.pop('arg.size', 'pico' if size in shapes else size)
+    n, _, per_step = _counts(base, {**(common or {}), **shape}, table_size, param_kind)
+    budgets = sorted(set(tokens)) if tokens else [b * n for b in sorted(set(tokens_per_param))]
+    raw_k = [max(1.0, b / per_step * (1 - decay_fraction)) for b in budgets]
     p = max(1, int(raw_k[0] // 4))
     ks = sorted({max(p, round(k / p) * p) for k in raw_k})
     total = [round(k / (1 - decay_fraction)) for k in ks]
     sched = {'config.optim.schedule': 'wsd', 'config.optim.decay_shape': decay_shape}
-    long_name = f'size-{size}_steps-{total[-1]}'
-    carry = dict(common=dict(common or {}), planned=dict(tokens_per_step=per_step, params=n, param_kind=param_kind))
-    runs.append(spec.Run({'arg.size': size, 'config.train.steps': total[-1], **sched,
-                          'config.optim.decay_start': ks[-1], 'config.train.checkpoint_every': p,
-                          'config.train.keep_checkpoints': 0, **(extra or {})}, name=long_name, **carry))
-    for k, t in zip(ks[:-1], total[:-1], strict=False):
-      runs.append(spec.Run({'arg.size': size, 'config.train.steps': t, **sched, 'config.optim.decay_start': k,
-                            **(extra or {})}, name=f'size-{size}_steps-{t}', parent=long_name, parent_step=k,
+    base_settings = {'arg.size': table_size, **shape}
+    for seed in (seeds or {}).get(size) or [None]:
+      tag = '' if seed is None else f'_seed-{seed}'
+      seed_set = {} if seed is None else {'config.seed': seed}
+      long_name = f'size-{size}_steps-{total[-1]}{tag}'
+      carry = dict(common=dict(common or {}),
+                   planned=dict(tokens_per_step=per_step, params=n, param_kind=param_kind))
+      runs.append(spec.Run({**base_settings, 'config.train.steps': total[-1], **sched,
+                            'config.optim.decay_start': ks[-1], 'config.train.checkpoint_every': p,
+                            'config.train.keep_checkpoints': 0, **seed_set, **(extra or {})}, name=long_name,
                            **carry))
+      for k, t in zip(ks[:-1], total[:-1], strict=False):
+        runs.append(spec.Run({**base_settings, 'config.train.steps': t, **sched, 'config.optim.decay_start': k,
+                              **seed_set, **(extra or {})}, name=f'size-{size}_steps-{t}{tag}', parent=long_name,
+                             parent_step=k, **carry))
   return [spec.normalise(r) for r in runs]

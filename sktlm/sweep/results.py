@@ -13,7 +13,7 @@ import io
 import json
 import os
 
-from sktlm import files
+from sktlm import files, run_row
 from sktlm.sweep import execute
 from sktlm.sweep.schedule import PlannedRun
 
@@ -21,8 +21,7 @@ COLUMNS = ['name', 'overrides', 'status', 'exit_code', 'n_params_total', 'n_para
            'n_params_active', 'tokens', 'flops_6n', 'flops_exact', 'final_train_loss', 'final_eval_loss',
            'best_eval_loss', 'wall_time_s', 'tokens_per_s', 'mfu', 'workdir', 'log_tail']
 EXTRA = ['flops_executed', 'size', 'n_params_active_non_embedding', 'steps', 'batch_size', 'seq_len', 'parent',
-         'parent_step', 'config', 'message'] + ['moe_experts', 'moe_top_k', 'moe_granularity',
-                                                'moe_shared_experts', 'moe_dropped_frac']
+         'parent_step', 'config', 'message'] + list(run_row.MOE_COLUMNS)
 
 
 def row(run: PlannedRun, sweep_dir: str, common: dict, state: str = '', last: dict | None = None) -> dict:
@@ -35,8 +34,9 @@ def row(run: PlannedRun, sweep_dir: str, common: dict, state: str = '', last: di
   exit_code = attempts[-1].get('exit_code') if attempts else None
   if last and last.get('exit_code') is not None:
     exit_code = last['exit_code']
-  params = s.get('params') or run.params
-  fl = s.get('flops') or run.flops
+  # What the summary lacks (a run not started or not finished) is the plan's: params, FLOPs, tokens, steps.
+  planned = {'params': run.params, 'flops': run.flops, 'tokens': run.tokens, 'step': run.steps}
+  got = run_row.from_summary({**planned, **{k: v for k, v in s.items() if v not in (None, {}, '')}})
   tail = ''
   if status not in ('done', 'pending', 'running'):
     tail = (last or {}).get('log_tail') or execute.log_tail(os.path.join(run_dir, execute.LOG))
@@ -45,39 +45,23 @@ def row(run: PlannedRun, sweep_dir: str, common: dict, state: str = '', last: di
       'overrides': json.dumps({**common, **run.settings}, sort_keys=False, default=str),
       'status': status,
       'exit_code': exit_code,
-      'n_params_total': params.get('total'),
-      'n_params_non_embedding': params.get('non_embedding'),
-      'n_params_active': params.get('active'),
-      'tokens': s.get('tokens', run.tokens),
-      'flops_6n': fl.get('6N'),
-      'flops_exact': fl.get('exact'),
-      'final_train_loss': s.get('final_train_loss'),
-      'final_eval_loss': s.get('final_eval_loss'),
-      'best_eval_loss': s.get('best_eval_loss'),
-      'wall_time_s': s.get('wall_time_s'),
-      'tokens_per_s': s.get('tokens_per_s'),
-      'mfu': s.get('mfu'),
+      **{k: got[k] for k in ('n_params_total', 'n_params_non_embedding', 'n_params_active', 'tokens', 'flops_6n',
+                             'flops_exact', 'final_train_loss', 'final_eval_loss', 'best_eval_loss',
+                             'wall_time_s', 'tokens_per_s', 'mfu')},
       'workdir': run.name,
       'log_tail': tail,
-      'flops_executed': fl.get('executed'),
+      'flops_executed': got['flops_executed'],
       'size': run.size,
-      'n_params_active_non_embedding': params.get('active_non_embedding'),
-      'steps': s.get('step', run.steps) if s else run.steps,
+      'n_params_active_non_embedding': got['n_params_active_non_embedding'],
+      'steps': got['steps'],
       'batch_size': run.batch_size,
       'seq_len': run.seq_len,
       'parent': run.parent,
       'parent_step': run.parent_step if run.parent else None,
       'config': run.config,
-      'message': s.get('message') or (last or {}).get('message', ''),
-      **moe_columns(s),
+      'message': got['message'] or (last or {}).get('message', ''),
+      **{k: got[k] for k in run_row.MOE_COLUMNS},
   }
-
-
-def moe_columns(s: dict) -> dict:
-  """MoE shape and dropped fraction of a summary.json (docs/run_files.md); empty for older summaries."""
-  m = s.get('moe') or {}
-  return {'moe_experts': m.get('experts'), 'moe_top_k': m.get('top_k'), 'moe_granularity': m.get('granularity'),
-          'moe_shared_experts': m.get('shared_experts'), 'moe_dropped_frac': s.get('moe_dropped_frac')}
 
 
 def csv_text(rows: list[dict]) -> str:
