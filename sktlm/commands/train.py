@@ -8,7 +8,9 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'run directory (created; a resta
 
 
 def main(argv):
+  from sktlm import timeline
   from sktlm.errors import UserError
+  timeline.mark('config')  # the interpreter, the CLI and the config file with its overrides
   if len(argv) > 1:
     raise UserError(f'unexpected arguments: {" ".join(argv[1:])}')
   if _CONFIG.value is None:
@@ -21,6 +23,7 @@ def main(argv):
 
   from sktlm.sweep import locks
   from sktlm.train import loop
+  timeline.mark('imports')
   try:
     return loop.run(_CONFIG.value, _WORKDIR.value)
   finally:
