@@ -5,6 +5,7 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'experiment config file[:arg]', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'run directory (created; a restart resumes from it)')
+FAST_EXIT = True  # cli.py: every file the run writes is closed when main returns
 
 
 def main(argv):
@@ -18,6 +19,8 @@ def main(argv):
   if not _WORKDIR.value:
     raise UserError('--workdir is required')
   from sktlm import hostmem
+  from sktlm.sweep import cores
+  cores.pin_from_env()  # $SKTLM_CPUS (set by a sweep), before jax sizes its thread pool
   hostmem.tune_malloc()  # before jax starts its threads
   import os
 
