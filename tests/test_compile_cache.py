@@ -20,7 +20,7 @@ from sktlm.model import layers
 from sktlm.train import compile_cache, loop
 
 SMALL = {'train.steps': 2, 'data.seq_len': 32, 'train.batch_size': 8, 'train.eval_batches': 1,
-         'train.log_every': 1, 'metrics.peak_flops': 1e11}
+         'train.log_every': 1, 'metrics.peak_flops': 1e11, 'model.n_layers': 1}  # quick to compile
 
 
 class Events:
