@@ -121,12 +121,15 @@ def main():
       print(f'{p:<14} {med["cold"][p]:7.2f} {med["warm"].get(p, 0):7.2f}  {what}')
   print(f'{"total":<14} {med["cold"]["total"]:7.2f} {med["warm"]["total"]:7.2f}')
   imp = med['import']['total']
-  print(f'\nimport sktlm.train.loop, jax: {imp:.2f} s; warm run / import = {med["warm"]["total"] / imp:.2f}x, '
-        f'cold run / import = {med["cold"]["total"] / imp:.2f}x')
-  if 'baseline' in med:
-    b = med['baseline']['total']
-    print(f'baseline ({args.baseline}): {b:.2f} s = {b / imp:.2f}x the import; this checkout cold '
-          f'{b / med["cold"]["total"]:.2f}x, warm {b / med["warm"]["total"]:.2f}x faster')
+  print(f'\nimport sktlm.train.loop, jax: {imp:.2f} s')
+
+  def ratio(kind: str, over: str = 'import') -> str:  # per repeat (same load), then the median
+    rs = [a['total'] / b['total'] for a, b in zip(rows[kind], rows[over], strict=True)]
+    return f'{statistics.median(rs):.2f}x (repeats: {", ".join(f"{r:.2f}" for r in rs)})'
+  print(f'warm run / import: {ratio("warm")}\ncold run / import: {ratio("cold")}')
+  if rows['baseline']:
+    print(f'baseline ({args.baseline}) / import: {ratio("baseline")}\nbaseline / cold: {ratio("baseline", "cold")}'
+          f'\nbaseline / warm: {ratio("baseline", "warm")}')
 
 
 if __name__ == '__main__':
