@@ -21,14 +21,15 @@ SMALL, BIG = run(cores.SMALL_STEP_FLOPS / 1e9 / 2), run(cores.SMALL_STEP_FLOPS /
 
 
 @pytest.mark.parametrize('runs, n, parallel, threads, want', [
-    ([SMALL] * 7, 2, 0, 0, (2, [[0], [1]])),             # small runs: one core each, all cores busy
-    ([SMALL] * 7, 8, 0, 0, (7, [[0], [1], [2], [3], [4], [5], [6]])),  # never more slots than runs
-    ([SMALL, BIG], 2, 0, 0, (1, [[0, 1]])),               # a big run: all the cores, one run at a time
-    ([SMALL] * 7, 4, 0, 2, (2, [[0, 1], [2, 3]])),        # --threads=2
-    ([BIG] * 3, 4, 2, 0, (2, [[0, 1], [2, 3]])),          # --parallel=2: the cores split between them
+    ([SMALL] * 7, 2, 0, 0, (2, [[0, 1], [0, 1]])),        # small runs: as many at once as cores, sharing them
+    ([SMALL] * 3, 8, 0, 0, (3, [list(range(8))] * 3)),    # never more at once than runs
+    ([SMALL, BIG], 2, 0, 0, (1, [[0, 1]])),               # a big run: one at a time on all the cores
+    ([SMALL] * 7, 2, 0, 1, (2, [[0], [1]])),              # --threads=1: pinned, one core each
+    ([SMALL] * 7, 4, 0, 2, (2, [[0, 1], [2, 3]])),        # --threads=2 of 4 cores
+    ([BIG] * 3, 4, 2, 0, (2, [[0, 1, 2, 3]] * 2)),        # --parallel=2: both runs may use every core
     ([SMALL] * 3, 2, 1, 0, (1, [[0, 1]])),                # --parallel=1: the run gets every core
-    ([SMALL] * 3, 2, 2, 2, (2, [[0, 1], [0, 1]])),        # more than the cores: slots share them
-    ([SMALL] * 3, 1, 2, 0, (2, [[0], [0]])),
+    ([SMALL] * 3, 2, 3, 1, (3, [[0], [1], [0]])),         # more than the cores: slots share them
+    ([SMALL] * 3, 1, 0, 0, (1, [[0]])),
 ])
 def test_plan(runs, n, parallel, threads, want):
   assert cores.plan(runs, list(range(n)), parallel, threads) == want

@@ -14,8 +14,8 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'sweep directory: one sub-direct
 _DRY_RUN = flags.DEFINE_bool('dry_run', False, 'print the plan (runs, N, D, C, estimated time) and exit')
 _PARALLEL = flags.DEFINE_integer('parallel', 0, 'runs at once (0: local: by the cores and the runs\' sizes, '
                                  'see --threads; ray: as many as the cluster fits)')
-_THREADS = flags.DEFINE_integer('threads', 0, 'local: cores per run, each run pinned to its own (0: 1 for '
-                                'small runs, else all the cores; sktlm/sweep/cores.py)')
+_THREADS = flags.DEFINE_integer('threads', 0, 'local: cores per run; below the core count each run is pinned '
+                                'to its own (0: every run may use every core; sktlm/sweep/cores.py)')
 _BACKEND = flags.DEFINE_enum('backend', 'local', ['local', 'ray'], 'local processes or Ray tasks')
 _RAY_ADDRESS = flags.DEFINE_string('ray_address', '', "join this Ray cluster ('auto', 'ray://host:10001'); "
                                    "'' starts a local one")

@@ -1,13 +1,14 @@
 """How many runs a local sweep runs at once, and on which cores each (`sktlm sweep --parallel --threads`).
 
-Each run gets its own set of cores: `sktlm train` pins itself to $SKTLM_CPUS (commands/train.py) before jax
-starts, and XLA:CPU sizes its thread pool from the cores it may use. Runs never share a core, so parallel
-runs do not oversubscribe the machine, and each run's measured matmul peak (its MFU) is that of its cores.
+A run may be pinned to a set of cores: `sktlm train` pins itself to $SKTLM_CPUS (commands/train.py) before jax
+starts, and XLA:CPU sizes its thread pool from the cores it may use.
 
-The default (benchmarks/bench_sweep_parallel.py, README "Performance"): small models do not scale across
-threads (their matmuls are too small to split well) and a run's start-up is single-threaded Python, so runs
-whose train step is below SMALL_STEP_FLOPS run one core each, as many at once as there are cores; a sweep
-with a larger run gives each run all the cores, one at a time.
+The default (measured with benchmarks/bench_sweep_parallel.py, README "Performance"): if every run's train
+step is at most SMALL_STEP_FLOPS, as many runs at once as cores, each free to use every core; otherwise one run
+at a time on every core. Small models do not scale across threads and a run's start-up is single-threaded
+Python, so two runs at once beat one; on the shared 2-core machine two runs that may each use both cores also
+beat two runs pinned to one core each (the scheduler moves them away from other users' work). `--threads=T`
+below the core count pins each run to T cores of its own.
 """
 
 from __future__ import annotations
@@ -33,13 +34,12 @@ def step_flops(run) -> float:
 def plan(runs: list, cores: list[int], parallel: int = 0, threads: int = 0) -> tuple[int, list[list[int]]]:
   """(parallel, one core list per concurrent slot) for `runs` on `cores`; parallel/threads 0: the default."""
   n = len(cores)
-  if threads <= 0:
-    small = all(step_flops(r) <= SMALL_STEP_FLOPS for r in runs)
-    threads = 1 if small and parallel != 1 else max(1, n // max(parallel, 1))
-  threads = min(threads, n)
+  threads = min(threads, n) if threads > 0 else n
   if parallel <= 0:
-    parallel = max(1, min(n // threads, len(runs) or 1))
-  if parallel * threads > n:  # asked for more than the cores: slots share cores round-robin
+    small = all(step_flops(r) <= SMALL_STEP_FLOPS for r in runs)
+    parallel = max(1, n // threads) if threads < n else (n if small else 1)
+    parallel = min(parallel, max(len(runs), 1))
+  if parallel * threads > n:  # more than the cores: slots share them round-robin (all of them at threads = n)
     return parallel, [[cores[(i * threads + j) % n] for j in range(threads)] for i in range(parallel)]
   return parallel, [cores[i * threads:(i + 1) * threads] for i in range(parallel)]
 
