@@ -85,6 +85,8 @@ def write_sweep(tmp_path, seeds, steps=10, name='s.py'):
 
 
 def sweep_cmd(sweep_file, workdir, fake, *extra):
+  if not any(a.startswith(('--parallel', '--backend')) for a in extra):
+    extra = ('--parallel=1',) + extra  # these tests script the events of one run at a time
   return [sys.executable, '-m', 'sktlm.cli', 'sweep', sweep_file, f'--workdir={workdir}',
           f'--train_command={fake}', *extra]
 

@@ -12,8 +12,10 @@ from absl import flags
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'sweep directory: one sub-directory per run, results.csv')
 _DRY_RUN = flags.DEFINE_bool('dry_run', False, 'print the plan (runs, N, D, C, estimated time) and exit')
-_PARALLEL = flags.DEFINE_integer('parallel', 0, 'runs at once (0: 1 for local, as many as the Ray '
-                                 'cluster fits for ray)')
+_PARALLEL = flags.DEFINE_integer('parallel', 0, 'runs at once (0: local: by the cores and the runs\' sizes, '
+                                 'see --threads; ray: as many as the cluster fits)')
+_THREADS = flags.DEFINE_integer('threads', 0, 'local: cores per run; below the core count each run is pinned '
+                                'to its own (0: every run may use every core; sktlm/sweep/cores.py)')
 _BACKEND = flags.DEFINE_enum('backend', 'local', ['local', 'ray'], 'local processes or Ray tasks')
 _RAY_ADDRESS = flags.DEFINE_string('ray_address', '', "join this Ray cluster ('auto', 'ray://host:10001'); "
                                    "'' starts a local one")
@@ -56,15 +58,18 @@ def main(argv):
                                os.path.join(_WORKDIR.value, r.name), None) for r in runs]
     progress.Display(tty=False).final(views, f'sweep {_WORKDIR.value}')
     return 0
-  if _PARALLEL.value < 0:
-    raise UserError('--parallel must be >= 0')
+  if _PARALLEL.value < 0 or _THREADS.value < 0:
+    raise UserError('--parallel and --threads must be >= 0')
   if _LOCK_TIMEOUT.value < 0:
     raise UserError('--lock_timeout must be >= 0')
   if _BACKEND.value == 'ray':
     from sktlm.sweep.ray_backend import RayBackend
     backend = RayBackend(_RAY_ADDRESS.value, _PARALLEL.value, _RAY_NUM_CPUS.value or None)
   else:
-    backend = runner.LocalBackend(_PARALLEL.value or 1)
+    from sktlm.sweep import cores
+    parallel, slots = cores.plan(runs, cores.available(), _PARALLEL.value, _THREADS.value)
+    print(f'local: {parallel} run(s) at once, on cores ' + ' | '.join(cores.fmt(c) for c in slots), flush=True)
+    backend = runner.LocalBackend(parallel, slots)
   train_cmd = shlex.split(_TRAIN_COMMAND.value) if _TRAIN_COMMAND.value else None
   signal.signal(signal.SIGTERM, _raise_interrupt)
   rows = runner.run_sweep(runs, _WORKDIR.value, backend, common=sd.common, train_cmd=train_cmd,

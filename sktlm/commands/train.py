@@ -5,10 +5,13 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'experiment config file[:arg]', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'run directory (created; a restart resumes from it)')
+FAST_EXIT = True  # cli.py: every file the run writes is closed when main returns
 
 
 def main(argv):
+  from sktlm import timeline
   from sktlm.errors import UserError
+  timeline.mark('config')  # the interpreter, the CLI and the config file with its overrides
   if len(argv) > 1:
     raise UserError(f'unexpected arguments: {" ".join(argv[1:])}')
   if _CONFIG.value is None:
@@ -16,11 +19,14 @@ def main(argv):
   if not _WORKDIR.value:
     raise UserError('--workdir is required')
   from sktlm import hostmem
+  from sktlm.sweep import cores
+  cores.pin_from_env()  # $SKTLM_CPUS (set by a sweep), before jax sizes its thread pool
   hostmem.tune_malloc()  # before jax starts its threads
   import os
 
   from sktlm.sweep import locks
   from sktlm.train import loop
+  timeline.mark('imports')
   try:
     return loop.run(_CONFIG.value, _WORKDIR.value)
   finally:

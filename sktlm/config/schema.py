@@ -112,6 +112,8 @@ def get_config(size: str = 'tiny') -> ml_collections.ConfigDict:
       spike_max_rollbacks=3,  # more spikes than this in one attempt stop the run as diverged
       init_from_hf='',        # Hugging Face Llama folder (config.json + safetensors): start from its weights with a
                               # fresh optimizer and data stream; its shapes must match config.model (interop/hf.py)
+      compile_cache='',       # JAX persistent compilation cache folder, shared by all runs ('' -> $SKTLM_COMPILE_CACHE
+                              # or ~/.cache/sktlm/jax; 'off': none); safe to delete (train/compile_cache.py)
   ))
 
   config.optim = ml_collections.ConfigDict(dict(

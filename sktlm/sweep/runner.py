@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import os
+import queue
 import sys
 import threading
 import time
 
 from sktlm import files
 from sktlm.errors import UserError
-from sktlm.sweep import execute, progress, results
+from sktlm.sweep import cores, execute, progress, results
 from sktlm.sweep.schedule import PlannedRun, fmt_time
 
 
@@ -24,18 +25,32 @@ def default_train_cmd() -> list[str]:
 
 
 class LocalBackend:
-  """Each run in a worker thread that owns one `sktlm train` subprocess."""
+  """Each run in a worker thread that owns one `sktlm train` subprocess; with `slots` (one core list per
+  concurrent run, sweep/cores.py) each run is pinned to the cores of a free slot."""
 
   name = 'local'
 
-  def __init__(self, parallel: int):
+  def __init__(self, parallel: int, slots: list[list[int]] | None = None):
     self.parallel = max(1, parallel)
     self.stop = threading.Event()
     self.pool = cf.ThreadPoolExecutor(self.parallel, thread_name_prefix='sweep-run')
+    self.free = queue.SimpleQueue()  # a worker takes a slot for the run's lifetime: never more than parallel
+    for cpus in (slots or [])[:self.parallel]:
+      self.free.put(cpus)
+    self.pinned = bool(slots)
 
   def submit(self, task: dict, resources: dict):
     del resources
-    return self.pool.submit(execute.run_one, task, self.stop)
+    return self.pool.submit(self._run, task)
+
+  def _run(self, task: dict) -> dict:
+    if not self.pinned:
+      return execute.run_one(task, self.stop)
+    cpus = self.free.get()
+    try:
+      return execute.run_one({**task, 'env': {**task.get('env', {}), cores.ENV: cores.fmt(cpus)}}, self.stop)
+    finally:
+      self.free.put(cpus)
 
   def wait(self, handles: list, timeout: float) -> list:
     done, _ = cf.wait(handles, timeout=timeout, return_when=cf.FIRST_COMPLETED)

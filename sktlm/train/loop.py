@@ -18,11 +18,12 @@ from typing import Any
 
 import jax
 
-from sktlm import chips, data, files, hostmem, sharding
+from sktlm import chips, data, files, hostmem, sharding, timeline
 from sktlm.config import accounting as flops
 from sktlm.config import checks
 from sktlm.config import load as configs
 from sktlm.errors import UserError
+from sktlm.train import compile_cache
 from sktlm.train import step as train
 from sktlm.train.checkpoint import Checkpointer, steps_on_disk
 from sktlm.train.metrics import MetricsWriter, RunStats, summary_problems
@@ -50,8 +51,9 @@ def peak_flops_total(config, devices) -> tuple[float, str]:
   chip = chips.chip_for_device_kind(devices[0].device_kind)
   if chip is not None:
     return chip.peak_bf16_flops * n, f'{chip.name} table'
-  # CPU: simulated devices share the same cores, so the measured matmul peak is the machine's total.
-  return chips.measure_matmul_peak(config.model.dtype), f'measured {config.model.dtype} matmul'
+  # CPU: simulated devices share the same cores, so the measured matmul peak is the machine's total. Best of
+  # 3 timed calls, not 10: the figure moves less than the load does, and it was a second of every start.
+  return chips.measure_matmul_peak(config.model.dtype, repeats=3), f'measured {config.model.dtype} matmul'
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -101,10 +103,14 @@ class Prepared:
   tokenizer_info: dict
   harmless: list[str]
   mesh: Any
-  setup: train.Setup
-  it: data.DataIterator
+  setup: train.Setup | None  # None: the run is finished (nothing is built)
+  it: data.DataIterator | None
   eval_batches: list | None
   leader: bool
+
+  @property
+  def finished(self) -> bool:
+    return self.setup is None
 
 
 def prepare(config, workdir: str) -> Prepared:
@@ -118,7 +124,12 @@ def prepare(config, workdir: str) -> Prepared:
   harmless = _check_workdir_config(workdir, config)
   tokenizer_info = _check_tokenizer(workdir, tokenizer)
   _check_resume_step(workdir, config.train.steps)
+  leader = jax.process_index() == 0
+  timeline.mark('validate')
+  if _finished(workdir, config.train.steps):  # before anything is built or restored
+    return Prepared(config, workdir, tokenizer, tokenizer_info, harmless, mesh, None, None, None, leader)
   setup = train.build(config, mesh)
+  timeline.mark('build')
   B, pidx, pcount = config.train.batch_size, jax.process_index(), jax.process_count()
   it = data.make_train_iter(config.data, batch_size=B, seed=config.seed, process_index=pidx, process_count=pcount)
   eval_batches = None
@@ -126,8 +137,16 @@ def prepare(config, workdir: str) -> Prepared:
     eval_batches = [train.device_batch(b, setup, B) for b in data.make_eval_batches(
         config.data, batch_size=B, num_batches=config.train.eval_batches, process_index=pidx,
         process_count=pcount)]
-  return Prepared(config, workdir, tokenizer, tokenizer_info, harmless, mesh, setup, it, eval_batches,
-                  leader=pidx == 0)
+  timeline.mark('data')
+  return Prepared(config, workdir, tokenizer, tokenizer_info, harmless, mesh, setup, it, eval_batches, leader)
+
+
+def _finished(workdir: str, steps: int) -> bool:
+  """A complete summary that says done at `steps`, and the checkpoint of that step (file names only)."""
+  old = files.read_json(os.path.join(workdir, 'summary.json'))
+  done = steps_on_disk(os.path.join(workdir, 'checkpoints'))
+  return bool(old and old.get('status') == 'done' and not summary_problems(old) and old.get('steps') == steps
+              and done and done[-1] == steps)
 
 
 def write_run_files(p: Prepared) -> None:
@@ -217,6 +236,7 @@ class Trainer:
     batch = train.abstract_batch(self.p.config, self.p.setup)
     self.compiled = self.p.setup.train_step.lower(self.state, batch).compile()
     self.compile_s = time.time() - t0
+    timeline.mark('train compile')
     self.stats.restart_window(self.step)  # compile time is not training time
 
   def train(self, stop: _StopFlag) -> None:
@@ -280,6 +300,7 @@ class Trainer:
     self.saved_step = self.step
 
   def _evaluate(self) -> None:
+    timeline.mark('train steps')
     setup = self.p.setup
     sums = [setup.eval_step(self.state, b) for b in self.p.eval_batches]
     loss = sum(float(x['loss_sum']) for x in sums) / max(sum(float(x['weight_sum']) for x in sums), 1.0)
@@ -287,6 +308,7 @@ class Trainer:
       raise Diverged(f'eval loss is not finite ({loss}) at step {self.step}')
     self.writer.write(self.stats.eval_record(self.step, loss, self.p.tokenizer.is_bytes))
     self.stats.restart_window(self.step)  # eval time is not training time
+    timeline.mark('eval')
 
   def _rollback(self, spike: Spike) -> None:
     """Back to the last checkpoint; the batches from there through the spike step are skipped."""
@@ -341,30 +363,36 @@ def write_summary(workdir: str, summary: dict) -> None:
 
 def run(config, workdir: str) -> int:
   """Trains per `config` in `workdir`; returns the process exit code (0 done, 143 preempted)."""
+  with compile_cache.enabled(config.train.compile_cache):
+    return _run(config, workdir)
+
+
+def _run(config, workdir: str) -> int:
   t_start = time.time()
   _start_distributed(config)
   p = prepare(config, workdir)
-  write_run_files(p)
   t, B, T = config.train, config.train.batch_size, config.data.seq_len
+  if p.finished:
+    if p.leader:
+      print(f'already finished: step {t.steps} of {t.steps}; {workdir}/summary.json kept as it is')
+    return 0
+  write_run_files(p)
   ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), keep=t.keep_checkpoints, async_save=t.async_checkpoint)
   state, start, origin = restore_or_init(p, ckpt)
-  old = files.read_json(os.path.join(workdir, 'summary.json'))
-  if start == t.steps and old and old.get('status') == 'done' and not summary_problems(old):
-    ckpt.close()
-    if p.leader:
-      print(f'already finished: step {start} of {t.steps}; {workdir}/summary.json kept as it is')
-    return 0
+  timeline.mark('state')
   counts, fpt = flops.param_counts(config.model), flops.flops_per_token(config.model, T)
   if p.leader:
     print(f'{origin}; mesh {dict(p.mesh.shape)}; {flops.human(counts["total"])} params; '
           f'host malloc {hostmem.status()}')
   peak, peak_src = peak_flops_total(config, jax.devices())
+  timeline.mark('peak')
   history = files.read_jsonl(os.path.join(workdir, 'metrics.jsonl')) if p.leader else []
   stats = RunStats(tokens_per_step=B * T, fpt=fpt, peak=peak, history=history, start_step=start,
                    spike_window=t.spike_window if t.spike_factor > 0 else 0, t_start=t_start)
   writer = MetricsWriter(workdir, tensorboard=config.metrics.tensorboard, progress=config.metrics.progress,
                          total_steps=t.steps, enabled=p.leader)
   trainer = Trainer(p, ckpt, writer, stats, state, start)
+  timeline.mark('writers')
   summary = {'status': 'running', 'steps': t.steps, 'seq_len': T, 'batch_size': B, 'params': counts,
              'eval_batches': t.eval_batches if p.eval_batches else 0,
              'flops_per_token': fpt, 'peak_flops': peak, 'peak_source': peak_src, 'moe': moe_shape(config.model)}
@@ -390,10 +418,12 @@ def run(config, workdir: str) -> int:
     raise
   finally:
     ckpt.close()
+    timeline.mark('checkpoint')
     writer.close()
     summary.update(stats.summary(trainer.step), compile_time_s=trainer.compile_s)
     if p.leader:
       write_summary(workdir, summary)
+    timeline.mark('summary')
   if p.leader:
     nan = float('nan')
     print(f"{summary['status']}: step {trainer.step}, train loss {summary.get('final_train_loss', nan):.4f}, "
