@@ -54,6 +54,10 @@ for step in range(start + 1, steps + 1):
     while not stop:
       time.sleep(0.01)
     sys.exit(143)
+  if step == int(os.environ.get('FAKE_GATE_AT', '0')):  # stay at this step until the test opens the gate
+    open(os.path.join(wd, 'paused'), 'w').close()        # (a file), then finish normally
+    while not os.path.exists(os.path.join(wd, 'gate')):
+      time.sleep(0.01)
 loss = 3.0 + seed / 100
 summary = dict(status='done', message='', step=steps, steps=steps, tokens=steps * 64, final_train_loss=loss,
                final_eval_loss=loss + 0.1, best_eval_loss=loss + 0.05, wall_time_s=time.time() - t0,
@@ -198,20 +202,30 @@ def test_sigkill_sweep_and_resume(tmp_path, fake):
 
 def test_orphaned_run_is_waited_for_not_duplicated(tmp_path, fake):
   s = write_sweep(tmp_path, [1, 2], steps=40)
-  w = tmp_path / 'w'
-  env = dict(os.environ, FAKE_STEP_S='0.05')
+  w, run = tmp_path / 'w', tmp_path / 'w' / 'seed-1_steps-40'
+  env = dict(os.environ, FAKE_STEP_S='0.01', FAKE_GATE_AT='3')
   sweep = subprocess.Popen(sweep_cmd(s, w, fake), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL)
   try:
-    _wait_for(lambda: _ckpt_step(w / 'seed-1_steps-40') >= 3)
+    _wait_for(lambda: (run / 'paused').exists())  # the run holds at step 3 until the gate file exists
   finally:
     sweep.kill()  # only the sweep: its training process lives on, holding the run's lock
     sweep.wait()
-  lock = json.load(open(w / 'seed-1_steps-40' / 'sweep.lock'))
-  assert lock['pid'] == int(launches(w / 'seed-1_steps-40')[0][0])
-  p = run_cli(*sweep_cmd(s, w, fake), env={'FAKE_STEP_S': '0.01'})
-  assert p.returncode == 0, p.stdout + p.stderr
-  assert len(launches(w / 'seed-1_steps-40')) == 1 and 'finished elsewhere' in p.stdout
+  lock = json.load(open(run / 'sweep.lock'))
+  assert lock['pid'] == int(launches(run)[0][0])
+  # A second sweep finds the orphan alive; only once it says it waits does the orphan go on and finish.
+  out = tmp_path / 'out2.txt'
+  with open(out, 'w') as f:
+    second = subprocess.Popen(sweep_cmd(s, w, fake), cwd=ROOT, env=dict(os.environ, FAKE_STEP_S='0.01'),
+                              stdout=f, stderr=subprocess.STDOUT)
+    try:
+      _wait_for(lambda: '[seed-1_steps-40] waiting for' in out.read_text(), timeout=300)
+      (run / 'gate').touch()
+      assert second.wait(timeout=300) == 0, out.read_text()
+    finally:
+      second.kill()
+  text = out.read_text()
+  assert len(launches(run)) == 1 and 'finished elsewhere' in text, text
   assert [r['status'] for r in read_csv(w / 'results.csv')] == ['done', 'done']
 
 
