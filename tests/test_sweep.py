@@ -10,7 +10,7 @@ import time
 import pytest
 
 from sktlm.config import accounting as flops
-from sktlm.config import sizes
+from sktlm.config import schema, sizes
 from sktlm.errors import UserError
 from sktlm.sweep import locks, planners, spec
 from sktlm.sweep import schedule as plan
@@ -87,10 +87,9 @@ def test_load_sweep_file_and_resolve(tmp_path):
 
 
 def _mc(size):
-  import types
-  n_layers, d, h, kv, ff = sizes.SIZES[size]
-  return types.SimpleNamespace(n_layers=n_layers, d_model=d, n_heads=h, n_kv_heads=kv, d_ff=ff, head_dim=0,
-                               vocab_size=384, tie_embeddings=False, moe=None)
+  mc = schema.get_config(size).model
+  mc.vocab_size = 384
+  return mc
 
 
 def test_bad_sweeps_are_one_line_errors(tmp_path):

@@ -92,7 +92,7 @@ def resolve_run(sd: spec.SweepDef, run: spec.Run) -> PlannedRun:
   return PlannedRun(
       name=run.name, settings={**run.common, **run.settings}, config=spec.config_spec(sd.base, args),
       overrides=overrides,
-      parent=run.parent, parent_step=run.parent_step, size=str(getattr(mc, 'size', '')), steps=steps,
+      parent=run.parent, parent_step=run.parent_step, size=mc.size, steps=steps,
       batch_size=batch, seq_len=seq, tokens=tokens, params=params, flops_per_token=fpt,
       flops={k: v * tokens for k, v in fpt.items()}, resources=resources,
       checkpoint_every=int(config.train.checkpoint_every))

@@ -20,8 +20,8 @@ import jax
 
 from sktlm import chips, data, files, hostmem, sharding
 from sktlm.config import accounting as flops
-from sktlm.config import checks
 from sktlm.config import load as configs
+from sktlm.config.validate import validate
 from sktlm.errors import UserError
 from sktlm.train import step as train
 from sktlm.train.checkpoint import Checkpointer, steps_on_disk
@@ -43,7 +43,8 @@ class Spike(Exception):
 
 
 def peak_flops_total(config, devices) -> tuple[float, str]:
-  """Peak FLOP/s of all devices together, and where the figure came from."""
+  """Peak FLOP/s of all devices together (the mesh's, not jax.devices()), and where the figure came from."""
+  devices = list(devices)
   n = len(devices)
   if config.metrics.peak_flops > 0:
     return config.metrics.peak_flops * n, 'config'
@@ -109,8 +110,8 @@ class Prepared:
 
 def prepare(config, workdir: str) -> Prepared:
   """Every check a user's input can fail, before the workdir is touched (a failed start leaves it as it was)."""
-  checks.check_workdir(workdir)
-  checks.check_values(config)
+  files.check_workdir(workdir)
+  validate(config)
   tokenizer = data.get_tokenizer(config.data)
   resolve_vocab(config, tokenizer)
   mesh = sharding.make_mesh(config.mesh)
@@ -348,7 +349,7 @@ def run(config, workdir: str) -> int:
   if p.leader:
     print(f'{origin}; mesh {dict(p.mesh.shape)}; {flops.human(counts["total"])} params; '
           f'host malloc {hostmem.status()}')
-  peak, peak_src = peak_flops_total(config, jax.devices())
+  peak, peak_src = peak_flops_total(config, p.mesh.devices.flat)
   history = files.read_jsonl(os.path.join(workdir, 'metrics.jsonl')) if p.leader else []
   stats = RunStats(tokens_per_step=B * T, fpt=fpt, peak=peak, history=history, start_step=start,
                    spike_window=t.spike_window if t.spike_factor > 0 else 0, t_start=t_start)
