@@ -13,7 +13,7 @@ import pytest
 from scipy import optimize
 
 from sktlm.config import accounting as flops
-from sktlm.config import schema, sizes
+from sktlm.config import schema
 from sktlm.scaling import compute, io, report
 from sktlm.scaling import fit as fitlib
 
