@@ -6,8 +6,8 @@ docs/run_files.md are generated from it (`python -m sktlm.config.docs`, checked 
 Adding a key = one line here + the code that reads it (then regenerate the docs).
 
 A line is K(key, default, allowed, restart, doc):
-- default: its type is the key's type (an int default takes ints only, a float one ints or floats); SIZE: from
-  the size table (sktlm.config.sizes) of get_config(size).
+- default: its type is the key's type (an int default takes ints only, a float one ints or floats); SIZE (an
+  int) and SIZE_NAME: from the size table (sktlm.config.sizes) of get_config(size).
 - allowed: None (any value of the type), a tuple of values, or a range: '>=0', '>0', '<1', '[0, 1]', '[0, 1)'.
 - restart: BREAKS if changing it makes a run's checkpoint or data position meaningless (a restart with a new
   value is refused), OK if a run may continue with a new value.
@@ -24,7 +24,13 @@ import ml_collections
 from sktlm.config import sizes
 from sktlm.errors import UserError
 
-SIZE = object()   # default from the size table
+
+@dataclasses.dataclass(frozen=True)
+class FromSizeTable:
+  type: type
+
+
+SIZE, SIZE_NAME = FromSizeTable(int), FromSizeTable(str)  # defaults from the size table of get_config(size)
 BREAKS, OK = True, False
 FLOATS = ('float32', 'bfloat16', 'float16')
 
@@ -39,7 +45,7 @@ class Key:
 
   @property
   def type(self) -> type:
-    return int if self.default is SIZE else type(self.default)
+    return self.default.type if isinstance(self.default, FromSizeTable) else type(self.default)
 
 
 K = Key
@@ -68,7 +74,7 @@ KEYS = (
         ('act_vocab', 'tensor')),                None,         OK,     'logical axis -> mesh axes (sktlm/sharding.py); '
                                                                        'unlisted logical axes are replicated'),
     # model
-    K('model.size',               SIZE,         None,         OK,     'the size-table row the shapes came from'),
+    K('model.size',               SIZE_NAME,    None,         OK,     'the size-table row the shapes came from'),
     K('model.n_layers',           SIZE,         '>=1',        BREAKS, 'transformer blocks'),
     K('model.d_model',            SIZE,         '>=1',        BREAKS, 'residual stream width'),
     K('model.n_heads',            SIZE,         '>=1',        BREAKS, 'query heads'),
@@ -255,7 +261,7 @@ def get_config(size: str = 'tiny') -> ml_collections.ConfigDict:
     node = tree
     for p in parents:
       node = node.setdefault(p, {})
-    node[leaf] = from_table[leaf] if k.default is SIZE else k.default
+    node[leaf] = from_table[leaf] if isinstance(k.default, FromSizeTable) else k.default
   return ml_collections.ConfigDict(tree)
 
 
