@@ -16,15 +16,15 @@ def main(argv):
   if not _WORKDIR.value:
     raise UserError('--workdir is required')
   from sktlm import hostmem
-  hostmem.tune_malloc()  # before jax starts its threads
+  malloc = hostmem.tune_malloc()  # before jax starts its threads
   import os
 
   from sktlm.sweep import locks
   from sktlm.train import loop
   try:
-    return loop.run(_CONFIG.value, _WORKDIR.value)
+    return loop.run(_CONFIG.value, _WORKDIR.value, malloc=malloc)
   finally:
     # Started by a sweep that may be gone (killed): the run's lock names this process; release it.
-    lock = os.environ.get('SKTLM_SWEEP_LOCK')
+    lock = os.environ.get(locks.LOCK_ENV)
     if lock:
       locks.release_if_held_by(lock, os.getpid())

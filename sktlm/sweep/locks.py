@@ -20,6 +20,7 @@ import time
 from sktlm import files
 
 HOST = socket.gethostname()
+LOCK_ENV = 'SKTLM_SWEEP_LOCK'  # set by the sweep for `sktlm train`: the lock to release if it ends on its own
 EMPTY_GRACE_S = 10.0       # an unreadable lock younger than this may be mid-write
 FOREIGN_STALE_S = 3600.0   # another host's lock with no activity in its run folder for this long is stale
 ACTIVITY_FILES = ('train.log', 'metrics.jsonl')

@@ -31,11 +31,12 @@ class LocalBackend:
   def __init__(self, parallel: int):
     self.parallel = max(1, parallel)
     self.stop = threading.Event()
+    self.live = execute.Live()  # the `sktlm train` processes of this backend's runs
     self.pool = cf.ThreadPoolExecutor(self.parallel, thread_name_prefix='sweep-run')
 
   def submit(self, task: dict, resources: dict):
     del resources
-    return self.pool.submit(execute.run_one, task, self.stop)
+    return self.pool.submit(execute.run_one, task, self.stop, self.live)
 
   def wait(self, handles: list, timeout: float) -> list:
     done, _ = cf.wait(handles, timeout=timeout, return_when=cf.FIRST_COMPLETED)
@@ -47,7 +48,7 @@ class LocalBackend:
   def interrupt(self, handles: list):
     del handles
     self.stop.set()
-    execute.interrupt_all()
+    self.live.interrupt_all()
 
   def close(self):
     self.pool.shutdown(wait=False, cancel_futures=True)

@@ -18,7 +18,7 @@ from typing import Any
 
 import jax
 
-from sktlm import chips, data, files, hostmem, sharding
+from sktlm import chips, data, files, sharding
 from sktlm.config import accounting as flops
 from sktlm.config import load as configs
 from sktlm.config.validate import validate
@@ -330,8 +330,9 @@ def write_summary(workdir: str, summary: dict) -> None:
   files.write_json(os.path.join(workdir, 'summary.json'), summary)
 
 
-def run(config, workdir: str) -> int:
-  """Trains per `config` in `workdir`; returns the process exit code (0 done, 143 preempted)."""
+def run(config, workdir: str, malloc: str = 'default (not tuned by this caller)') -> int:
+  """Trains per `config` in `workdir`; returns the process exit code (0 done, 143 preempted). `malloc`: what
+  hostmem.tune_malloc did in this process, for the start line."""
   t_start = time.time()
   _start_distributed(config)
   p = prepare(config, workdir)
@@ -348,7 +349,7 @@ def run(config, workdir: str) -> int:
   counts, fpt = flops.param_counts(config.model), flops.flops_per_token(config.model, T)
   if p.leader:
     print(f'{origin}; mesh {dict(p.mesh.shape)}; {flops.human(counts["total"])} params; '
-          f'host malloc {hostmem.status()}')
+          f'host malloc {malloc}')
   peak, peak_src = peak_flops_total(config, p.mesh.devices.flat)
   history = files.read_jsonl(os.path.join(workdir, 'metrics.jsonl')) if p.leader else []
   stats = RunStats(tokens_per_step=B * T, fpt=fpt, peak=peak, history=history, start_step=start,
