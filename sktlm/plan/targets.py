@@ -68,7 +68,7 @@ def _get_target(spec: str, chip: str) -> Target:
     have = jax.devices('cpu')
     if len(have) < n:
       raise UserError(f'{spec}: only {len(have)} CPU devices in this process (start it with '
-                      f'XLA_FLAGS=--xla_force_host_platform_device_count={n}, as `sktlm plan` does)')
+                      f'XLA_FLAGS=--xla_force_host_platform_device_count={n}; `sktlm plan` requests them itself)')
     return Target(spec, 'cpu', have[:n], override)
   m = re.fullmatch(r'(v\w+):(\d+(?:x\d+){1,2})', spec.strip())
   if not m or m.group(1) not in TPU_KINDS:
