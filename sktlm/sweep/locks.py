@@ -107,14 +107,6 @@ def stale_reason(path: str, info: dict | None, foreign_stale_s: float = FOREIGN_
   return ''
 
 
-def is_stale(info: dict | None, path: str = '', foreign_stale_s: float = FOREIGN_STALE_S) -> bool:
-  if info is None:
-    return False
-  if path:
-    return bool(stale_reason(path, info, foreign_stale_s))
-  return bool(info) and info.get('host') == HOST and not pid_alive(int(info.get('pid', -1)), info.get('start', ''))
-
-
 def describe(info: dict | None) -> str:
   if not info:
     return 'an unreadable lock'
