@@ -252,3 +252,23 @@ def test_every_key_the_code_reads_is_in_the_schema_with_a_doc():
               'optim.peak_lr', 'optim.b1', 'metrics.peak_flops', 'model.attention_impl', 'seed'):
     assert key in reads, key
   assert all(schema.BY_KEY[k].doc for k in reads if k in schema.BY_KEY)
+
+
+def test_sweep_dry_run_validates_each_run():
+  from sktlm.sweep import spec
+  with pytest.raises(UserError, match='model.remat'):
+    spec.load_run_config(os.path.join(ROOT, 'experiments', 'lm.py'),
+                         {'arg.size': 'pico', 'config.model.remat': 'everything'})
+
+
+def test_cli_refuses_a_bad_value_in_one_line_and_writes_nothing(tmp_path):
+  import subprocess
+  import sys
+  workdir = tmp_path / 'run'
+  r = subprocess.run([sys.executable, '-m', 'sktlm.cli', 'train', f'--config={ROOT}/experiments/lm.py:size=pico',
+                      '--config.model.remat=everything', f'--workdir={workdir}'],
+                     capture_output=True, text=True, timeout=300, cwd=ROOT, env={**os.environ, 'PYTHONPATH': ROOT})
+  assert r.returncode == 2, r.stderr
+  assert r.stderr.strip() == ("sktlm train: error: model.remat must be one of 'none', 'full', 'dots', "
+                              "'dots_no_batch', got 'everything'")
+  assert not workdir.exists()
