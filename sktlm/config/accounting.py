@@ -33,8 +33,7 @@ from __future__ import annotations
 
 import math
 
-# The layout is the model config's (layout.py); these names stay importable from here for older callers.
-from sktlm.config.layout import attention_dims, head_dim, is_mla, layer_groups, moe_of, pad_vocab, resolved_vocab_size  # noqa: F401
+from sktlm.config.layout import attention_dims, head_dim, is_mla, layer_groups, moe_of
 
 # sktlm/model/kernels/cpu.py embeds vocabularies up to this size with a one-hot matmul (cheaper than a gather's
 # scatter-add gradient on small tables); tests/test_flops.py checks the two stay equal.
