@@ -1,7 +1,7 @@
 """`sktlm plan --config=<file[:arg]> (--topology=v5p:8x16x16 | --devices=cpu:8) [--chip=h100] [--search=batch]`
 
 Counts, bytes per device, an AOT compile of the real train step for the target and a fit verdict, without
-allocating any parameter. See sktlm/plan/planner.py and docs/plan.md.
+allocating any parameter. See sktlm/plan/ (planner.py assembles targets, counters, aot, report) and docs/plan.md.
 """
 
 import json
