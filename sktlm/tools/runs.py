@@ -14,6 +14,7 @@ import ml_collections
 
 from sktlm.config import load as configs
 from sktlm.config import schema
+from sktlm.config.validate import validate
 from sktlm.errors import UserError
 
 
@@ -54,6 +55,7 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
         node = node[p]
       with node.ignore_type():
         node[leaf] = value
+  validate(config)
   return config
 
 
