@@ -257,7 +257,10 @@ def test_cli_user_errors(tmp_path):
   p = _sktlm('sweep', str(tmp_path / 'nope.py'), '--dry_run')
   assert p.returncode == 2 and 'not found' in p.stderr and 'Traceback' not in p.stderr
   p = _sktlm('sweep', 'sweeps/model_sizes.py')
-  assert p.returncode == 2 and '--workdir is required' in p.stderr
+  assert p.returncode == 2 and '--sweep_dir is required' in p.stderr
+  for flag in ('--sweep_dir', '--workdir'):  # the old spelling stays an alias
+    p = _sktlm('sweep', 'sweeps/model_sizes.py', f'{flag}={tmp_path / "s"}', '--status')
+    assert p.returncode == 0 and f'sweep {tmp_path / "s"}' in p.stdout, p.stderr
   p = _sktlm('sweep', '--dry_run')
   assert p.returncode == 2 and 'one sweep file' in p.stderr
 
