@@ -1,10 +1,26 @@
 """`sktlm train --config=experiments/lm.py:size=tiny --workdir=runs/tiny [--config.key=value ...]`"""
 
+import atexit
+import os
+
 from absl import flags
 from ml_collections import config_flags
 
+from sktlm.sweep import locks
+
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'experiment config file[:arg]', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'run directory (created; a restart resumes from it)')
+
+
+def _release_sweep_lock():
+  """Started by a sweep that may be gone (killed): the run's lock names this process; release it however the
+  process ends, a config the CLI refuses before main included."""
+  lock = os.environ.get(locks.LOCK_ENV)
+  if lock:
+    locks.release_if_held_by(lock, os.getpid())
+
+
+atexit.register(_release_sweep_lock)
 
 
 def main(argv):
@@ -17,14 +33,5 @@ def main(argv):
     raise UserError('--workdir is required')
   from sktlm import hostmem
   malloc = hostmem.tune_malloc()  # before jax starts its threads
-  import os
-
-  from sktlm.sweep import locks
   from sktlm.train import loop
-  try:
-    return loop.run(_CONFIG.value, _WORKDIR.value, malloc=malloc)
-  finally:
-    # Started by a sweep that may be gone (killed): the run's lock names this process; release it.
-    lock = os.environ.get(locks.LOCK_ENV)
-    if lock:
-      locks.release_if_held_by(lock, os.getpid())
+  return loop.run(_CONFIG.value, _WORKDIR.value, malloc=malloc)

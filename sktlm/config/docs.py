@@ -11,6 +11,7 @@ import sys
 import textwrap
 
 from sktlm.config import schema
+from sktlm.config.validate import rule_text
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG_MD = os.path.join(ROOT, 'docs', 'config.md')
@@ -31,7 +32,7 @@ def _allowed(k: schema.Key) -> str:
     return 'any ' + k.type.__name__
   if isinstance(k.allowed, tuple):
     return ' \\| '.join(f'`{a!r}`' for a in k.allowed)
-  return f'{k.type.__name__} {k.allowed}'
+  return f'{k.type.__name__} {rule_text(k.allowed)}'
 
 
 def config_md() -> str:

@@ -46,7 +46,12 @@ def check_value(entry: Key, value) -> None:
   if isinstance(allowed, tuple) and value not in allowed:
     raise UserError(f"{key} must be one of {', '.join(repr(a) for a in allowed)}, got {value!r}")
   if isinstance(allowed, str) and not in_range(allowed, value):
-    raise UserError(f'{key} must be {allowed}, got {value}')
+    raise UserError(f'{key} must be {rule_text(allowed)}, got {value}')
+
+
+def rule_text(rule: str) -> str:
+  """'>=1' -> '>= 1' (messages and docs)."""
+  return re.sub(r'^(>=|>|<)\s*', r'\1 ', rule)
 
 
 def in_range(rule: str, v) -> bool:
