@@ -68,6 +68,9 @@ def main(argv: list[str] | None = None):
   logging.use_absl_handler()
   logging.set_verbosity(logging.INFO if flags.FLAGS['verbosity'].present else logging.WARNING)
   try:
+    if 'config' in flags.FLAGS and flags.FLAGS['config'].value is not None:
+      from sktlm.config.validate import validate
+      validate(flags.FLAGS['config'].value)  # every command that takes a --config checks it first, once
     rc = module.main(rest)
   except UserError as e:
     fail(cmd, str(e))

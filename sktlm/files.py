@@ -12,6 +12,8 @@ import math
 import os
 import threading
 
+from sktlm.errors import UserError
+
 TMP_MARK = '.tmp.'  # temp files are '<name>.tmp.<pid>.<thread>'; `sktlm doctor` lists leftovers
 
 
@@ -137,3 +139,16 @@ def remove_temp_leftovers(folder: str) -> list[str]:
     with contextlib.suppress(OSError):
       os.unlink(p)
   return gone
+
+
+def check_workdir(workdir: str) -> None:
+  """The workdir is a folder or can become one (UserError naming --workdir otherwise)."""
+  path = os.path.abspath(workdir)
+  probe = path
+  while not os.path.exists(probe):
+    probe = os.path.dirname(probe)
+  if not os.path.isdir(probe):
+    where = 'is' if probe == path else f'is below {probe}, which is'
+    raise UserError(f'--workdir {workdir} {where} a file, not a folder')
+  if not os.access(probe, os.W_OK):
+    raise UserError(f'--workdir {workdir}: {probe} is not writable')

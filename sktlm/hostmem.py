@@ -16,12 +16,6 @@ import sys
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8  # glibc <malloc.h>
 ENV = 'SKTLM_HOST_MALLOC'
-_status = 'default (not set in this process)'
-
-
-def status() -> str:
-  """What tune_malloc did in this process (for the run's start line)."""
-  return _status
 
 
 def tune_malloc() -> str:
@@ -30,9 +24,7 @@ def tune_malloc() -> str:
   Call it before jax starts its thread pools (i.e. before the first computation): threads that already have
   their own arena keep it.
   """
-  global _status
-  _status = _tune()
-  return _status
+  return _tune()
 
 
 def _tune() -> str:

@@ -18,6 +18,7 @@ from conftest import dot_operand_dtypes, train_config
 
 from sktlm import sharding
 from sktlm.config import schema as base_config
+from sktlm.config.validate import validate
 from sktlm.errors import UserError
 from sktlm.model import kernels
 from sktlm.model import transformer as model
@@ -26,7 +27,15 @@ from sktlm.train import step as train
 
 RNG = np.random.default_rng(0)
 TOL = {'float32': 1e-5, 'bfloat16': 2e-2}
-PLAIN, CPU = kernels.ops({'kernels': 'plain'}), kernels.ops({'kernels': 'cpu', 'attention_impl': 'blocked_vjp'})
+
+
+def _ops(**over):
+  mc = base_config.get_config().model
+  mc.update(over)
+  return kernels.ops(mc)
+
+
+PLAIN, CPU = _ops(kernels='plain'), _ops(kernels='cpu', attention_impl='blocked_vjp')
 
 
 def close(actual, expected, dtype):
@@ -177,10 +186,10 @@ def test_explicit_choices_are_kept_and_bad_ones_refused():
   config = model_config(attention_dtype='float32', dtype='bfloat16')  # float32 attention: no hand-written vjp
   kernels.resolve(config.model, 'cpu')
   assert config.model.attention_impl == 'blocked'
-  with pytest.raises(UserError, match='model.kernels'):
-    kernels.resolve(model_config(kernels='fpga').model, 'cpu')
+  with pytest.raises(UserError, match='model.kernels'):  # refused by the schema, before anything resolves
+    validate(model_config(kernels='fpga'))
   with pytest.raises(UserError, match='model.attention_impl'):
-    kernels.resolve(model_config(attention_impl='flash2').model, 'cpu')
+    validate(model_config(attention_impl='flash2'))
   for name, owner in (('splash', 'tpu'), ('flash', 'gpu')):
     if not kernels.available(owner):
       with pytest.raises(UserError, match=f'needs sktlm/model/kernels/{owner}.py'):

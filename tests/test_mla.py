@@ -13,6 +13,7 @@ from test_model import make_batch, np_rmsnorm, np_rope, stack_layers, to_numpy64
 
 from sktlm import sharding
 from sktlm.config import accounting as flops
+from sktlm.config import layout
 from sktlm.config import load as configs
 from sktlm.model import transformer as model
 from sktlm.plan import planner as plan
@@ -203,7 +204,7 @@ def test_flagship_attention_is_deepseek_v3_mla():
   weights, _ = flops._attention_weights(mc)
   assert weights == 7168 * 1536 + 1536 * 64 * 192 + 7168 * 512 + 7168 * 64 + 512 * 64 * 256 + 64 * 128 * 7168
   assert 100e6 < weights < 102e6
-  assert flops.attention_dims(mc) == (192, 128)
+  assert layout.attention_dims(mc) == (192, 128)
   # A.X K1's published counts: ~519B total, ~33B active (the remaining 0.7% of active: module doc of
   # experiments/flagship.py).
   p = flops.param_counts(mc)

@@ -8,16 +8,25 @@ import pytest
 from flax import linen as nn
 
 from sktlm.config import accounting as flops
+from sktlm.config import schema
+from sktlm.config.validate import validate
 from sktlm.model import layers, moe
 
 
 def model_cfg(E=4, K=2, shared=0, cf=0.0, gate='softmax', renorm=True, d=16, d_ff=24, e_ff=0):
-  return ml_collections.FrozenConfigDict(dict(
-      n_layers=2, d_model=d, n_heads=2, n_kv_heads=2, head_dim=0, d_ff=d_ff, vocab_size=32,
-      init_std=0.3, dtype='float32', param_dtype='float32', norm_eps=1e-5, tie_embeddings=False,
-      moe=dict(num_experts=E, top_k=K, num_shared_experts=shared, expert_d_ff=e_ff, n_dense_layers=0,
-               gate=gate, renormalize=renorm, aux_loss_coef=0.01, router_z_loss_coef=0.001,
-               capacity_factor=cf)))
+  return ml_collections.FrozenConfigDict(_config(E, K, shared, cf, gate, renorm, d, d_ff, e_ff).model)
+
+
+def _config(E, K, shared, cf, gate, renorm, d, d_ff, e_ff):
+  """A full config (every schema key) with these model and MoE settings."""
+  config = schema.get_config()
+  config.model.update(dict(n_layers=2, d_model=d, n_heads=2, n_kv_heads=2, head_dim=0, d_ff=d_ff, vocab_size=32,
+                           init_std=0.3, dtype='float32', param_dtype='float32', norm_eps=1e-5,
+                           tie_embeddings=False))
+  config.model.moe.update(dict(num_experts=E, top_k=K, num_shared_experts=shared, expert_d_ff=e_ff,
+                               n_dense_layers=0, gate=gate, renormalize=renorm, aux_loss_coef=0.01,
+                               router_z_loss_coef=0.001, capacity_factor=cf))
+  return config
 
 
 def init_apply(c, x, seed=0):
@@ -188,5 +197,6 @@ def test_expert_parallel_matches_single_device():
 @pytest.mark.parametrize('kw, message', [(dict(gate='relu'), 'moe.gate'), (dict(E=2, K=3), 'moe.top_k')])
 def test_bad_moe_config_is_a_user_error(kw, message):
   from sktlm.errors import UserError
-  with pytest.raises(UserError, match=message):
-    init_apply(model_cfg(**kw), x_of())
+  args = dict(E=4, K=2, shared=0, cf=0.0, gate='softmax', renorm=True, d=16, d_ff=24, e_ff=0)
+  with pytest.raises(UserError, match=message):  # refused by the schema before a model is built
+    validate(_config(**{**args, **kw}))

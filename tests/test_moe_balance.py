@@ -10,19 +10,21 @@ from conftest import run_steps, train_config
 from flax import linen as nn
 
 from sktlm import sharding
+from sktlm.config import schema
 from sktlm.model import moe
 from sktlm.train import loop
 from sktlm.train.checkpoint import Checkpointer
 
 
 def model_cfg(rate=1e-2, balance='aux_free', E=8, K=2, gate='sigmoid'):
-  return ml_collections.FrozenConfigDict(dict(
-      n_layers=2, d_model=16, n_heads=2, n_kv_heads=2, head_dim=0, d_ff=24, vocab_size=32,
-      init_std=0.3, dtype='float32', param_dtype='float32', norm_eps=1e-5, tie_embeddings=False,
-      moe=dict(num_experts=E, top_k=K, num_shared_experts=0, expert_d_ff=0, n_dense_layers=0, gate=gate,
-               renormalize=True, aux_loss_coef=0.01, router_z_loss_coef=0.001, capacity_factor=0.0,
-               balance=balance, bias_update_rate=rate, seq_aux_loss_coef=0.0, dispatch='auto',
-               ep_buffer_factor=0.0, ep_overflow='exchange')))
+  mc = schema.get_config().model  # every key, with these settings
+  mc.update(dict(n_layers=2, d_model=16, n_heads=2, n_kv_heads=2, head_dim=0, d_ff=24, vocab_size=32,
+                 init_std=0.3, dtype='float32', param_dtype='float32', norm_eps=1e-5, tie_embeddings=False))
+  mc.moe.update(dict(num_experts=E, top_k=K, num_shared_experts=0, expert_d_ff=0, n_dense_layers=0, gate=gate,
+                     renormalize=True, aux_loss_coef=0.01, router_z_loss_coef=0.001, capacity_factor=0.0,
+                     balance=balance, bias_update_rate=rate, seq_aux_loss_coef=0.0, dispatch='auto',
+                     ep_buffer_factor=0.0, ep_overflow='exchange'))
+  return ml_collections.FrozenConfigDict(mc)
 
 
 def skewed(c, x):

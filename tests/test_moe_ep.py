@@ -9,19 +9,22 @@ import pytest
 from flax import linen as nn
 from jax.sharding import Mesh
 
+from sktlm.config import schema
+from sktlm.config.validate import validate
 from sktlm.model import moe, moe_ep
 
 RULES = (('batch', ('data', 'fsdp', 'expert')), ('embed', 'fsdp'), ('mlp', 'tensor'), ('exp', 'expert'))
 
 
 def model_cfg(dispatch='dropless_ep', buffer=0.0, E=8, K=2, overflow='exchange'):
-  return ml_collections.FrozenConfigDict(dict(
-      n_layers=2, d_model=16, n_heads=2, n_kv_heads=2, head_dim=0, d_ff=24, vocab_size=32,
-      init_std=0.3, dtype='float32', param_dtype='float32', norm_eps=1e-5, tie_embeddings=False,
-      moe=dict(num_experts=E, top_k=K, num_shared_experts=1, expert_d_ff=12, n_dense_layers=0, gate='softmax',
-               renormalize=True, aux_loss_coef=0.01, router_z_loss_coef=0.001, capacity_factor=0.0,
-               balance='aux_loss', bias_update_rate=0.0, seq_aux_loss_coef=0.0, dispatch=dispatch,
-               ep_buffer_factor=buffer, ep_overflow=overflow)))
+  mc = schema.get_config().model
+  mc.update(dict(n_layers=2, d_model=16, n_heads=2, n_kv_heads=2, head_dim=0, d_ff=24, vocab_size=32,
+                 init_std=0.3, dtype='float32', param_dtype='float32', norm_eps=1e-5, tie_embeddings=False))
+  mc.moe.update(dict(num_experts=E, top_k=K, num_shared_experts=1, expert_d_ff=12, n_dense_layers=0, gate='softmax',
+                     renormalize=True, aux_loss_coef=0.01, router_z_loss_coef=0.001, capacity_factor=0.0,
+                     balance='aux_loss', bias_update_rate=0.0, seq_aux_loss_coef=0.0, dispatch=dispatch,
+                     ep_buffer_factor=buffer, ep_overflow=overflow))
+  return ml_collections.FrozenConfigDict(mc)
 
 
 def run(c, params, x, mesh=None):
@@ -81,17 +84,23 @@ def test_buffer_rows_bound():
   assert moe_ep.buffer_rows(model_cfg(buffer=1.5).moe, 64, 8) == 24  # ceil(1.5 * 64 * 2 / 8)
 
 
+def _moe_config(**moe):
+  config = schema.get_config()
+  config.model.moe.update(dict(num_experts=8, **moe))
+  return config
+
+
 def test_bad_overflow_mode_is_a_user_error():
   from sktlm.errors import UserError
-  with pytest.raises(UserError, match="moe.ep_overflow must be one of exchange, drop; got 'keep'"):
-    moe.check(model_cfg(overflow='keep').moe)
+  with pytest.raises(UserError, match="model.moe.ep_overflow must be one of 'exchange', 'drop', got 'keep'"):
+    validate(_moe_config(ep_overflow='keep'))
 
 
 def test_dispatch_auto():
   mk = lambda cf, d='auto': ml_collections.FrozenConfigDict(dict(capacity_factor=cf, dispatch=d))  # noqa: E731
   assert moe.dispatch_path(mk(1.25)) == 'capacity' and moe.dispatch_path(mk(0.0)) == 'dropless_ep'
   from sktlm.errors import UserError
-  with pytest.raises(UserError, match='moe.dispatch'):
-    moe.dispatch_path(mk(0.0, 'ragged'))
+  with pytest.raises(UserError, match='model.moe.dispatch'):
+    validate(_moe_config(dispatch='ragged'))
   with pytest.raises(UserError, match='capacity_factor'):
-    moe.dispatch_path(mk(0.0, 'capacity'))
+    validate(_moe_config(dispatch='capacity'))

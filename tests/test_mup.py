@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from conftest import train_config
 
+from sktlm.config.validate import validate
 from sktlm.errors import UserError
 from sktlm.model import mup
 from sktlm.model import transformer as model_lib
@@ -96,9 +97,9 @@ def test_mup_forward_is_sp_with_reparametrised_weights(data_dir):
 
 def test_bad_parametrization_is_a_user_error(data_dir):
   with pytest.raises(UserError, match='base_width'):
-    mup.check(pico(data_dir, **{'model.parametrization': 'mup'}).model)
+    validate(pico(data_dir, **{'model.parametrization': 'mup'}))
   with pytest.raises(UserError, match='parametrization'):
-    mup.check(pico(data_dir, **{'model.parametrization': 'umup'}).model)
+    validate(pico(data_dir, **{'model.parametrization': 'umup'}))
 
 
 def flat_under_width(slopes, after: int = 2, tol: float = 0.3) -> bool:

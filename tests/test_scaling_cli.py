@@ -104,7 +104,9 @@ def test_cli_compares_two_sweeps(tmp_path):
   write_sweep(str(tmp_path / 'a'), curves=False)
   write_sweep(str(tmp_path / 'b'), t=other, sizes=(3e5, 1e6, 3e6, 1e7), curves=True)
   out = tmp_path / 'cmp'
-  r = sktlm(str(tmp_path / 'a'), str(tmp_path / 'b'), f'--out={out}', '--bootstrap=0', '--labels=dense,moe',
+  # --sweep_dir here, positional folders in the test above: both spellings work
+  r = sktlm(f"--sweep_dir={tmp_path / 'a'}", f"--sweep_dir={tmp_path / 'b'}", f'--out={out}', '--bootstrap=0',
+            '--labels=dense,moe',
             '--n=total', '--flops=6N', '--target_flops=1e19')
   assert r.returncode == 0, r.stderr
   doc = _fits(out)

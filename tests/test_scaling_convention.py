@@ -7,14 +7,13 @@ D = C / f(N), with f interpolated by numpy from the shapes' FLOPs per token.
 
 import csv
 import json
-import types
 
 import numpy as np
 import pytest
 from scipy import optimize
 
 from sktlm.config import accounting as flops
-from sktlm.config import sizes
+from sktlm.config import schema
 from sktlm.scaling import analysis, compute, io, report
 from sktlm.scaling import fit as fitlib
 
@@ -31,9 +30,8 @@ def shapes():
   """(non-embedding N, {'exact': FLOPs/token, '6N': ...}) per ladder size."""
   out = []
   for s in SIZES:
-    n_layers, d, h, kv, ff = sizes.SIZES[s]
-    mc = types.SimpleNamespace(n_layers=n_layers, d_model=d, n_heads=h, n_kv_heads=kv, d_ff=ff, head_dim=0,
-                               vocab_size=V, tie_embeddings=False, moe=None)
+    mc = schema.get_config(s).model
+    mc.vocab_size = V
     out.append((flops.param_counts(mc)['non_embedding'], flops.flops_per_token(mc, T)))
   return out
 

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from sktlm.config import accounting as flops
-from sktlm.config import sizes
+from sktlm.config import schema, sizes
 from sktlm.errors import UserError
 from sktlm.sweep import locks, planners, spec
 from sktlm.sweep import schedule as plan
@@ -87,10 +87,9 @@ def test_load_sweep_file_and_resolve(tmp_path):
 
 
 def _mc(size):
-  import types
-  n_layers, d, h, kv, ff = sizes.SIZES[size]
-  return types.SimpleNamespace(n_layers=n_layers, d_model=d, n_heads=h, n_kv_heads=kv, d_ff=ff, head_dim=0,
-                               vocab_size=384, tie_embeddings=False, moe=None)
+  mc = schema.get_config(size).model
+  mc.vocab_size = 384
+  return mc
 
 
 def test_bad_sweeps_are_one_line_errors(tmp_path):
@@ -259,7 +258,10 @@ def test_cli_user_errors(tmp_path):
   p = _sktlm('sweep', str(tmp_path / 'nope.py'), '--dry_run')
   assert p.returncode == 2 and 'not found' in p.stderr and 'Traceback' not in p.stderr
   p = _sktlm('sweep', 'sweeps/model_sizes.py')
-  assert p.returncode == 2 and '--workdir is required' in p.stderr
+  assert p.returncode == 2 and '--sweep_dir is required' in p.stderr
+  for flag in ('--sweep_dir', '--workdir'):  # the old spelling stays an alias
+    p = _sktlm('sweep', 'sweeps/model_sizes.py', f'{flag}={tmp_path / "s"}', '--status')
+    assert p.returncode == 0 and f'sweep {tmp_path / "s"}' in p.stdout, p.stderr
   p = _sktlm('sweep', '--dry_run')
   assert p.returncode == 2 and 'one sweep file' in p.stderr
 

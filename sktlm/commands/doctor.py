@@ -1,4 +1,5 @@
-"""`sktlm doctor WORKDIR|SWEEPDIR [--fix]`: lists what is inconsistent in a run or a sweep folder.
+"""`sktlm doctor --workdir=RUN | --sweep_dir=SWEEP [--fix]` (or the folder alone): lists what is inconsistent
+in a run or a sweep folder.
 
 Checks: stale sweep.lock files (dead holder, empty/garbled, another host's lock with no activity), temp
 files left by killed writes, Orbax temp folders of killed saves, a cut last line in metrics.jsonl, runs
@@ -16,6 +17,8 @@ import os
 
 from absl import flags
 
+_WORKDIR = flags.DEFINE_string('workdir', None, 'a run folder to check')
+_SWEEP_DIR = flags.DEFINE_string('sweep_dir', None, 'a sweep folder to check (its runs too)')
 _FIX = flags.DEFINE_bool('fix', False, 'repair what is safe to repair')
 
 
@@ -104,9 +107,10 @@ def check_sweep(sweep_dir: str, rep: Report) -> None:
 
 def main(argv):
   from sktlm.errors import UserError
-  if len(argv) != 2:
-    raise UserError('usage: sktlm doctor WORKDIR|SWEEPDIR [--fix]')
-  path = argv[1]
+  given = [p for p in (_WORKDIR.value, _SWEEP_DIR.value) if p] + argv[1:]
+  if len(given) != 1:
+    raise UserError('usage: sktlm doctor --workdir=RUN | --sweep_dir=SWEEP [--fix] (or the folder alone)')
+  path = given[0]
   if not os.path.isdir(path):
     raise UserError(f'{path}: not a folder')
   rep = Report(_FIX.value)

@@ -1,11 +1,10 @@
 """`sktlm plan --config=<file[:arg]> (--topology=v5p:8x16x16 | --devices=cpu:8) [--chip=h100] [--search=batch]`
 
 Counts, bytes per device, an AOT compile of the real train step for the target and a fit verdict, without
-allocating any parameter. See sktlm/plan/planner.py and docs/plan.md.
+allocating any parameter. See sktlm/plan/ (planner.py assembles targets, counters, aot, report) and docs/plan.md.
 """
 
 import json
-import os
 import re
 import sys
 
@@ -27,18 +26,18 @@ _JSON = flags.DEFINE_string('json', '', 'also write the report as JSON to this p
 
 
 def _prepare_host_devices(n: int):
-  """Simulated CPU devices must be requested before jax initialises its backends."""
-  os.environ['JAX_PLATFORMS'] = 'cpu'
-  flag = f'--xla_force_host_platform_device_count={n}'
-  old = os.environ.get('XLA_FLAGS', '')
-  if 'jax' in sys.modules:
-    import jax
-    if len(jax.devices('cpu')) >= n:
-      return
+  """Simulated CPU devices must be requested before jax initialises its backends. Through jax.config, not
+  os.environ: the environment, which anything this process starts inherits, stays as it was."""
+  already = 'jax' in sys.modules
+  import jax
+  if not already:
+    jax.config.update('jax_platforms', 'cpu')
+    jax.config.update('jax_num_cpu_devices', n)
+    return
+  if len(jax.devices('cpu')) < n:
     from sktlm.errors import UserError
     raise UserError(f'jax is already initialised with {len(jax.devices("cpu"))} CPU devices; need {n} '
-                    f'(run with XLA_FLAGS={flag})')
-  os.environ['XLA_FLAGS'] = (re.sub(r'--xla_force_host_platform_device_count=\d+', '', old) + ' ' + flag).strip()
+                    f'(run with XLA_FLAGS=--xla_force_host_platform_device_count={n})')
 
 
 def main(argv):

@@ -1,4 +1,5 @@
-"""`sktlm scaling SWEEP_DIR [SWEEP_DIR ...] --out=report/`: fit scaling laws, write report.md, plots, fits.json.
+"""`sktlm scaling --sweep_dir=SWEEP [--sweep_dir=SWEEP2 ...] --out=report/` (or the folders alone): fit scaling
+laws, write report.md, plots, fits.json.
 
 A SWEEP_DIR holds results.csv (from `sktlm sweep`) or run workdirs (summary.json); several sweeps are
 fitted separately and drawn on shared figures (e.g. two architectures). See docs/scaling.md.
@@ -11,13 +12,15 @@ from absl import flags
 
 from sktlm.errors import UserError
 
+_SWEEP_DIRS = flags.DEFINE_multi_string('sweep_dir', None, 'a sweep folder (repeat for several)')
 _OUT = flags.DEFINE_string('out', None, 'output folder for report.md, fits.json and the plots')
 _N = flags.DEFINE_enum('n', 'non_embedding', ['non_embedding', 'total', 'active'],
                        'parameter count used as N (non_embedding: Kaplan et al.; active: MoE per-token)')
 _LOSS = flags.DEFINE_string('loss', 'best_eval', 'loss per run: best_eval | final_eval | final_train | eval:NAME '
                             '(the `sktlm eval` record RUN/evals/NAME.json)')
-_FLOPS = flags.DEFINE_string('flops', 'exact', 'FLOP convention of every compute quantity in the report: exact '
-                             '(model FLOPs: 6N + full TxT attention, as MFU) or 6n (see sktlm/config/accounting.py)')
+_FLOPS = flags.DEFINE_enum('flops', 'exact', ['exact', '6n'], 'FLOP convention of every compute quantity in the '
+                           'report: exact (model FLOPs: 6N + full TxT attention, as MFU) or 6n (see '
+                           'sktlm/config/accounting.py)', case_sensitive=False)
 _BACKTEST = flags.DEFINE_integer('backtest', -1, 'fit on all but the K largest sizes (or compute budgets) and '
                                  'predict those; -1: 1 when there are >= 4 sizes (budgets), else none; 0: none')
 _TARGET_PARAMS = flags.DEFINE_float('target_params', None, 'predict the loss of a model with this N')
@@ -50,7 +53,7 @@ _CURVES = flags.DEFINE_bool('curves', True, 'read metrics.jsonl of each run for 
 def main(argv):
   from sktlm.scaling import analysis, compute, report  # numpy/scipy/matplotlib only
 
-  paths = argv[1:]
+  paths = list(_SWEEP_DIRS.value or []) + argv[1:]
   if not _OUT.value:
     raise UserError('--out=<folder> is required')
   for name, v in (('target_params', _TARGET_PARAMS.value), ('target_tokens', _TARGET_TOKENS.value),

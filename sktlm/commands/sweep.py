@@ -1,7 +1,7 @@
-"""`sktlm sweep sweeps/model_sizes.py[:arg] --workdir=runs/sizes [--parallel=2] [--backend=local|ray]`
+"""`sktlm sweep sweeps/model_sizes.py[:arg] --sweep_dir=runs/sizes [--parallel=2] [--backend=local|ray]`
 
-Runs every run of a sweep file as its own `sktlm train` process under <workdir>/<run name>/ and writes
-<workdir>/results.csv and results.json. Rerunning the same command skips finished runs and resumes the
+Runs every run of a sweep file as its own `sktlm train` process under <sweep_dir>/<run name>/ and writes
+<sweep_dir>/results.csv and results.json. Rerunning the same command skips finished runs and resumes the
 others. `--dry_run` prints the plan (N, D, C, estimated time) and starts nothing. See docs/sweeps.md.
 """
 
@@ -10,7 +10,9 @@ import signal
 
 from absl import flags
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'sweep directory: one sub-directory per run, results.csv')
+_SWEEP_DIR = flags.DEFINE_string('sweep_dir', None, 'sweep directory: one sub-directory (a --workdir) per run, '
+                               'results.csv')
+flags.DEFINE_alias('workdir', 'sweep_dir')  # the old spelling
 _DRY_RUN = flags.DEFINE_bool('dry_run', False, 'print the plan (runs, N, D, C, estimated time) and exit')
 _PARALLEL = flags.DEFINE_integer('parallel', 0, 'runs at once (0: local: by the cores and the runs\' sizes, '
                                  'see --threads; ray: as many as the cluster fits)')
@@ -23,14 +25,15 @@ _RAY_NUM_CPUS = flags.DEFINE_integer('ray_num_cpus', 0, 'CPUs of a locally start
 _RETRY_FAILED = flags.DEFINE_bool('retry_failed', True, 'rerun runs that failed before (they resume from '
                                   'their checkpoints); false keeps their failure')
 _FLOPS_PER_S = flags.DEFINE_float('flops_per_s', 0.0, 'throughput for --dry_run time estimates (default: '
-                                  'measured from finished runs in --workdir, else an assumed CPU figure)')
+                                  'measured from finished runs in --sweep_dir, else an assumed CPU figure)')
 _FLOPS = flags.DEFINE_enum('flops', 'exact', ['exact', '6n'], 'FLOP convention of C in the --dry_run plan '
-                            '(exact: model FLOPs, as `sktlm scaling` and MFU; see sktlm/config/accounting.py)')
+                           '(exact: model FLOPs, as `sktlm scaling` and MFU; see sktlm/config/accounting.py)',
+                           case_sensitive=False)
 _TRAIN_COMMAND = flags.DEFINE_string('train_command', '', "command that trains one run (default: this "
                                      "python's `-m sktlm.cli train`); run flags are appended")
 _LOCK_TIMEOUT = flags.DEFINE_float('lock_timeout', 0.0, 'seconds to wait for a run locked by another live '
                                    'process before recording it as locked (0: as long as that process lives)')
-_STATUS = flags.DEFINE_bool('status', False, 'print the status table of --workdir and exit (starts nothing)')
+_STATUS = flags.DEFINE_bool('status', False, 'print the status table of --sweep_dir and exit (starts nothing)')
 
 
 def main(argv):
@@ -38,25 +41,25 @@ def main(argv):
   from sktlm.sweep import schedule as plan
   from sktlm.sweep import spec
   if len(argv) != 2:
-    raise UserError('give one sweep file, e.g. `sktlm sweep sweeps/model_sizes.py --workdir=runs/sizes`'
+    raise UserError('give one sweep file, e.g. `sktlm sweep sweeps/model_sizes.py --sweep_dir=runs/sizes`'
                     + (f' (got: {" ".join(argv[1:])})' if len(argv) > 2 else ''))
   sd = spec.load_sweep_file(argv[1])
   runs = plan.resolve(sd)
   if _DRY_RUN.value:
-    rate, source = plan.throughput(_WORKDIR.value, _FLOPS_PER_S.value)
+    rate, source = plan.throughput(_SWEEP_DIR.value, _FLOPS_PER_S.value)
     print(f'sweep {argv[1]}: base config {sd.base}' + (f', common {sd.common}' if sd.common else ''))
     print(plan.plan_table(runs, rate, source, max(1, _PARALLEL.value), _FLOPS.value))
     return 0
-  if not _WORKDIR.value:
-    raise UserError('--workdir is required (or --dry_run)')
+  if not _SWEEP_DIR.value:
+    raise UserError('--sweep_dir is required (or --dry_run)')
   from sktlm.sweep import progress, runner
   if _STATUS.value:
     import os
 
     from sktlm.sweep import execute
-    views = [progress.run_view(r.name, execute.run_status(os.path.join(_WORKDIR.value, r.name)), r.steps,
-                               os.path.join(_WORKDIR.value, r.name), None) for r in runs]
-    progress.Display(tty=False).final(views, f'sweep {_WORKDIR.value}')
+    views = [progress.run_view(r.name, execute.run_status(os.path.join(_SWEEP_DIR.value, r.name)), r.steps,
+                               os.path.join(_SWEEP_DIR.value, r.name), None) for r in runs]
+    progress.Display(tty=False).final(views, f'sweep {_SWEEP_DIR.value}')
     return 0
   if _PARALLEL.value < 0 or _THREADS.value < 0:
     raise UserError('--parallel and --threads must be >= 0')
@@ -72,10 +75,10 @@ def main(argv):
     backend = runner.LocalBackend(parallel, slots)
   train_cmd = shlex.split(_TRAIN_COMMAND.value) if _TRAIN_COMMAND.value else None
   signal.signal(signal.SIGTERM, _raise_interrupt)
-  rows = runner.run_sweep(runs, _WORKDIR.value, backend, common=sd.common, train_cmd=train_cmd,
+  rows = runner.run_sweep(runs, _SWEEP_DIR.value, backend, common=sd.common, train_cmd=train_cmd,
                           retry_failed=_RETRY_FAILED.value, lock_timeout_s=_LOCK_TIMEOUT.value)
   bad = [r for r in rows if r['status'] != 'done']
-  print(f'results: {_WORKDIR.value}/results.csv ({len(rows) - len(bad)} of {len(rows)} runs done)')
+  print(f'results: {_SWEEP_DIR.value}/results.csv ({len(rows) - len(bad)} of {len(rows)} runs done)')
   return 1 if bad else 0
 
 

@@ -1,11 +1,27 @@
 """`sktlm train --config=experiments/lm.py:size=tiny --workdir=runs/tiny [--config.key=value ...]`"""
 
+import atexit
+import os
+
 from absl import flags
 from ml_collections import config_flags
+
+from sktlm.sweep import locks
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'experiment config file[:arg]', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'run directory (created; a restart resumes from it)')
 FAST_EXIT = True  # cli.py: every file the run writes is closed when main returns
+
+
+def _release_sweep_lock():
+  """Started by a sweep that may be gone (killed): the run's lock names this process; release it however the
+  process ends, a config the CLI refuses before main included."""
+  lock = os.environ.get(locks.LOCK_ENV)
+  if lock:
+    locks.release_if_held_by(lock, os.getpid())
+
+
+atexit.register(_release_sweep_lock)
 
 
 def main(argv):
@@ -21,16 +37,7 @@ def main(argv):
   from sktlm import hostmem
   from sktlm.sweep import cores
   cores.pin_from_env()  # $SKTLM_CPUS (set by a sweep), before jax sizes its thread pool
-  hostmem.tune_malloc()  # before jax starts its threads
-  import os
-
-  from sktlm.sweep import locks
+  malloc = hostmem.tune_malloc()  # before jax starts its threads
   from sktlm.train import loop
   timeline.mark('imports')
-  try:
-    return loop.run(_CONFIG.value, _WORKDIR.value)
-  finally:
-    # Started by a sweep that may be gone (killed): the run's lock names this process; release it.
-    lock = os.environ.get('SKTLM_SWEEP_LOCK')
-    if lock:
-      locks.release_if_held_by(lock, os.getpid())
+  return loop.run(_CONFIG.value, _WORKDIR.value, malloc=malloc)

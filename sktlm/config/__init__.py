@@ -1,3 +1,3 @@
-"""Configs: the schema and defaults, loading and overrides, checks, the size tables, and the model's
+"""Configs: the schema and defaults, validation, loading and overrides, generated docs, the size tables, and the model's
 parameter/FLOP accounting. A leaf: imports nothing else of sktlm but errors.
 """

@@ -1,8 +1,8 @@
 """Parameter and FLOP accounting from a model config: the one source used by MFU logging, sweep
 planning, `sktlm plan` and scaling analysis.
 
-`mc` is the `config.model` ConfigDict (or anything with the same attributes) with a resolved
-vocab_size (see `resolved_vocab_size`).
+`mc` is the `config.model` ConfigDict (every key of sktlm/config/schema.py) with a resolved vocab_size
+(see `layout.resolved_vocab_size`); the model's layout (head dims, layer groups) is sktlm/config/layout.py's.
 
 FLOP conventions (per token, training = forward + backward; a matmul weight costs 2 FLOPs forward and 4
 backward). These definitions are stated once, here; README and docs/ refer to them:
@@ -33,35 +33,17 @@ from __future__ import annotations
 
 import math
 
+from sktlm.config.layout import attention_dims, head_dim, is_mla, layer_groups, moe_of
+
 # sktlm/model/kernels/cpu.py embeds vocabularies up to this size with a one-hot matmul (cheaper than a gather's
 # scatter-add gradient on small tables); tests/test_flops.py checks the two stay equal.
 ONE_HOT_EMBED_MAX_VOCAB = 2048
 
 
-def pad_vocab(n: int, multiple: int) -> int:
-  return -(-n // multiple) * multiple if multiple > 1 else n
-
-
-def head_dim(mc) -> int:
-  return mc.head_dim or mc.d_model // mc.n_heads
-
-
-def attention_dims(mc) -> tuple[int, int]:
-  """(qk_dim, v_dim) per query head: the widths of the QK^T and AV matmuls."""
-  if _mla(mc):
-    a = mc.mla
-    return a.qk_nope_head_dim + a.qk_rope_head_dim, a.v_head_dim
-  return head_dim(mc), head_dim(mc)
-
-
-def _mla(mc) -> bool:
-  return getattr(mc, 'attention', 'gqa') == 'mla'
-
-
 def _attention_weights(mc) -> tuple[int, int]:
   """(matmul weights, norm scales) of one attention layer."""
   d, h = mc.d_model, mc.n_heads
-  if not _mla(mc):
+  if not is_mla(mc):
     hd = head_dim(mc)
     return d * h * hd * 2 + d * mc.n_kv_heads * hd * 2, 0  # q, o + k, v
   a = mc.mla
@@ -72,18 +54,13 @@ def _attention_weights(mc) -> tuple[int, int]:
   return q + kv + o, a.q_lora_rank + a.kv_lora_rank  # latent RMSNorms (q_lora_rank 0: no query norm)
 
 
-def _moe(mc):
-  moe = getattr(mc, 'moe', None)
-  return moe if moe is not None and moe.num_experts > 0 else None
-
-
 def _layer_counts(mc) -> dict[str, int]:
   """Per-layer weight counts: attention, dense MLP, MoE (total and active), norms."""
   d = mc.d_model
   attn, attn_norms = _attention_weights(mc)
   dense_mlp = 3 * d * mc.d_ff  # SwiGLU: gate, up, down
   out = dict(attn=attn, dense_mlp=dense_mlp, norms=2 * d + attn_norms)
-  moe = _moe(mc)
+  moe = moe_of(mc)
   if moe:
     e_ff = moe.expert_d_ff or mc.d_ff
     expert = 3 * d * e_ff
@@ -91,18 +68,6 @@ def _layer_counts(mc) -> dict[str, int]:
     out['moe_total'] = expert * (moe.num_experts + moe.num_shared_experts) + router
     out['moe_active'] = expert * (moe.top_k + moe.num_shared_experts) + router
   return out
-
-
-def layer_groups(mc) -> list[tuple[str, int, bool]]:
-  """(name, number of layers, uses MoE) of each homogeneous stack of layers, in order: the model's parameter
-  tree (sktlm/model/transformer.py) and the counts here both follow it. MoE models keep a dense MLP in the first
-  moe.n_dense_layers layers."""
-  moe = _moe(mc)
-  if not moe:
-    return [('layers', mc.n_layers, False)]
-  n_dense = min(moe.n_dense_layers, mc.n_layers)
-  groups = [('dense_layers', n_dense, False), ('moe_layers', mc.n_layers - n_dense, True)]
-  return [g for g in groups if g[1] > 0]
 
 
 def _layer_split(mc) -> tuple[int, int]:
@@ -149,8 +114,8 @@ def matmul_params(mc) -> int:
 def attention_fraction(mc, seq_len: int) -> float:
   """Fraction of the full T x T attention matmuls the configured kernel computes: query block [s, e) meets
   keys [0, e) (sktlm.model.attention._blocks); 1 for `attention_impl='dense'` or one block."""
-  block = int(getattr(mc, 'attention_block', 0) or 0)
-  if getattr(mc, 'attention_impl', 'dense') == 'dense' or block <= 0 or block >= seq_len:
+  block = mc.attention_block
+  if mc.attention_impl == 'dense' or block <= 0 or block >= seq_len:
     return 1.0
   work = sum((min(s + block, seq_len) - s) * min(s + block, seq_len) for s in range(0, seq_len, block))
   return work / seq_len ** 2
@@ -159,7 +124,7 @@ def attention_fraction(mc, seq_len: int) -> float:
 def _moe_slots_per_token(mc, seq_len: int) -> float:
   """Routed-expert slots each token pays for: top_k (dropless), or E x C / T with a capacity factor (as
   sktlm.model.moe.capacity: C = clip(ceil(cf T top_k / E), 1, T) per group of T tokens)."""
-  moe = _moe(mc)
+  moe = moe_of(mc)
   if moe.capacity_factor <= 0:
     return float(moe.top_k)
   c = max(1, min(math.ceil(moe.capacity_factor * seq_len * moe.top_k / moe.num_experts), seq_len))
@@ -171,17 +136,17 @@ def _executed(mc, seq_len: int, attn_full: float) -> float:
   n_dense, n_moe = _layer_split(mc)
   blocks = n_dense * (lc['attn'] + lc['dense_mlp']) + n_moe * lc['attn']
   down = n_dense * mc.d_model * mc.d_ff  # the last matmul of each block: its output is not needed backward
-  moe = _moe(mc)
+  moe = moe_of(mc)
   if moe:
     e_ff, experts = moe.expert_d_ff or mc.d_ff, _moe_slots_per_token(mc, seq_len) + moe.num_shared_experts
     blocks += n_moe * (3 * mc.d_model * e_ff * experts + mc.d_model * moe.num_experts)
     down += n_moe * mc.d_model * e_ff * moe.num_shared_experts  # routed outputs feed the gate gradient
   attn = attn_full * attention_fraction(mc, seq_len)
   out = 6.0 * (blocks + mc.vocab_size * mc.d_model) + attn
-  cpu = getattr(mc, 'kernels', 'auto') == 'cpu'  # unresolved 'auto' builds the plain model
+  cpu = mc.kernels == 'cpu'  # unresolved 'auto' builds the plain model
   if cpu and mc.vocab_size <= ONE_HOT_EMBED_MAX_VOCAB:
     out += 4.0 * mc.vocab_size * mc.d_model
-  remat = getattr(mc, 'remat', 'none')
+  remat = mc.remat
   if remat == 'full':
     out += 2.0 * (blocks - down) + attn / 3
   elif remat in ('dots', 'dots_no_batch'):
@@ -202,13 +167,6 @@ def flops_per_token(mc, seq_len: int) -> dict[str, float]:
       # MLA's attention core runs v zero-padded to the qk dim (sktlm/model/mla.py)
       'executed': _executed(mc, seq_len, 6.0 * mc.n_layers * mc.n_heads * (qk_dim + max(qk_dim, v_dim)) * seq_len),
   }
-
-
-def resolved_vocab_size(mc, tokenizer_vocab_size: int) -> int:
-  """The model's vocab: the configured one, or the tokenizer's padded to mc.vocab_multiple."""
-  if mc.vocab_size:
-    return mc.vocab_size
-  return pad_vocab(tokenizer_vocab_size, mc.vocab_multiple)
 
 
 def human(n: float) -> str:

@@ -13,6 +13,7 @@ from typing import Any
 
 import ml_collections
 
+from sktlm.config import schema
 from sktlm.errors import UserError
 
 
@@ -125,16 +126,9 @@ def flatten(d: dict, prefix: str = '') -> dict[str, Any]:
   return out
 
 
-# Keys whose change makes an existing checkpoint or data position meaningless for this run.
-BREAKING_PREFIXES = ('model.', 'data.name', 'data.path', 'data.text_field', 'data.tokenizer',
-                     'data.seq_len', 'seed', 'train.batch_size')
-# Keys under model.* that do not affect parameter shapes or the function computed.
-HARMLESS_MODEL_KEYS = ('model.remat', 'model.dtype', 'model.attention_impl', 'model.attention_block',
-                       'model.attention_dtype', 'model.scan_unroll', 'model.size', 'model.kernels')
-
-
 def diff_configs(old: dict, new: dict) -> tuple[list[str], list[str]]:
-  """Returns (breaking, harmless) lists of 'key: old -> new' strings between two config dicts."""
+  """Returns (breaking, harmless) lists of 'key: old -> new' strings between two config dicts; which is which
+  is the schema's restart rule of the key (sktlm/config/schema.py)."""
   fo, fn = flatten(old), flatten(new)
   breaking, harmless = [], []
   for key in sorted(set(fo) | set(fn)):
@@ -142,8 +136,5 @@ def diff_configs(old: dict, new: dict) -> tuple[list[str], list[str]]:
     if a == b:
       continue
     line = f'{key}: {a!r} -> {b!r}'
-    is_breaking = any(key == p or key.startswith(p) for p in BREAKING_PREFIXES)
-    if key in HARMLESS_MODEL_KEYS:
-      is_breaking = False
-    (breaking if is_breaking else harmless).append(line)
+    (breaking if schema.breaks_on_restart(key) else harmless).append(line)
   return breaking, harmless

@@ -51,7 +51,7 @@ def make_train_iter(data_cfg, *, batch_size: int, seed: int, process_index: int 
   _check_batch(batch_size, process_index, process_count, data_cfg.seq_len)
   tok, src, stream = _stream(data_cfg, 'train', seed, train=True)
   rows = pipeline.PackedRows(stream, src, 'train', tok, batch_size, process_index, process_count)
-  return DataIterator(rows, num_workers=data_cfg.get('num_workers', 0), prefetch=prefetch,
+  return DataIterator(rows, num_workers=data_cfg.num_workers, prefetch=prefetch,
                       start_batch=start_batch,
                       fingerprint=pipeline.stream_fingerprint(src, tok, data_cfg.seq_len, seed))
 

@@ -36,7 +36,7 @@ def _quiet_tfds():
 
 
 def data_dir(data_cfg) -> str:
-  d = data_cfg.get('data_dir', '') or os.environ.get('SKTLM_DATA_DIR', '') or '~/.cache/sktlm/tfds'
+  d = data_cfg.data_dir or os.environ.get('SKTLM_DATA_DIR', '') or '~/.cache/sktlm/tfds'
   return os.path.abspath(os.path.expanduser(d))
 
 
@@ -126,7 +126,7 @@ def _text_files(data_cfg, ddir: str) -> Source:
   expanded = os.path.expanduser(path)
   if not any(c in path for c in '*?[') and not os.path.exists(expanded):
     raise UserError(f'data path not found: {path}')
-  config = builders.text_files_config(path, data_cfg.text_field, bool(data_cfg.get('strict', False)))
+  config = builders.text_files_config(path, data_cfg.text_field, data_cfg.strict)
   if not config.files:
     raise UserError(f'no files match data path {path}')
   if all(os.path.getsize(f) == 0 for f in config.files):

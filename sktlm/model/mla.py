@@ -29,21 +29,9 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from sktlm.errors import UserError
 from sktlm.model import context, kernels, mup
 from sktlm.model.layers import RMSNorm, dtype, param_init, rope
 from sktlm.sharding import constrain
-
-
-def check_config(mc) -> None:
-  a = mc.mla
-  for key in ('kv_lora_rank', 'qk_nope_head_dim', 'qk_rope_head_dim', 'v_head_dim'):
-    if a[key] <= 0:
-      raise UserError(f'model.mla.{key} must be > 0, got {a[key]}')
-  if a.q_lora_rank < 0:
-    raise UserError(f'model.mla.q_lora_rank must be >= 0 (0: direct query projection), got {a.q_lora_rank}')
-  if a.qk_rope_head_dim % 2:
-    raise UserError(f'model.mla.qk_rope_head_dim must be even (RoPE rotates pairs), got {a.qk_rope_head_dim}')
 
 
 def _pad_last(x, width: int):

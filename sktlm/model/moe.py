@@ -37,7 +37,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sktlm.errors import UserError
 from sktlm.model import layers, moe_ep
 from sktlm.sharding import constrain
 
@@ -51,29 +50,15 @@ def capacity(config, group_size: int) -> int:
   return max(1, min(c, group_size))
 
 
-BALANCE_MODES = ('aux_loss', 'aux_free')
-DISPATCH_MODES = ('auto', 'capacity', 'dropless', 'dropless_ep')
 BIAS_COLLECTION = 'moe_bias'   # per-layer routing bias (aux-free balancing), carried in TrainState.model_state
 LOAD_COLLECTION = 'moe_load'   # per-layer expert load of the step, sown for the bias update
 
 
-def balance_mode(moe) -> str:
-  mode = moe.get('balance', 'aux_loss')
-  if mode not in BALANCE_MODES:
-    raise UserError(f"moe.balance must be one of {', '.join(BALANCE_MODES)}, got {mode!r}")
-  return mode
-
-
 def dispatch_path(moe) -> str:
   """'capacity', 'dropless' or 'dropless_ep' (the latter falls back to 'dropless' without an expert axis)."""
-  mode = moe.get('dispatch', 'auto')
-  if mode not in DISPATCH_MODES:
-    raise UserError(f"moe.dispatch must be one of {', '.join(DISPATCH_MODES)}, got {mode!r}")
-  if mode == 'auto':
+  if moe.dispatch == 'auto':
     return 'capacity' if moe.capacity_factor > 0 else 'dropless_ep'
-  if mode == 'capacity' and moe.capacity_factor <= 0:
-    raise UserError('moe.dispatch=capacity needs moe.capacity_factor > 0')
-  return mode
+  return moe.dispatch  # capacity needs capacity_factor > 0 (sktlm.config.validate)
 
 
 def update_bias(moe, model_state, loads):
@@ -81,7 +66,7 @@ def update_bias(moe, model_state, loads):
 
   model_state: {BIAS_COLLECTION: ...}; loads: {LOAD_COLLECTION: ...} from the same model (same tree but
   for the leaf name, so leaves pair up in order). Outside the gradient; a no-op for other balance modes."""
-  if balance_mode(moe) != 'aux_free' or BIAS_COLLECTION not in model_state:
+  if moe.balance != 'aux_free' or BIAS_COLLECTION not in model_state:
     return model_state
   biases, treedef = jax.tree.flatten(model_state[BIAS_COLLECTION])
   load_leaves = jax.tree.leaves(loads[LOAD_COLLECTION])
@@ -109,17 +94,6 @@ def _ep_axes(batch_size: int):
   if batch_size % math.prod(mesh.shape[a] for a in batch_axes):
     return None
   return mesh, batch_axes, exp_axes
-
-
-def check(moe, n_expert_shards: int = 1) -> None:
-  """UserErrors for MoE settings (called by train.build, and by the module for direct use)."""
-  balance_mode(moe)
-  if dispatch_path(moe) == 'dropless_ep':
-    moe_ep.overflow_mode(moe)
-  if not 1 <= moe.top_k <= moe.num_experts:
-    raise UserError(f'moe.top_k={moe.top_k} must be in [1, num_experts={moe.num_experts}]')
-  if moe.num_experts % n_expert_shards:
-    raise UserError(f'moe.num_experts={moe.num_experts} does not divide over {n_expert_shards} expert shards')
 
 
 def _axes(a) -> tuple:
@@ -154,10 +128,8 @@ def route(config, logits_NxE, bias_E=None):
   moe = config.moe
   if moe.gate == 'softmax':
     probs = jax.nn.softmax(logits_NxE, axis=-1)
-  elif moe.gate == 'sigmoid':
+  else:  # sigmoid (the schema allows these two)
     probs = jax.nn.sigmoid(logits_NxE)
-  else:
-    raise UserError(f"moe.gate must be 'softmax' or 'sigmoid', got {moe.gate!r}")
   if bias_E is None:
     weights, experts = jax.lax.top_k(probs, moe.top_k)
   else:
@@ -180,7 +152,6 @@ class MoEFeedForward(nn.Module):
     E, K = moe.num_experts, moe.top_k
     F = moe.expert_d_ff or c.d_ff
     cdt, pdt = layers.dtype(c.dtype), layers.dtype(c.param_dtype)
-    check(moe)
 
     router_init = layers.param_init(c, kind='router')
     router = self.param('router', nn.with_logical_partitioning(router_init, ('embed', None)),
@@ -193,7 +164,7 @@ class MoEFeedForward(nn.Module):
                     (E, F, D), pdt)
 
     bias_E = None
-    if balance_mode(moe) == 'aux_free':
+    if moe.balance == 'aux_free':
       # Not a param: train.py updates it after each step from the load sown below (update_bias).
       if self.is_initializing() or self.has_variable(BIAS_COLLECTION, 'bias'):
         bias_E = self.variable(BIAS_COLLECTION, 'bias', jnp.zeros, (E,), jnp.float32).value

@@ -34,10 +34,6 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from sktlm.errors import UserError
-
-OVERFLOW_MODES = ('exchange', 'drop')
-
 
 def worst_rows(moe, n_tokens: int, n_shards: int) -> int:
   """W: rows per (source, destination) pair that no routing can overflow."""
@@ -50,13 +46,6 @@ def buffer_rows(moe, n_tokens: int, n_shards: int) -> int:
   if moe.ep_buffer_factor <= 0:
     return worst
   return max(1, min(worst, math.ceil(moe.ep_buffer_factor * n_tokens * moe.top_k / n_shards)))
-
-
-def overflow_mode(moe) -> str:
-  mode = moe.get('ep_overflow', 'exchange')
-  if mode not in OVERFLOW_MODES:
-    raise UserError(f"moe.ep_overflow must be one of {', '.join(OVERFLOW_MODES)}; got {mode!r}")
-  return mode
 
 
 def _inverse(order):
@@ -93,10 +82,9 @@ def dispatch(moe, mesh, batch_axes, exp_axes, x_BxTxD, w_BxTxK, e_BxTxK, weights
   'exp'."""
   E, K = moe.num_experts, moe.top_k
   X = math.prod(mesh.shape[a] for a in exp_axes)
-  if E % X:
-    raise UserError(f'moe.num_experts={E} does not divide over the {X} expert shards of the mesh')
+  assert E % X == 0, (E, X)  # sktlm.config.validate refuses it with the mesh
   El = E // X
-  mode = overflow_mode(moe)
+  mode = moe.ep_overflow
   all_axes = tuple(mesh.axis_names)
 
   def local(x_BxTxD, w_BxTxK, e_BxTxK, wg, wu, wo):

@@ -31,23 +31,16 @@ import math
 
 import jax
 
+from sktlm.config import layout, schema
 from sktlm.errors import UserError
 
-PARAMETRIZATIONS = ('sp', 'mup')
+PARAMETRIZATIONS = schema.choices('model.parametrization')
 CLASSES = ('embedding', 'hidden', 'head', 'norm', 'router')
 NORM_NAMES = ('scale', 'bias')
 
 
-def check(mc) -> None:
-  p = mc.get('parametrization', 'sp')
-  if p not in PARAMETRIZATIONS:
-    raise UserError(f"model.parametrization must be one of {', '.join(PARAMETRIZATIONS)}, got '{p}'")
-  if p == 'mup' and not mc.get('base_width', 0) > 0:
-    raise UserError("model.parametrization='mup' needs model.base_width > 0 (the d_model the LR was tuned at)")
-
-
 def is_mup(mc) -> bool:
-  return mc.get('parametrization', 'sp') == 'mup'
+  return mc.parametrization == 'mup'
 
 
 def width_mult(mc) -> float:
@@ -116,8 +109,7 @@ def to_sp_params(params, mc):
   the scanned or unscanned dense model; SP params are returned as they are."""
   if not is_mup(mc):
     return params
-  from sktlm.config import accounting as flops  # leaf module
-  k = flops.head_dim(mc)
+  k = layout.head_dim(mc)
   q_ratio = attention_scale(mc, k) / k**-0.5
 
   def fold(path, x):

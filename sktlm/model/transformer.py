@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from sktlm.config import accounting as flops
+from sktlm.config import layout
 from sktlm.model import attention, context, kernels, mup
 from sktlm.model.layers import Mlp, RMSNorm, dtype, param_init, rope
 from sktlm.model.mla import MLAttention
@@ -28,7 +28,7 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT):
     c = self.config
-    D, H, KV, K = c.d_model, c.n_heads, c.n_kv_heads, flops.head_dim(c)
+    D, H, KV, K = c.d_model, c.n_heads, c.n_kv_heads, layout.head_dim(c)
     cdt, pdt = dtype(c.dtype), dtype(c.param_dtype)
     ops = kernels.ops(c)
 
@@ -111,8 +111,6 @@ REMAT_POLICIES = {
 def _block_cls(config):
   if config.remat == 'none':
     return Block
-  if config.remat not in REMAT_POLICIES:
-    raise ValueError(f"model.remat must be one of none, {', '.join(REMAT_POLICIES)}; got {config.remat!r}")
   return nn.remat(Block, policy=REMAT_POLICIES[config.remat], prevent_cse=not config.scan_layers)
 
 
@@ -147,7 +145,7 @@ class Transformer(nn.Module):
 
     block_cls = _block_cls(c)
     aux_all = {}
-    for name, n, use_moe in flops.layer_groups(c):
+    for name, n, use_moe in layout.layer_groups(c):
       if c.scan_layers:
         # MoE routing biases and loads (model/moe.py) and the decode KV cache (tools/decode.py) are per layer too.
         stack = nn.scan(block_cls, variable_axes={'params': 0, 'moe_bias': 0, 'moe_load': 0, 'cache': 0},

@@ -56,14 +56,6 @@ def objective(p_KxP: np.ndarray, x_Nxk: np.ndarray, y_N: np.ndarray, w_KxN: np.n
   return f, np.stack(g, axis=1)
 
 
-def predict_log(p_P: np.ndarray, x_Nxk: np.ndarray) -> np.ndarray:
-  """log L_hat for one parameter vector."""
-  k = x_Nxk.shape[1]
-  t = np.concatenate([p_P[:k] - p_P[k + 1:] * x_Nxk, np.full((len(x_Nxk), 1), p_P[k])], axis=1)
-  m = t.max(axis=1)
-  return m + np.log(np.exp(t - m[:, None]).sum(axis=1))
-
-
 def lbfgs_batched(*args, **kwargs):
   """See _lbfgs_batched. Far-off grid starts overflow harmlessly (they are masked out): keep stderr quiet."""
   with np.errstate(all='ignore'):

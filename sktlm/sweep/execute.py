@@ -32,11 +32,36 @@ GRACE_S = 20.0  # after SIGTERM, before SIGKILL
 # in processes started in the background by a shell.
 STOP = signal.SIGTERM
 
-_live: dict[int, subprocess.Popen] = {}
-_live_mu = threading.Lock()
+LOCK_ENV = locks.LOCK_ENV
 
 
-LOCK_ENV = 'SKTLM_SWEEP_LOCK'  # tells `sktlm train` which lock to remove if it ends on its own
+class Live:
+  """The training processes one backend started and has not seen end (so that it can stop them all)."""
+
+  def __init__(self):
+    self._procs: dict[int, subprocess.Popen] = {}
+    self._mu = threading.Lock()
+
+  def add(self, proc: subprocess.Popen):
+    with self._mu:
+      self._procs[proc.pid] = proc
+
+  def remove(self, proc: subprocess.Popen):
+    with self._mu:
+      self._procs.pop(proc.pid, None)
+
+  def interrupt_all(self):
+    """SIGTERM to every process (their process groups), SIGKILL if late."""
+    with self._mu:
+      procs = list(self._procs.values())
+    for p in procs:
+      _signal(p, STOP)
+    deadline = time.time() + GRACE_S
+    for p in procs:
+      try:
+        p.wait(timeout=max(0.1, deadline - time.time()))
+      except subprocess.TimeoutExpired:
+        _signal(p, signal.SIGKILL)
 
 
 def summary(run_dir: str) -> dict | None:
@@ -79,20 +104,6 @@ def log_tail(path: str, n: int = 20, start: int = 0) -> str:
   return '\n'.join(text.splitlines()[-n:])
 
 
-def interrupt_all():
-  """SIGTERM to every training process this process started (their process groups), SIGKILL if late."""
-  with _live_mu:
-    procs = list(_live.values())
-  for p in procs:
-    _signal(p, STOP)
-  deadline = time.time() + GRACE_S
-  for p in procs:
-    try:
-      p.wait(timeout=max(0.1, deadline - time.time()))
-    except subprocess.TimeoutExpired:
-      _signal(p, signal.SIGKILL)
-
-
 def _signal(p: subprocess.Popen, sig):
   try:
     os.killpg(p.pid, sig)
@@ -100,9 +111,9 @@ def _signal(p: subprocess.Popen, sig):
     pass
 
 
-def run_one(task: dict, stop: threading.Event | None = None) -> dict:
+def run_one(task: dict, stop: threading.Event | None = None, live: Live | None = None) -> dict:
   """task: name, run_dir, cmd (list), cwd, env (extra), settings, poll_s, lock_timeout_s (0: wait as long
-  as the holder lives). Returns a result dict."""
+  as the holder lives). `live`: where the backend tracks the process while it runs. Returns a result dict."""
   name, run_dir = task['name'], task['run_dir']
   poll, timeout = task.get('poll_s', 1.0), task.get('lock_timeout_s', 0) or 0
   os.makedirs(run_dir, exist_ok=True)
@@ -130,12 +141,12 @@ def run_one(task: dict, stop: threading.Event | None = None) -> dict:
     status = finished(summary(run_dir))
     if status:  # finished while we waited for the lock
       return _result(name, status, 0, summary(run_dir), adopted=waited_since is not None)
-    return _launch(task, lock, stop)
+    return _launch(task, lock, stop, live or Live())
   finally:
     lock.release()
 
 
-def _launch(task: dict, lock: locks.RunLock, stop: threading.Event | None) -> dict:
+def _launch(task: dict, lock: locks.RunLock, stop: threading.Event | None, live: Live) -> dict:
   name, run_dir = task['name'], task['run_dir']
   record_path = os.path.join(run_dir, RECORD)
   record = files.read_json(record_path) or {'name': name, 'settings': task.get('settings', {}), 'attempts': []}
@@ -152,8 +163,7 @@ def _launch(task: dict, lock: locks.RunLock, stop: threading.Event | None) -> di
     log.flush()
     proc = subprocess.Popen(task['cmd'], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                             cwd=task.get('cwd') or None, env=env, start_new_session=True)
-  with _live_mu:
-    _live[proc.pid] = proc
+  live.add(proc)
   attempt = {'host': locks.HOST, 'pid': proc.pid, 'start': start, 'end': None, 'exit_code': None,
              'status': 'running'}
   record['attempts'].append(attempt)
@@ -183,8 +193,7 @@ def _launch(task: dict, lock: locks.RunLock, stop: threading.Event | None) -> di
           rc = proc.wait()
         break
   finally:
-    with _live_mu:
-      _live.pop(proc.pid, None)
+    live.remove(proc)
   s = summary(run_dir)
   if s is not None and os.path.getmtime(os.path.join(run_dir, 'summary.json')) < start - 1:
     s = None  # left by an earlier attempt

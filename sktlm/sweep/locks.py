@@ -20,6 +20,7 @@ import time
 from sktlm import files
 
 HOST = socket.gethostname()
+LOCK_ENV = 'SKTLM_SWEEP_LOCK'  # set by the sweep for `sktlm train`: the lock to release if it ends on its own
 EMPTY_GRACE_S = 10.0       # an unreadable lock younger than this may be mid-write
 FOREIGN_STALE_S = 3600.0   # another host's lock with no activity in its run folder for this long is stale
 ACTIVITY_FILES = ('train.log', 'metrics.jsonl')
@@ -104,14 +105,6 @@ def stale_reason(path: str, info: dict | None, foreign_stale_s: float = FOREIGN_
   if not pid_alive(int(info.get('pid', -1)), info.get('start', '')):
     return f'its process {info.get("pid")} on {HOST} is gone'
   return ''
-
-
-def is_stale(info: dict | None, path: str = '', foreign_stale_s: float = FOREIGN_STALE_S) -> bool:
-  if info is None:
-    return False
-  if path:
-    return bool(stale_reason(path, info, foreign_stale_s))
-  return bool(info) and info.get('host') == HOST and not pid_alive(int(info.get('pid', -1)), info.get('start', ''))
 
 
 def describe(info: dict | None) -> str:

@@ -33,6 +33,7 @@ class LocalBackend:
   def __init__(self, parallel: int, slots: list[list[int]] | None = None):
     self.parallel = max(1, parallel)
     self.stop = threading.Event()
+    self.live = execute.Live()  # the `sktlm train` processes of this backend's runs
     self.pool = cf.ThreadPoolExecutor(self.parallel, thread_name_prefix='sweep-run')
     self.free = queue.SimpleQueue()  # a worker takes a slot for the run's lifetime: never more than parallel
     for cpus in (slots or [])[:self.parallel]:
@@ -45,10 +46,10 @@ class LocalBackend:
 
   def _run(self, task: dict) -> dict:
     if not self.pinned:
-      return execute.run_one(task, self.stop)
+      return execute.run_one(task, self.stop, self.live)
     cpus = self.free.get()
     try:
-      return execute.run_one({**task, 'env': {**task.get('env', {}), cores.ENV: cores.fmt(cpus)}}, self.stop)
+      return execute.run_one({**task, 'env': {**task.get('env', {}), cores.ENV: cores.fmt(cpus)}}, self.stop, self.live)
     finally:
       self.free.put(cpus)
 
@@ -62,7 +63,7 @@ class LocalBackend:
   def interrupt(self, handles: list):
     del handles
     self.stop.set()
-    execute.interrupt_all()
+    self.live.interrupt_all()
 
   def close(self):
     self.pool.shutdown(wait=False, cancel_futures=True)

@@ -11,6 +11,7 @@ import os
 from typing import Any
 
 from sktlm.config import accounting as flops
+from sktlm.config import layout
 from sktlm.errors import UserError
 from sktlm.sweep import spec
 
@@ -68,7 +69,7 @@ def vocab_size(config) -> int:
     return int(config.model.vocab_size)
   from sktlm.data import tokenizers  # numpy + sentencepiece only
   tok = tokenizers.get_tokenizer(config.data.tokenizer)
-  return flops.resolved_vocab_size(config.model, tok.vocab_size)
+  return layout.resolved_vocab_size(config.model, tok.vocab_size)
 
 
 def resolve_run(sd: spec.SweepDef, run: spec.Run) -> PlannedRun:
@@ -92,7 +93,7 @@ def resolve_run(sd: spec.SweepDef, run: spec.Run) -> PlannedRun:
   return PlannedRun(
       name=run.name, settings={**run.common, **run.settings}, config=spec.config_spec(sd.base, args),
       overrides=overrides,
-      parent=run.parent, parent_step=run.parent_step, size=str(getattr(mc, 'size', '')), steps=steps,
+      parent=run.parent, parent_step=run.parent_step, size=mc.size, steps=steps,
       batch_size=batch, seq_len=seq, tokens=tokens, params=params, flops_per_token=fpt,
       flops={k: v * tokens for k, v in fpt.items()}, resources=resources,
       checkpoint_every=int(config.train.checkpoint_every))

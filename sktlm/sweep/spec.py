@@ -24,6 +24,7 @@ import re
 from typing import Any
 
 from sktlm.config import load as configs
+from sktlm.config.validate import validate
 from sktlm.errors import UserError
 
 MAX_NAME_LEN = 120
@@ -253,4 +254,6 @@ def override_flag(key: str, value: Any) -> str:
 def load_run_config(base: str, settings: dict[str, Any]):
   """The resolved ConfigDict of one run (no jax): base config + arg.* arguments + config.* overrides."""
   args, overrides = split_settings(settings)
-  return configs.load_config(config_spec(base, args), overrides)
+  config = configs.load_config(config_spec(base, args), overrides)
+  validate(config)  # the dry run refuses what `sktlm train` would
+  return config

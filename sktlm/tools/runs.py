@@ -12,6 +12,9 @@ from typing import Any
 
 import ml_collections
 
+from sktlm.config import load as configs
+from sktlm.config import schema
+from sktlm.config.validate import validate
 from sktlm.errors import UserError
 
 
@@ -35,14 +38,25 @@ def _tuples(x):
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
-  """The resolved config a run stored in W/config.json (lists back to tuples, as the schema has them)."""
+  """The resolved config a run stored in W/config.json (lists back to tuples, as the schema has them), over
+  the schema's defaults: a key the run predates reads as its default, a key since removed is dropped."""
   path = os.path.join(workdir, 'config.json')
   try:
     with open(path) as f:
       raw = json.load(f)
   except (OSError, json.JSONDecodeError) as e:
     raise UserError(f'{workdir} is not a run directory: cannot read {path} ({e})') from None
-  return ml_collections.ConfigDict(_tuples(raw))
+  config = schema.get_config()
+  for key, value in configs.flatten(_tuples(raw)).items():
+    if key in schema.BY_KEY:
+      *parents, leaf = key.split('.')
+      node = config
+      for p in parents:
+        node = node[p]
+      with node.ignore_type():
+        node[leaf] = value
+  validate(config)
+  return config
 
 
 def _reader(workdir: str):

@@ -18,10 +18,10 @@ from typing import Any
 
 import jax
 
-from sktlm import chips, data, files, hostmem, sharding, timeline
+from sktlm import chips, data, files, sharding, timeline
 from sktlm.config import accounting as flops
-from sktlm.config import checks
 from sktlm.config import load as configs
+from sktlm.config.validate import validate
 from sktlm.errors import UserError
 from sktlm.train import compile_cache
 from sktlm.train import step as train
@@ -44,7 +44,8 @@ class Spike(Exception):
 
 
 def peak_flops_total(config, devices) -> tuple[float, str]:
-  """Peak FLOP/s of all devices together, and where the figure came from."""
+  """Peak FLOP/s of all devices together (the mesh's, not jax.devices()), and where the figure came from."""
+  devices = list(devices)
   n = len(devices)
   if config.metrics.peak_flops > 0:
     return config.metrics.peak_flops * n, 'config'
@@ -115,8 +116,8 @@ class Prepared:
 
 def prepare(config, workdir: str) -> Prepared:
   """Every check a user's input can fail, before the workdir is touched (a failed start leaves it as it was)."""
-  checks.check_workdir(workdir)
-  checks.check_values(config)
+  files.check_workdir(workdir)
+  validate(config)
   tokenizer = data.get_tokenizer(config.data)
   resolve_vocab(config, tokenizer)
   mesh = sharding.make_mesh(config.mesh)
@@ -361,13 +362,14 @@ def write_summary(workdir: str, summary: dict) -> None:
   files.write_json(os.path.join(workdir, 'summary.json'), summary)
 
 
-def run(config, workdir: str) -> int:
-  """Trains per `config` in `workdir`; returns the process exit code (0 done, 143 preempted)."""
+def run(config, workdir: str, malloc: str = 'default (not tuned by this caller)') -> int:
+  """Trains per `config` in `workdir`; returns the process exit code (0 done, 143 preempted). `malloc`: what
+  hostmem.tune_malloc did in this process, for the start line."""
   with compile_cache.enabled(config.train.compile_cache):
-    return _run(config, workdir)
+    return _run(config, workdir, malloc)
 
 
-def _run(config, workdir: str) -> int:
+def _run(config, workdir: str, malloc: str) -> int:
   t_start = time.time()
   _start_distributed(config)
   p = prepare(config, workdir)
@@ -383,8 +385,8 @@ def _run(config, workdir: str) -> int:
   counts, fpt = flops.param_counts(config.model), flops.flops_per_token(config.model, T)
   if p.leader:
     print(f'{origin}; mesh {dict(p.mesh.shape)}; {flops.human(counts["total"])} params; '
-          f'host malloc {hostmem.status()}')
-  peak, peak_src = peak_flops_total(config, jax.devices())
+          f'host malloc {malloc}')
+  peak, peak_src = peak_flops_total(config, p.mesh.devices.flat)
   timeline.mark('peak')
   history = files.read_jsonl(os.path.join(workdir, 'metrics.jsonl')) if p.leader else []
   stats = RunStats(tokens_per_step=B * T, fpt=fpt, peak=peak, history=history, start_step=start,

@@ -21,9 +21,10 @@ import jax.numpy as jnp
 import optax
 
 from sktlm import sharding
-from sktlm.config import accounting as flops
+from sktlm.config import layout
+from sktlm.config.validate import validate
 from sktlm.errors import UserError
-from sktlm.model import kernels, mla, mup
+from sktlm.model import kernels
 from sktlm.model import moe as moe_lib
 from sktlm.model import transformer as model_lib
 from sktlm.train import optim
@@ -75,7 +76,7 @@ def _moe_terms(config, aux):
     return 0.0, {}
   moe = config.model.moe
   lb, zl, sl = jnp.mean(aux['aux_loss']), jnp.mean(aux['router_z_loss']), jnp.mean(aux['seq_aux_loss'])
-  lb_coef = moe.aux_loss_coef if moe_lib.balance_mode(moe) == 'aux_loss' else 0.0
+  lb_coef = moe.aux_loss_coef if moe.balance == 'aux_loss' else 0.0
   extra = lb_coef * lb + moe.seq_aux_loss_coef * sl + moe.router_z_loss_coef * zl
   stats = {'moe_aux_loss': lb, 'moe_seq_aux_loss': sl, 'moe_z_loss': zl,
            'moe_dropped_frac': jnp.mean(aux['dropped_frac']),
@@ -157,45 +158,6 @@ def make_eval_step(config, model):
   return eval_step
 
 
-FLOAT_DTYPES = ('float32', 'bfloat16', 'float16')
-
-
-def check_config(config, n_batch_shards: int) -> None:
-  t, m = config.train, config.model
-  if m.vocab_size <= 0:
-    raise UserError('model.vocab_size is not resolved (set it, or let the tokenizer resolve it)')
-  if m.n_heads % m.n_kv_heads:
-    raise UserError(f'model.n_heads={m.n_heads} must be a multiple of model.n_kv_heads={m.n_kv_heads}')
-  if not m.head_dim and m.d_model % m.n_heads:
-    raise UserError(f'model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}')
-  if (m.head_dim or m.d_model // m.n_heads) % 2:
-    raise UserError('head_dim must be even (RoPE rotates pairs)')
-  dtype_keys = (('dtype', FLOAT_DTYPES), ('param_dtype', FLOAT_DTYPES), ('attention_dtype', ('',) + FLOAT_DTYPES))
-  for key, allowed in dtype_keys:
-    if m[key] not in allowed:
-      raise UserError(f"model.{key} must be one of {', '.join(repr(a) for a in allowed)}, got {m[key]!r}")
-  if m.attention_impl not in kernels.ATTENTION_IMPLS:
-    raise UserError(f"model.attention_impl must be one of {', '.join(kernels.ATTENTION_IMPLS)}, "
-                    f"got '{m.attention_impl}'")
-  if m.kernels not in kernels.KERNELS:
-    raise UserError(f"model.kernels must be one of {', '.join(kernels.KERNELS)}, got '{m.kernels}'")
-  mup.check(m)
-  if m.attention not in ('gqa', 'mla'):
-    raise UserError(f"model.attention must be 'gqa' or 'mla', got {m.attention!r}")
-  if m.attention == 'mla':
-    mla.check_config(m)
-  if m.scan_unroll < 0:
-    raise UserError(f'model.scan_unroll must be >= 0 (0: auto), got {m.scan_unroll}')
-  if m.attention_block < 0:
-    raise UserError(f'model.attention_block must be >= 0 (0: one block), got {m.attention_block}')
-  if t.grad_accum < 1 or t.batch_size % t.grad_accum:
-    raise UserError(f'train.batch_size={t.batch_size} must be a multiple of train.grad_accum={t.grad_accum}')
-  micro = t.batch_size // t.grad_accum
-  if micro % n_batch_shards:
-    raise UserError(f'micro-batch {micro} (train.batch_size / train.grad_accum) does not divide the '
-                    f'{n_batch_shards} batch shards of the mesh (data x fsdp x expert)')
-
-
 def resolve_vocab(config, tokenizer=None) -> None:
   """model.vocab_size 0 -> the tokenizer's vocabulary padded to model.vocab_multiple; a configured one must
   hold the tokenizer's. Without a tokenizer (`sktlm plan`), a configured vocab_size is taken as it is."""
@@ -204,7 +166,7 @@ def resolve_vocab(config, tokenizer=None) -> None:
       return
     from sktlm import data  # the input pipeline's modules: only when a tokenizer must be read
     tokenizer = data.get_tokenizer(config.data)
-  vocab = flops.resolved_vocab_size(config.model, tokenizer.vocab_size)
+  vocab = layout.resolved_vocab_size(config.model, tokenizer.vocab_size)
   if vocab < tokenizer.vocab_size:
     raise UserError(f'model.vocab_size={vocab} is smaller than the tokenizer vocabulary ({tokenizer.vocab_size})')
   config.model.vocab_size = vocab
@@ -227,9 +189,9 @@ def resolve_platform(config, mesh) -> None:
 def build(config, mesh) -> Setup:
   rules = sharding.logical_rules(config)
   resolve_platform(config, mesh)
-  check_config(config, sharding.batch_axis_size(mesh, rules))
-  if config.model.moe.num_experts > 0:
-    moe_lib.check(config.model.moe)
+  validate(config, mesh)
+  if config.model.vocab_size <= 0:
+    raise UserError('model.vocab_size is not resolved (set it, or let the tokenizer resolve it)')
   model = model_lib.make_model(config.model)
   tx, schedule = optim.make_optimizer(config.optim, config.train.steps, config.model)
   seq_len = config.data.seq_len

@@ -25,16 +25,18 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from sktlm.config import schema
 from sktlm.errors import UserError
 from sktlm.model import attention
 from sktlm.sharding import constrain
 
-KERNELS = ('auto', 'plain', 'cpu', 'tpu', 'gpu')
+KERNELS = schema.choices('model.kernels')  # validated by sktlm.config.validate
 # model.attention_impl -> (the kernel set that owns it, its function); 'plain' is sktlm/model/attention.py
 ATTENTION = {'dense': ('plain', 'dense'), 'blocked': ('plain', 'blocked'),
              'blocked_vjp': ('cpu', 'causal_attention'), 'splash': ('tpu', 'causal_attention'),
              'flash': ('gpu', 'causal_attention')}
-ATTENTION_IMPLS = ('auto',) + tuple(ATTENTION)
+ATTENTION_IMPLS = schema.choices('model.attention_impl')
+assert set(ATTENTION_IMPLS) == {'auto', *ATTENTION}, 'the schema and the kernels list different attention impls'
 PLATFORM_KERNELS = {'cpu': 'cpu', 'tpu': 'tpu', 'gpu': 'gpu', 'cuda': 'gpu', 'rocm': 'gpu'}
 FUSED_ATTENTION = {'tpu': 'splash', 'gpu': 'flash'}
 
@@ -52,15 +54,12 @@ class Ops:
 
 def ops(model_cfg) -> Ops:
   """The Ops of a model config; unresolved `auto` choices mean the plain path (see the module doc)."""
-  kernels = model_cfg.get('kernels', 'auto')
-  impl = model_cfg.get('attention_impl', 'auto')
+  kernels, impl = model_cfg.kernels, model_cfg.attention_impl
   return _ops('plain' if kernels == 'auto' else kernels, 'blocked' if impl == 'auto' else impl)
 
 
 @functools.cache
 def _ops(kernels: str, impl: str) -> Ops:
-  if kernels not in KERNELS:
-    raise UserError(f"model.kernels must be one of {', '.join(KERNELS)}, got {kernels!r}")
   if kernels == 'cpu':
     cpu = _module('cpu')
     return Ops(kernels, cpu.dense, cpu.swiglu, cpu.embed, cpu.transposed_param, attention_fn(impl))
@@ -69,8 +68,6 @@ def _ops(kernels: str, impl: str) -> Ops:
 
 def attention_fn(impl: str) -> Callable:
   """The causal attention function of `model.attention_impl` (resolved, not auto)."""
-  if impl not in ATTENTION:
-    raise UserError(f"model.attention_impl must be one of {', '.join(ATTENTION_IMPLS)}, got {impl!r}")
   owner, name = ATTENTION[impl]
   return getattr(attention if owner == 'plain' else _module(owner), name)
 
@@ -103,10 +100,6 @@ def resolve(model_cfg, platform: str) -> list[str]:
   (compile time independent of depth).
   """
   mc, notes = model_cfg, []
-  if mc.kernels not in KERNELS:
-    raise UserError(f"model.kernels must be one of {', '.join(KERNELS)}, got {mc.kernels!r}")
-  if mc.attention_impl not in ATTENTION_IMPLS:
-    raise UserError(f"model.attention_impl must be one of {', '.join(ATTENTION_IMPLS)}, got {mc.attention_impl!r}")
   if mc.kernels == 'auto':
     mc.kernels = PLATFORM_KERNELS.get(platform, 'plain')
   if mc.attention_impl == 'auto':

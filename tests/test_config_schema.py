@@ -1,0 +1,275 @@
+"""The config schema is the one source: defaults (unchanged from before the schema), validation, the restart
+rule, the generated docs, and every key the code reads."""
+
+import ast
+import json
+import os
+
+import pytest
+
+from sktlm.config import docs, load, schema, sizes
+from sktlm.config.validate import validate
+from sktlm.errors import UserError
+from sktlm.train import loop
+from tests.conftest import ROOT
+
+# get_config(size) of every size as main had it before the schema (`git show da55d3a:sktlm/config/schema.py`),
+# dumped with load.to_dict: the schema must reproduce each of its keys value for value and type for type.
+DEFAULTS_JSON = os.path.join(ROOT, 'tests', 'data', 'config_defaults.json')
+
+
+def _typed(flat: dict) -> dict:
+  return {k: (type(v).__name__, v) for k, v in flat.items()}
+
+
+@pytest.mark.parametrize('size', sizes.SIZE_NAMES)
+def test_defaults_are_those_of_before_the_schema(size):
+  with open(DEFAULTS_JSON) as f:
+    want = load.flatten(json.load(f)[size])
+  got = _typed(load.flatten(json.loads(json.dumps(load.to_dict(schema.get_config(size))))))
+  # Keys added since (e.g. moe.routed_scaling_factor) may be new; none of the old ones may change or go.
+  assert {k: got.get(k) for k in want} == _typed(want)
+  validate(schema.get_config(size))  # the defaults pass their own schema
+
+
+def test_every_key_has_a_doc_a_rule_and_a_section():
+  for k in schema.KEYS:
+    assert k.doc.strip(), k.key
+    assert k.key.rpartition('.')[0] in schema.SECTIONS, k.key
+    if isinstance(k.allowed, str):  # a range the validator can read, satisfied by the default
+      default = 1 if isinstance(k.default, schema.FromSizeTable) else k.default
+      from sktlm.config.validate import in_range
+      assert in_range(k.allowed, default), k.key
+    if isinstance(k.allowed, tuple):
+      assert k.default in k.allowed, k.key
+
+
+def test_generated_docs_are_checked_in():
+  """docs/config.md and the restart rules of docs/run_files.md are what `python -m sktlm.config.docs` writes."""
+  with open(docs.CONFIG_MD) as f:
+    assert f.read() == docs.config_md(), 'docs/config.md is stale: run python -m sktlm.config.docs'
+  with open(docs.RUN_FILES_MD) as f:
+    text = f.read()
+  assert text == docs.run_files_md(text), 'docs/run_files.md is stale: run python -m sktlm.config.docs'
+  for k in schema.KEYS:  # every key, its default and its doc are in the reference
+    assert f'| `{k.key}` |' in docs.config_md() and k.doc.replace('|', '\\|') in docs.config_md()
+
+
+def _changed(k: schema.Key, v):
+  if isinstance(k.allowed, tuple):
+    return next(a for a in k.allowed if a != v)
+  if isinstance(v, bool):
+    return not v
+  if isinstance(v, (int, float)):
+    return v + 2
+  if isinstance(v, str):
+    return v + 'x'
+  return v[:-1]
+
+
+def _documented_refused() -> set[str]:
+  with open(docs.RUN_FILES_MD) as f:
+    text = f.read()
+  block = text[text.index(docs.BEGIN):text.index(docs.END)]
+  listed = block.split('message names them):', 1)[1].split('.\n', 1)[0]
+  return {part.strip(' `\n') for part in listed.replace('\n', ' ').split(',')}
+
+
+def test_restart_rules_in_the_docs_are_what_the_loop_refuses(tmp_path):
+  """For every key: a restart with the key changed is refused by the loop's check exactly when
+  docs/run_files.md lists the key as refused."""
+  documented = _documented_refused()
+  assert documented <= set(schema.BY_KEY) and len(documented) > 10
+  config = schema.get_config('pico')
+  old = load.to_dict(config)
+  with open(tmp_path / 'config.json', 'w') as f:
+    json.dump(old, f)
+  refused = set()
+  for k in schema.KEYS:
+    new = schema.get_config('pico')
+    parent, leaf = (new, k.key) if '.' not in k.key else (new[k.key.rpartition('.')[0]], k.key.rpartition('.')[2])
+    parent[leaf] = _changed(k, parent[leaf])
+    try:
+      harmless = loop._check_workdir_config(str(tmp_path), new)  # noqa: SLF001 - the check the loop runs
+      assert harmless and harmless[0].startswith(k.key), (k.key, harmless)
+    except UserError as e:
+      assert k.key in str(e)
+      refused.add(k.key)
+  assert refused == documented
+
+
+def test_bad_values_are_one_line_user_errors():
+  cases = {'model.remat': 'everything', 'model.kernels': 'fpga', 'model.attention_impl': 'flash2',
+           'model.dtype': 'float8', 'model.moe.gate': 'relu', 'model.moe.balance': 'none',
+           'optim.schedule': 'step', 'train.steps': 0, 'optim.b2': 1.0, 'model.norm_eps': 0.0,
+           'optim.min_lr_ratio': 1.5, 'data.seq_len': 1, 'model.d_model': 'wide', 'train.batch_size': 2.5}
+  for key, bad in cases.items():
+    config = schema.get_config('pico')
+    *parents, leaf = key.split('.')
+    node = config
+    for p in parents:
+      node = node[p]
+    with node.ignore_type():
+      node[leaf] = bad
+    with pytest.raises(UserError, match=key.replace('.', r'\.')) as e:
+      validate(config)
+    assert '\n' not in str(e.value)
+
+
+@pytest.mark.parametrize('key,value,match', [
+    ('model.n_kv_heads', 3, 'multiple of model.n_kv_heads'),
+    ('model.head_dim', 7, 'even'),
+    ('model.parametrization', 'mup', 'base_width'),
+    ('model.moe.top_k', 9, 'top_k=9 must be <= model.moe.num_experts=8'),
+    ('model.moe.dispatch', 'capacity', 'capacity_factor'),
+    ('train.spike_factor', 0.5, 'spike_factor'),
+    ('train.grad_accum', 3, 'multiple of train.grad_accum'),
+])
+def test_cross_key_rules(key, value, match):
+  config = schema.get_config('pico')
+  config.model.moe.num_experts = 8
+  *parents, leaf = key.split('.')
+  node = config
+  for p in parents:
+    node = node[p]
+  node[leaf] = value
+  with pytest.raises(UserError, match=match):
+    validate(config)
+
+
+def test_mesh_rules():
+  class Mesh:
+    shape = {'data': 4, 'fsdp': 1, 'expert': 2, 'context': 1, 'tensor': 1}
+  config = schema.get_config('pico')
+  config.train.batch_size = 12  # 12 rows over data x fsdp x expert = 8 shards
+  with pytest.raises(UserError, match='does not divide the 8 batch shards'):
+    validate(config, Mesh())
+  config.train.batch_size = 16
+  validate(config, Mesh())
+  config.model.moe.num_experts = 3
+  config.model.moe.top_k = 1
+  with pytest.raises(UserError, match='num_experts=3 does not divide over the 2 expert shards'):
+    validate(config, Mesh())
+
+
+def test_unknown_key_is_refused():
+  config = schema.get_config('pico')
+  config.train.stepz = 10
+  with pytest.raises(UserError, match="unknown config key 'train.stepz'"):
+    validate(config)
+
+
+# --- every key the code reads is in the schema ------------------------------------------------------------
+
+SECTIONS = set(schema.SECTIONS)
+CONFIG_METHODS = {'get', 'items', 'keys', 'values', 'unlocked', 'lock', 'unlock', 'to_dict', 'to_json',
+                  'to_json_best_effort', 'copy_and_resolve_references', 'update', 'ignore_type', 'as_configdict',
+                  'is_locked', 'update_from_flattened_dict'}
+# What a name means by convention, where it is a function parameter or `self.config` (sktlm/model/: the model's
+# config). Aliases assigned from a config path (`moe = config.model.moe`) are followed.
+PARAMS = {'mc': 'model', 'model_cfg': 'model', 'moe': 'model.moe', 'data_cfg': 'data', 'optim_cfg': 'optim',
+          'mesh_cfg': 'mesh'}
+
+
+class Reads(ast.NodeVisitor):
+  """Config paths read in one module: `config.train.steps`, `mc.get('remat')`, `m['dtype']`, via aliases."""
+
+  def __init__(self, in_model: bool):
+    self.root = 'model' if in_model else ''
+    self.in_model = in_model
+    self.found: list[tuple[int, str]] = []
+
+  def visit_FunctionDef(self, fn):
+    env = {'config': self.root}
+    for a in fn.args.args + fn.args.kwonlyargs:
+      if a.arg in PARAMS:
+        env[a.arg] = PARAMS[a.arg]
+    for node in ast.walk(fn):  # aliases, in any order: `m, t = config.model, config.train`
+      if isinstance(node, ast.Assign) and len(node.targets) == 1:
+        pairs = [(node.targets[0], node.value)]
+        if isinstance(node.targets[0], ast.Tuple) and isinstance(node.value, ast.Tuple):
+          pairs = list(zip(node.targets[0].elts, node.value.elts, strict=False))
+        for target, value in pairs:
+          path = self.path(value, env)
+          if isinstance(target, ast.Name) and path in SECTIONS:
+            env[target.id] = path
+          elif isinstance(target, ast.Name):  # the name holds something else here (e.g. a TFDS builder config)
+            env.pop(target.id, None)
+    for node in ast.walk(fn):
+      path = self.path(node, env)
+      if path is not None:
+        self.found.append((node.lineno, path))
+
+  visit_AsyncFunctionDef = visit_FunctionDef
+
+  def path(self, node, env):
+    """The config path an expression reads, or None."""
+    if isinstance(node, ast.Name):
+      return env.get(node.id)
+    if isinstance(node, ast.Attribute):
+      if (self.in_model and node.attr == 'config' and isinstance(node.value, ast.Name)
+          and node.value.id == 'self'):
+        return 'model'
+      base = self.path(node.value, env)
+      if base is None or base not in SECTIONS or node.attr in CONFIG_METHODS:
+        return None
+      return f'{base}.{node.attr}'.lstrip('.')
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == 'get':
+      base = self.path(node.func.value, env)
+      if base in SECTIONS and node.args and isinstance(node.args[0], ast.Constant):
+        return f'{base}.{node.args[0].value}'.lstrip('.')
+    if isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant):
+      base = self.path(node.value, env)
+      if base in SECTIONS and isinstance(node.slice.value, str):
+        return f'{base}.{node.slice.value}'.lstrip('.')
+    return None
+
+
+def code_reads() -> dict[str, list[str]]:
+  """{config path: ['file:line', ...]} of every read in sktlm/."""
+  out: dict[str, list[str]] = {}
+  pkg = os.path.join(ROOT, 'sktlm')
+  for folder, _, names in os.walk(pkg):
+    for name in names:
+      if not name.endswith('.py'):
+        continue
+      path = os.path.join(folder, name)
+      rel = os.path.relpath(path, ROOT)
+      with open(path) as f:
+        tree = ast.parse(f.read())
+      reads = Reads(in_model=rel.startswith(os.path.join('sktlm', 'model')))
+      reads.visit(tree)
+      for line, key in reads.found:
+        out.setdefault(key, []).append(f'{rel}:{line}')
+  return out
+
+
+def test_every_key_the_code_reads_is_in_the_schema_with_a_doc():
+  reads = code_reads()
+  unknown = {k: v for k, v in reads.items() if k not in schema.BY_KEY and k not in SECTIONS}
+  assert not unknown, f'read but not in sktlm/config/schema.py: {unknown}'
+  # the scan sees the reads it must: a sample from each part of the tree
+  for key in ('train.steps', 'model.remat', 'model.moe.top_k', 'model.mla.kv_lora_rank', 'data.seq_len',
+              'optim.peak_lr', 'optim.b1', 'metrics.peak_flops', 'model.attention_impl', 'seed'):
+    assert key in reads, key
+  assert all(schema.BY_KEY[k].doc for k in reads if k in schema.BY_KEY)
+
+
+def test_sweep_dry_run_validates_each_run():
+  from sktlm.sweep import spec
+  with pytest.raises(UserError, match='model.remat'):
+    spec.load_run_config(os.path.join(ROOT, 'experiments', 'lm.py'),
+                         {'arg.size': 'pico', 'config.model.remat': 'everything'})
+
+
+def test_cli_refuses_a_bad_value_in_one_line_and_writes_nothing(tmp_path):
+  import subprocess
+  import sys
+  workdir = tmp_path / 'run'
+  r = subprocess.run([sys.executable, '-m', 'sktlm.cli', 'train', f'--config={ROOT}/experiments/lm.py:size=pico',
+                      '--config.model.remat=everything', f'--workdir={workdir}'],
+                     capture_output=True, text=True, timeout=300, cwd=ROOT, env={**os.environ, 'PYTHONPATH': ROOT})
+  assert r.returncode == 2, r.stderr
+  assert r.stderr.strip() == ("sktlm train: error: model.remat must be one of 'none', 'full', 'dots', "
+                              "'dots_no_batch', got 'everything'")
+  assert not workdir.exists()
