@@ -27,6 +27,15 @@ def model_config(size: str) -> ml_collections.ConfigDict:
       vocab_size=0,          # 0: from the tokenizer, padded to a multiple of vocab_multiple
       vocab_multiple=128,
       rope_theta=10_000.0,
+      rope_scaling=ml_collections.ConfigDict(dict(  # context extension of RoPE (model/layers.py rope_frequencies)
+          type='none',                # none | yarn (YaRN in DeepSeek-V3's form, as transformers computes it)
+          factor=1.0,                 # yarn: context multiplier (DeepSeek-V3: 40)
+          original_max_position=4096,  # yarn: the pretraining context the ramp is measured against
+          beta_fast=32.0,             # yarn: dims with more rotations than this in it keep their frequency
+          beta_slow=1.0,              # yarn: dims with fewer are interpolated by 1/factor
+          mscale=1.0,                 # yarn: cos/sin x mscale(factor, mscale) / mscale(factor, mscale_all_dim)
+          mscale_all_dim=1.0,         # yarn: softmax scale x mscale(factor, mscale_all_dim)^2 (0: not scaled)
+      )),
       norm_eps=1e-5,
       tie_embeddings=False,
       init_std=0.02,
@@ -52,6 +61,7 @@ def model_config(size: str) -> ml_collections.ConfigDict:
           qk_nope_head_dim=128,  # per-head query/key dims without RoPE (up-projected from the latents)
           qk_rope_head_dim=64,   # decoupled RoPE dims: per-head on queries, one key shared by all heads
           v_head_dim=128,        # per-head value dim
+          latent_norm_eps=0.0,   # epsilon of the q/kv latent RMSNorms; 0: model.norm_eps (DeepSeek-V3: 1e-6)
       )),
       moe=ml_collections.ConfigDict(dict(
           num_experts=0,         # 0: dense model
@@ -61,6 +71,11 @@ def model_config(size: str) -> ml_collections.ConfigDict:
           n_dense_layers=0,      # the first n layers keep a dense MLP
           gate='softmax',        # softmax | sigmoid
           renormalize=True,      # renormalise the top-k gate weights to sum to 1
+          routed_scaling_factor=1.0,  # the routed experts' gate weights x this, after renormalising (V3: 2.5)
+          n_group=1,             # group-limited routing: experts in n_group equal groups (contiguous ids, so
+                                 # groups map onto expert shards); 1: off (DeepSeek-V3: 8 groups, one per node)
+          topk_group=1,          # a token's top_k experts come from its topk_group best groups, a group scored
+                                 # by the sum of its two best (biased) scores (V3: 4 of 8)
           balance='aux_loss',    # aux_loss: Switch loss (aux_loss_coef) | aux_free: DeepSeek-V3 routing bias
           aux_loss_coef=0.01,    # load-balancing loss (Switch/GShard form); used by balance=aux_loss only
           bias_update_rate=1e-3,  # aux_free: bias += rate * sign(mean load - load) per expert after each step

@@ -120,6 +120,14 @@ def check(moe, n_expert_shards: int = 1) -> None:
     raise UserError(f'moe.top_k={moe.top_k} must be in [1, num_experts={moe.num_experts}]')
   if moe.num_experts % n_expert_shards:
     raise UserError(f'moe.num_experts={moe.num_experts} does not divide over {n_expert_shards} expert shards')
+  G, Gk = moe.get('n_group', 1), moe.get('topk_group', 1)
+  if G < 1 or moe.num_experts % G:
+    raise UserError(f'moe.n_group={G} must be >= 1 and divide moe.num_experts={moe.num_experts}')
+  if G > 1 and (not 1 <= Gk <= G or moe.num_experts // G < 2 or Gk * moe.num_experts // G < moe.top_k):
+    raise UserError(f'moe.topk_group={Gk} must be in [1, n_group={G}], with >= 2 experts per group and '
+                    f'topk_group x experts per group >= top_k={moe.top_k}')
+  if not moe.get('routed_scaling_factor', 1.0) > 0:
+    raise UserError(f'moe.routed_scaling_factor must be > 0, got {moe.routed_scaling_factor}')
 
 
 def _axes(a) -> tuple:
@@ -146,11 +154,27 @@ def _constrain_ep(x, names, rules):
   return constrain(x, names, rules=rules)
 
 
+def group_mask(moe, scores_NxE):
+  """DeepSeek-V3's group-limited (node-limited) routing: the experts (contiguous ids) form n_group groups, a
+  group scores the sum of its two best scores, and only the topk_group best groups stay eligible. Returns a
+  boolean [N, E] mask (all True when n_group = 1)."""
+  G, E = moe.get('n_group', 1), moe.num_experts
+  if G <= 1:
+    return jnp.ones(scores_NxE.shape, bool)
+  lead = scores_NxE.shape[:-1]
+  per_group = scores_NxE.reshape(*lead, G, E // G)
+  group_scores = jnp.sum(jax.lax.top_k(per_group, 2)[0], axis=-1)
+  _, best = jax.lax.top_k(group_scores, moe.topk_group)
+  keep_G = jnp.sum(jax.nn.one_hot(best, G, dtype=jnp.int32), axis=-2) > 0
+  return jnp.repeat(keep_G, E // G, axis=-1)
+
+
 def route(config, logits_NxE, bias_E=None):
   """Top-k routing from float32 logits. Returns (weights_NxK, experts_NxK, probs_NxE).
 
-  bias_E (aux-free balancing) shifts the scores for choosing experts only; the gate weights stay the
-  unbiased scores of the chosen experts."""
+  bias_E (aux-free balancing) shifts the scores for choosing groups and experts only; the gate weights stay
+  the unbiased scores of the chosen experts, renormalised (moe.renormalize), then x moe.routed_scaling_factor.
+  Every dispatch path (capacity, dropless, dropless_ep) takes its experts and weights from here."""
   moe = config.moe
   if moe.gate == 'softmax':
     probs = jax.nn.softmax(logits_NxE, axis=-1)
@@ -158,13 +182,16 @@ def route(config, logits_NxE, bias_E=None):
     probs = jax.nn.sigmoid(logits_NxE)
   else:
     raise UserError(f"moe.gate must be 'softmax' or 'sigmoid', got {moe.gate!r}")
-  if bias_E is None:
-    weights, experts = jax.lax.top_k(probs, moe.top_k)
-  else:
-    _, experts = jax.lax.top_k(probs + jax.lax.stop_gradient(bias_E), moe.top_k)
-    weights = jnp.take_along_axis(probs, experts, axis=-1)
+  choice = probs if bias_E is None else probs + jax.lax.stop_gradient(bias_E)
+  if moe.get('n_group', 1) > 1:
+    choice = jnp.where(group_mask(moe, jax.lax.stop_gradient(choice)), choice, -jnp.inf)
+  _, experts = jax.lax.top_k(choice, moe.top_k)
+  weights = jnp.take_along_axis(probs, experts, axis=-1)
   if moe.renormalize:
     weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + 1e-9)
+  scale = moe.get('routed_scaling_factor', 1.0)
+  if scale != 1.0:
+    weights = weights * scale
   return weights, experts, probs
 
 
