@@ -3,11 +3,11 @@
 Static shapes: the cache holds B x S x G x K keys and values per layer (G = kv heads, so GQA caches G, not H,
 heads; MLA caches the B x S x (kv_lora_rank + qk_rope_head_dim) latents, sktlm/model/mla.py), S = prompt length +
 max_new_tokens, created by `model.init` in decode mode (sktlm/model/transformer.py, Attention._cached) and
-carried through the loop. MoE models route with the train state's `model_state` (the aux-free routing biases):
-without it they would route as if the bias were zero, not as trained. Cache slot == RoPE position: the prompt fills slots
-0..P-1, the token generated at step i sits at slot P + i. A row stops at end of document (eos); the loop
-stops when every row has, or after max_new_tokens. Sharded like training: params keep their shardings from
-the mesh rules; samples are replicated (the batch axis is not split, a handful of rows would not divide it).
+carried through the loop. MoE models route with the train state's `model_state` (the aux-free routing
+biases): without it they would route as if the bias were zero, not as trained. Cache slot == RoPE position: the
+prompt fills slots 0..P-1, the token generated at step i sits at slot P + i. A row stops at end of document
+(eos); the loop stops when every row has, or after max_new_tokens. Sharded like training: params keep their
+shardings from the mesh rules; samples are replicated (the batch axis is not split, a handful of rows would not divide it).
 """
 
 from __future__ import annotations
