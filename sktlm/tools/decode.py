@@ -7,7 +7,8 @@ carried through the loop. MoE models route with the train state's `model_state` 
 biases): without it they would route as if the bias were zero, not as trained. Cache slot == RoPE position: the
 prompt fills slots 0..P-1, the token generated at step i sits at slot P + i. A row stops at end of document
 (eos); the loop stops when every row has, or after max_new_tokens. Sharded like training: params keep their
-shardings from the mesh rules; samples are replicated (the batch axis is not split, a handful of rows would not divide it).
+shardings from the mesh rules; samples are replicated (the batch axis is not split, a handful of rows would not
+divide it).
 """
 
 from __future__ import annotations
