@@ -258,7 +258,7 @@ def plan(config, target: Target, mfu: float = 0.4, compile: bool = True) -> dict
       seq_len=seq, batch_size=batch, grad_accum=config.train.grad_accum, tokens_per_step=tokens,
       dtype=mc.dtype, param_dtype=mc.param_dtype, remat=mc.remat,
       kernels=dict(kernels=mc.kernels, attention_impl=mc.attention_impl, scan_unroll=mc.scan_unroll),
-      params=flops.param_counts(mc), flops_per_token=fpt,
+      params=flops.param_counts(mc), flops_per_token=fpt, kv_cache=flops.kv_cache_per_token(mc),
       analytic_flops_per_device=fpt['exact'] * tokens / n_dev,
   )
   refused = None
@@ -399,6 +399,12 @@ def format_report(rep: dict, config_name: str = '') -> str:
                f"head {h(p['head'])}, non-embedding {h(p['non_embedding'])} (active {h(p['active_non_embedding'])})")
   lines.append(f"train FLOPs/token: 6N {h(f['6N'])}, exact {h(f['exact'])} (full TxT attention), "
                f"causal {h(f['causal'])}")
+  if 'kv_cache' in rep:
+    kv, cdt = rep['kv_cache'], 2 if rep['dtype'] in ('bfloat16', 'float16') else 4
+    kib = kv['cached'] * kv['layers'] * cdt / 1024
+    lines.append(f"decode KV cache per token: {kv['cached']:,} values/layer ({kib:.1f} KiB in {rep['dtype']} over "
+                 f"{kv['layers']} layers); expanded per-head k/v {kv['expanded']:,}, MHA of the same heads "
+                 f"{kv['mha']:,}")
   sb = rep['state_bytes']
   lines.append(f"per device, from the abstract state: params {_gib(sb['params'])}, optimizer state "
                f"{_gib(sb['opt_state'])}, grads {_gib(sb['grads'])} (params' shardings)")
