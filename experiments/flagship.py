@@ -16,7 +16,8 @@ vocabulary 163,840; context 131,072. Choices here (counts: `python experiments/f
   group-limited routing (8 groups of 24 experts, one per 8 expert shards; a token's 8 experts come from its 4
   best groups, `groups=1` turns it off), auxiliary-loss-free balancing (a per-expert bias for group and top-k
   selection only, updated by 1e-3 x sign of the load error after each step; sktlm/model/moe.py) plus
-  the small sequence-wise balance loss (1e-4), latent RMSNorm epsilon 1e-6 (V3's), and dropless expert-parallel dispatch (sktlm/model/moe_ep.py: tokens
+  the small sequence-wise balance loss (1e-4), latent RMSNorm epsilon 1e-6 (V3's), and dropless expert-parallel
+  dispatch (sktlm/model/moe_ep.py: tokens
   exchanged by all-to-all over the `expert` mesh axis in buffers of twice the balanced load per device pair;
   a layer where some pair overflows runs a second exchange for the rest, so no token is ever dropped).
   `ep_buffer=0` uses one worst-case buffer instead; `capacity=1.25` the older token-dropping capacity dispatch.
@@ -80,7 +81,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   m.moe.renormalize = True
   m.moe.routed_scaling_factor = 2.5
   per_group = arg.experts // arg.groups
-  fits = arg.experts % arg.groups == 0 and per_group >= 2 and min(arg.topk_groups, arg.groups) * per_group >= m.moe.top_k
+  fits = (arg.experts % arg.groups == 0 and per_group >= 2
+          and min(arg.topk_groups, arg.groups) * per_group >= m.moe.top_k)
   m.moe.n_group = arg.groups if fits else 1  # reduced variants: off where the groups cannot be formed
   m.moe.topk_group = min(arg.topk_groups, m.moe.n_group)
   m.moe.balance = 'aux_free'
