@@ -230,3 +230,13 @@ def kv_cache_per_token(mc) -> dict[str, int]:
     cached = 2 * mc.n_kv_heads * head_dim(mc)
   return dict(cached=cached, expanded=mc.n_heads * (qk + v), mha=2 * mc.n_heads * head_dim(mc),
               layers=mc.n_layers)
+
+
+def routing_groups(mc) -> dict[str, int] | None:
+  """Group-limited routing (moe.n_group > 1): a token's top_k experts come from at most topk_group of n_group
+  groups of contiguous experts. None when off or for dense models."""
+  moe = _moe(mc)
+  if not moe or moe.get('n_group', 1) <= 1:
+    return None
+  return dict(n_group=moe.n_group, topk_group=moe.topk_group, top_k=moe.top_k,
+              experts_per_group=moe.num_experts // moe.n_group)

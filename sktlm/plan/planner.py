@@ -259,6 +259,7 @@ def plan(config, target: Target, mfu: float = 0.4, compile: bool = True) -> dict
       dtype=mc.dtype, param_dtype=mc.param_dtype, remat=mc.remat,
       kernels=dict(kernels=mc.kernels, attention_impl=mc.attention_impl, scan_unroll=mc.scan_unroll),
       params=flops.param_counts(mc), flops_per_token=fpt, kv_cache=flops.kv_cache_per_token(mc),
+      routing_groups=flops.routing_groups(mc),
       analytic_flops_per_device=fpt['exact'] * tokens / n_dev,
   )
   refused = None
@@ -423,6 +424,12 @@ def format_report(rep: dict, config_name: str = '') -> str:
       lines.append(f"fused kernels in the compiled step: {', '.join(rep['fused_kernels'])}")
     if rep.get('all_to_all_bytes_per_device'):
       lines.append(_all_to_all_line(rep))
+      if rep.get('routing_groups'):
+        g = rep['routing_groups']
+        lines.append(f"  group-limited routing: a token's {g['top_k']} experts lie in <= {g['topk_group']} of "
+                     f"{g['n_group']} groups ({g['experts_per_group']} experts each); the buffers above are per "
+                     f"(token, expert) slot, so the traced bytes do not depend on it (a per-group deduplicating "
+                     f"dispatch would send <= {g['topk_group']} copies of a token across groups, not {g['top_k']})")
   if 'compiler_refused' in rep:
     r = rep['compiler_refused']
     lines.append(f"compiled step ({rep['platform']}): refused by the compiler, temporaries {_gib(r['temp'])} exceed "
