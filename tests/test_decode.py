@@ -157,12 +157,13 @@ def full_logits_state(mc, params, state, tokens_BxT):
   return np.asarray(jax.jit(model_lib.make_model(mc).apply)({'params': params, **state}, jnp.asarray(tokens_BxT))[0])
 
 
-@pytest.mark.parametrize('kind', ['mla', 'mla_moe', 'mla_moe_aux_free'])
+@pytest.mark.parametrize('kind', ['mla', 'mla_moe', 'mla_moe_aux_free', 'gqa_moe_aux_free'])
 def test_greedy_mla_moe_equals_full_forward_argmax(kind):
-  """Greedy decoding of MLA (latent cache, absorbed up-projections), MLA + MoE and MLA + aux-free MoE with a
-  non-zero routing bias from the train state: every step's logits equal the full forward pass's (1e-4) and the
-  tokens are its argmax. Negative control: the aux-free model decoded without its bias (zero bias) differs."""
-  over = dict(MLA)
+  """Greedy decoding of MLA (latent cache, absorbed up-projections), MLA + MoE, MLA + aux-free MoE and GQA +
+  aux-free MoE with a non-zero routing bias from the train state: every step's logits equal the full forward
+  pass's (1e-4) and the tokens are its argmax. Negative control: the aux-free models decoded without their bias
+  (zero bias) differ."""
+  over = dict(MLA) if kind.startswith('mla') else {}
   if kind != 'mla':
     over['moe'] = dict(MOE, balance='aux_free' if kind.endswith('aux_free') else 'aux_loss')
   mc = small_model(**over)
@@ -180,10 +181,10 @@ def test_greedy_mla_moe_equals_full_forward_argmax(kind):
   # The cache is the latent (kv_lora_rank) and the shared rope key (qk_rope_head_dim) per token, never expanded.
   cache = jax.eval_shape(sampler.prefill, params, jnp.asarray(prompt), state)[1]
   shapes = {jax.tree_util.keystr(p): x.shape for p, x in jax.tree_util.tree_leaves_with_path(cache)}
-  widths = {'ckv': 8, 'krope': 4}
+  widths = {'ckv': 8, 'krope': 4} if kind.startswith('mla') else {'k': 16, 'v': 16}
   for k, s in shapes.items():
     name = k.split("'")[-2]
-    assert name == 'index' or (name in widths and s[-2:] == (P + N, widths[name])), shapes
+    assert name == 'index' or (name in widths and s[2] == P + N and s[-1] == widths[name]), shapes  # L x B x S x ..
   if state:
     _, _, no_bias = sampler(params, prompt, jax.random.PRNGKey(0), model_state={})
     assert np.abs(no_bias - ref).max() > 100 * TOL  # decoding without the train state's bias: other experts

@@ -28,7 +28,7 @@ SMALL_FLAGSHIP = {
     'model.mla.latent_norm_eps': 1e-6, 'model.n_layers': 3,
     'model.moe.num_experts': 8, 'model.moe.top_k': 2, 'model.moe.num_shared_experts': 1,
     'model.moe.expert_d_ff': 32, 'model.moe.n_dense_layers': 1, 'model.moe.gate': 'sigmoid',
-    'model.moe.balance': 'aux_free', 'model.moe.bias_update_rate': 0.05, 'model.moe.n_group': 4,
+    'model.moe.balance': 'aux_free', 'model.moe.bias_update_rate': 0.15, 'model.moe.n_group': 4,
     'model.moe.topk_group': 2, 'model.moe.routed_scaling_factor': 2.5,
 }
 
@@ -54,7 +54,7 @@ def test_small_flagship_samples_exports_and_imports(data_dir, tmp_path):
   torch = pytest.importorskip('torch')
   transformers = pytest.importorskip('transformers')
   wd = str(tmp_path / 'run')
-  config = train_config(data_dir, **{'train.steps': 6, 'train.checkpoint_every': 6, **SMALL_FLAGSHIP})
+  config = train_config(data_dir, **{'train.steps': 4, 'train.checkpoint_every': 4, **SMALL_FLAGSHIP})
   assert loop.run(config, wd) == 0
   run = runs.load(wd, mesh_cfg=runs.single_device_mesh())
   bias = np.concatenate([np.ravel(b) for b in jax.tree.leaves(run.state.model_state)])
