@@ -3,7 +3,8 @@
 Routing (`route`, shared by every dispatch path): float32 router logits -> softmax or sigmoid scores ->
 optionally group-limited (DeepSeek-V3: n_group groups of contiguous experts, a token keeps its topk_group best
 groups, a group scored by the sum of its two best scores) -> top-k experts per token (optionally renormalised
-to sum to 1) -> gate weights x routed_scaling_factor (V3: 2.5). Dispatch paths (`moe.dispatch`; 'auto': capacity when capacity_factor > 0, else
+to sum to 1) -> gate weights x routed_scaling_factor (V3: 2.5).
+Dispatch paths (`moe.dispatch`; 'auto': capacity when capacity_factor > 0, else
 dropless_ep, which is plain dropless without an expert mesh axis > 1):
 
 - capacity (GShard/Switch style): each batch row is a group of T tokens; every expert takes at most
