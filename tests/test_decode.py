@@ -135,3 +135,82 @@ def test_sampling_distribution_top_k_top_p():
   check(freqs(top_p=0.6), [0, 1])        # 0.4 + 0.25 reaches 0.6
   check(freqs(vocab_limit=4), [0, 1, 2, 3])
   assert freqs(temperature=0.0)[0] == 1.0
+
+
+# ---------------------------------------------------------------- MLA (latent cache) and MoE (routing bias)
+MLA = dict(attention='mla', mla=dict(q_lora_rank=16, kv_lora_rank=8, qk_nope_head_dim=6, qk_rope_head_dim=4,
+                                     v_head_dim=6, latent_norm_eps=1e-6))
+MOE = dict(num_experts=8, top_k=2, num_shared_experts=1, expert_d_ff=32, n_dense_layers=1, gate='sigmoid',
+           capacity_factor=0.0, dispatch='dropless')
+
+
+def moe_state(mc, seed=3):
+  """A non-zero routing bias per MoE layer, large enough to change which experts win (as after training)."""
+  m = model_lib.make_model(mc)
+  shapes = jax.eval_shape(lambda: m.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32)))
+  rng = np.random.default_rng(seed)
+  return {'moe_bias': jax.tree.map(lambda s: jnp.asarray(rng.normal(0, 0.3, s.shape), jnp.float32),
+                                   nn.meta.unbox(shapes['moe_bias']))}
+
+
+def full_logits_state(mc, params, state, tokens_BxT):
+  return np.asarray(jax.jit(model_lib.make_model(mc).apply)({'params': params, **state}, jnp.asarray(tokens_BxT))[0])
+
+
+@pytest.mark.parametrize('kind', ['mla', 'mla_moe', 'mla_moe_aux_free', 'gqa_moe_aux_free'])
+def test_greedy_mla_moe_equals_full_forward_argmax(kind):
+  """Greedy decoding of MLA (latent cache, absorbed up-projections), MLA + MoE, MLA + aux-free MoE and GQA +
+  aux-free MoE with a non-zero routing bias from the train state: every step's logits equal the full forward
+  pass's (1e-4) and the tokens are its argmax. Negative control: the aux-free models decoded without their bias
+  (zero bias) differ."""
+  over = dict(MLA) if kind.startswith('mla') else {}
+  if kind != 'mla':
+    over['moe'] = dict(MOE, balance='aux_free' if kind.endswith('aux_free') else 'aux_loss')
+  mc = small_model(**over)
+  params = random_params(mc, seed=4)
+  state = moe_state(mc) if kind.endswith('aux_free') else {}
+  P, N = 13, 12
+  prompt = np.random.default_rng(5).integers(3, 259, (2, P))
+  opts = decode.SamplingOptions(max_new_tokens=N, temperature=0.0, vocab_limit=259, keep_logits=True)
+  sampler = decode.Sampler(mc, 2, P, opts)
+  toks, _, step_logits = sampler(params, prompt, jax.random.PRNGKey(0), model_state=state)
+  ref = full_logits_state(mc, params, state, np.concatenate([prompt, toks], 1))[:, P - 1:-1]
+  assert np.abs(step_logits - ref).max() < TOL
+  assert (ref[..., :259].argmax(-1) == toks).all()
+  assert len(set(toks.ravel().tolist())) > 4
+  # The cache is the latent (kv_lora_rank) and the shared rope key (qk_rope_head_dim) per token, never expanded.
+  cache = jax.eval_shape(sampler.prefill, params, jnp.asarray(prompt), state)[1]
+  shapes = {jax.tree_util.keystr(p): x.shape for p, x in jax.tree_util.tree_leaves_with_path(cache)}
+  widths = {'ckv': 8, 'krope': 4} if kind.startswith('mla') else {'k': 16, 'v': 16}
+  for k, s in shapes.items():
+    name = k.split("'")[-2]
+    assert name == 'index' or (name in widths and s[2] == P + N and s[-1] == widths[name]), shapes  # L x B x S x ..
+  if state:
+    _, _, no_bias = sampler(params, prompt, jax.random.PRNGKey(0), model_state={})
+    assert np.abs(no_bias - ref).max() > 100 * TOL  # decoding without the train state's bias: other experts
+
+
+def test_mla_wrong_cache_slot_is_caught():
+  """One MLA decode step by hand against the full forward: right slot matches; a slot past the prompt (a stale
+  zero latent is attended) or one that overwrites the last prompt latent does not."""
+  mc = small_model(**MLA)
+  params = random_params(mc, seed=6)
+  P = 9
+  seq = np.random.default_rng(7).integers(3, 259, (1, P + 1))
+  ref = full_logits(mc, params, seq)[0, P]
+  sampler = decode.Sampler(mc, 1, P, decode.SamplingOptions(max_new_tokens=3))
+  _, cache = sampler.prefill(params, jnp.asarray(seq[:, :P]))
+  m = model_lib.make_model(mc, decode=True)
+
+  @jax.jit
+  def step(position, slot):
+    c = jax.tree_util.tree_map_with_path(
+        lambda p, x: jnp.full_like(x, slot) if 'index' in jax.tree_util.keystr(p) else x, cache)
+    (logits, _), _ = m.apply({'params': params, 'cache': c}, jnp.asarray(seq[:, P:]), jnp.full((1, 1), position),
+                             mutable=['cache'])
+    return logits[0, 0]
+
+  assert np.abs(step(P, P) - ref).max() < TOL
+  assert np.abs(step(P + 1, P) - ref).max() > 100 * TOL  # RoPE offset off by one
+  assert np.abs(step(P, P + 1) - ref).max() > 100 * TOL  # a stale zero latent is attended
+  assert np.abs(step(P, P - 1) - ref).max() > 100 * TOL  # overwrites the last prompt latent

@@ -182,8 +182,11 @@ def test_refusals():
     hf.check_exportable(small_model(parametrization='mup', base_width=32, tie_embeddings=True))
   with pytest.raises(UserError, match="parametrization='mup' cannot"):
     hf.to_hf_tensors(small_model(parametrization='mup', base_width=32), random_params(small_model()))
-  with pytest.raises(UserError, match="attention='mla'"):
+  # MLA exports as DeepseekV3ForCausalLM (tests/test_hf_deepseek.py), whose latent norms need V3's epsilon.
+  with pytest.raises(UserError, match='latent_norm_eps=1e-6'):
     hf.check_exportable(small_model(attention='mla'))
+  with pytest.raises(UserError, match='rope_scaling'):
+    hf.check_exportable(small_model(rope_scaling=dict(small_model().rope_scaling.to_dict(), type='yarn')))
   with pytest.raises(UserError, match='use_bias=True'):
     hf.check_exportable(dict(small_model().to_dict(), use_bias=True))
   cfg = hf.hf_config(small_model(), max_position_embeddings=64, tokenizer_vocab_size=259)

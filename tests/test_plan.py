@@ -173,6 +173,20 @@ def test_flagship_counts_and_reduced_widths():
   assert small.model.moe.expert_d_ff == 2048 and small.model.n_layers == 2
 
 
+def test_flagship_routes_as_v3_and_its_decode_cache_is_the_latent():
+  """DeepSeek-V3's routing constants in the flagship, and the KV cache per token and layer: 512 + 64 = 576 latent
+  values against 64 x (192 + 128) expanded and 2 x 64 x 128 for multi-head attention of the same heads."""
+  flag = configs.load_config(os.path.join(ROOT, 'experiments/flagship.py'))
+  moe = flag.model.moe
+  assert (moe.n_group, moe.topk_group, moe.routed_scaling_factor, flag.model.mla.latent_norm_eps) == (8, 4, 2.5, 1e-6)
+  assert flops.kv_cache_per_token(flag.model) == dict(cached=576, expanded=20480, mha=16384, layers=61)
+  assert flops.routing_groups(flag.model) == dict(n_group=8, topk_group=4, top_k=8, experts_per_group=24)
+  gqa = configs.load_config(os.path.join(ROOT, 'experiments/flagship.py'), {'model.attention': 'gqa'})
+  assert flops.kv_cache_per_token(gqa.model)['cached'] == 2 * 8 * 128
+  off = configs.load_config(os.path.join(ROOT, 'experiments/flagship.py:groups=1'))
+  assert flops.routing_groups(off.model) is None
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu absent (pip install 'jax[tpu]==0.10.2')")
 def test_reduced_flagship_compiles_for_v5p():

@@ -1,9 +1,10 @@
 """`sktlm export --workdir=RUN [--step=K] --out=DIR [--max_shard_gib=2]`
 
 Writes a Hugging Face model folder that `transformers.AutoModelForCausalLM.from_pretrained(DIR)` loads as
-LlamaForCausalLM (float32 safetensors, sharded with an index above --max_shard_gib), generation_config.json and
-the tokenizer (AutoTokenizer). Dense models only; anything Llama cannot compute exactly is refused. See
-sktlm/interop/hf.py.
+LlamaForCausalLM (dense GQA models) or DeepseekV3ForCausalLM (MLA and MLA + MoE models, with the aux-free routing
+bias as e_score_correction_bias), float32 safetensors (sharded with an index above --max_shard_gib),
+generation_config.json and the tokenizer (AutoTokenizer). Anything the target cannot compute exactly is refused
+in one line. See sktlm/interop/hf.py and sktlm/interop/deepseek.py.
 """
 
 from absl import flags
@@ -34,9 +35,11 @@ def main(argv):
   run = runs.load(_WORKDIR.value, _STEP.value, mesh_cfg=runs.single_device_mesh())
   params = jax.device_get(run.params)
   files = hf.write_folder(_OUT.value, run.config.model, params, max_position_embeddings=run.config.data.seq_len,
-                          tokenizer=run.tokenizer, max_shard_bytes=int(_MAX_SHARD.value * 1024**3))
+                          tokenizer=run.tokenizer, max_shard_bytes=int(_MAX_SHARD.value * 1024**3),
+                          model_state=jax.device_get(run.state.model_state))
   size = sum(os.path.getsize(os.path.join(_OUT.value, f)) for f in files)
+  arch = 'DeepseekV3ForCausalLM' if hf.is_deepseek(run.config.model) else 'LlamaForCausalLM'
   print(f'exported {_WORKDIR.value} step {run.step} -> {_OUT.value} ({len(files)} files, {hf.human_bytes(size)}, '
-        f'{time.perf_counter() - t0:.1f}s): LlamaForCausalLM, vocab {run.config.model.vocab_size} '
+        f'{time.perf_counter() - t0:.1f}s): {arch}, vocab {run.config.model.vocab_size} '
         f'(tokenizer {run.tokenizer.vocab_size}, padding rows kept)')
   return 0

@@ -60,7 +60,8 @@ def main(argv):
   sampler = decode.Sampler(run.config.model, _NUM.value, len(ids), opts, run.setup.mesh, run.setup.rules)
   timings = {}
   prompt_BxP = np.tile(np.asarray(ids, np.int32), (_NUM.value, 1))
-  toks, lengths, _ = sampler(run.params, prompt_BxP, jax.random.PRNGKey(_SEED.value), timings)
+  toks, lengths, _ = sampler(run.params, prompt_BxP, jax.random.PRNGKey(_SEED.value), timings,
+                            model_state=run.state.model_state)  # MoE routing biases, as trained
   for b in range(_NUM.value):
     n = int(lengths[b])
     ended = n and int(toks[b, n - 1]) == tok.eos_id

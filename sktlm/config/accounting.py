@@ -174,3 +174,27 @@ def human(n: float) -> str:
     if abs(n) >= scale:
       return f'{n / scale:.3g}{unit}'
   return f'{n:.3g}'
+
+
+def kv_cache_per_token(mc) -> dict[str, int]:
+  """Values a decoding KV cache holds per token and layer (sktlm/tools/decode.py): `cached` is what sktlm
+  stores (MLA: the kv_lora_rank latent + the shared qk_rope_head_dim key, sktlm/model/mla.py; GQA: keys and
+  values of n_kv_heads), `expanded` what per-head keys and values would take (MLA: H x (nope + rope + v)), and
+  `mha` 2 x n_heads x head_dim (multi-head attention of the same heads, GQA's upper end)."""
+  qk, v = attention_dims(mc)
+  if is_mla(mc):
+    cached = mc.mla.kv_lora_rank + mc.mla.qk_rope_head_dim
+  else:
+    cached = 2 * mc.n_kv_heads * head_dim(mc)
+  return dict(cached=cached, expanded=mc.n_heads * (qk + v), mha=2 * mc.n_heads * head_dim(mc),
+              layers=mc.n_layers)
+
+
+def routing_groups(mc) -> dict[str, int] | None:
+  """Group-limited routing (moe.n_group > 1): a token's top_k experts come from at most topk_group of n_group
+  groups of contiguous experts. None when off or for dense models."""
+  moe = moe_of(mc)
+  if not moe or moe.n_group <= 1:
+    return None
+  return dict(n_group=moe.n_group, topk_group=moe.topk_group, top_k=moe.top_k,
+              experts_per_group=moe.num_experts // moe.n_group)

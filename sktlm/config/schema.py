@@ -86,6 +86,19 @@ KEYS = (
     K('model.vocab_multiple',     128,          '>=1',        BREAKS, 'vocab_size 0 pads the tokenizer vocabulary '
                                                                       'to a multiple of this'),
     K('model.rope_theta',         10_000.0,     '>0',         BREAKS, 'RoPE base frequency'),
+    K('model.rope_scaling.type',  'none',       ('none', 'yarn'), BREAKS, 'RoPE context extension: none | yarn '
+                                                                      "(DeepSeek-V3's YaRN, model/layers.py)"),
+    K('model.rope_scaling.factor', 1.0,         '>0',         BREAKS, 'yarn: context multiplier (DeepSeek-V3: 40)'),
+    K('model.rope_scaling.original_max_position', 4096, '>=1', BREAKS, 'yarn: the pretraining context the ramp is '
+                                                                      'measured against'),
+    K('model.rope_scaling.beta_fast', 32.0,     '>0',         BREAKS, 'yarn: dims rotating more often than this in '
+                                                                      'it keep their frequency'),
+    K('model.rope_scaling.beta_slow', 1.0,      '>0',         BREAKS, 'yarn: dims rotating less often are '
+                                                                      'interpolated by 1/factor'),
+    K('model.rope_scaling.mscale', 1.0,         '>=0',        BREAKS, 'yarn: cos/sin x mscale(factor, mscale) / '
+                                                                      'mscale(factor, mscale_all_dim)'),
+    K('model.rope_scaling.mscale_all_dim', 1.0, '>=0',        BREAKS, 'yarn: softmax scale x mscale(factor, '
+                                                                      'mscale_all_dim)^2 (0: not scaled)'),
     K('model.norm_eps',           1e-5,         '>0',         BREAKS, 'RMSNorm epsilon'),
     K('model.tie_embeddings',     False,        None,         BREAKS, 'output head = the transposed token table'),
     K('model.init_std',           0.02,         '>=0',        BREAKS, 'normal init std (muP scales it per class)'),
@@ -128,6 +141,8 @@ KEYS = (
     K('model.mla.qk_rope_head_dim', 64,         '>0',         BREAKS, 'decoupled RoPE dims (even): per-head on '
                                                                       'queries, one key shared by all heads'),
     K('model.mla.v_head_dim',     128,          '>0',         BREAKS, 'per-head value dim'),
+    K('model.mla.latent_norm_eps', 0.0,         '>=0',        BREAKS, 'epsilon of the q/kv latent RMSNorms; 0: '
+                                                                      'model.norm_eps (DeepSeek-V3: 1e-6)'),
     K('model.moe.num_experts',    0,            '>=0',        BREAKS, 'routed experts; 0: dense model'),
     K('model.moe.top_k',          2,            '>=1',        BREAKS, 'experts per token (<= num_experts)'),
     K('model.moe.num_shared_experts', 0,        '>=0',        BREAKS, 'experts every token passes through'),
@@ -136,6 +151,12 @@ KEYS = (
     K('model.moe.gate',           'softmax',    ('softmax', 'sigmoid'), BREAKS, 'router scores'),
     K('model.moe.renormalize',    True,         None,         BREAKS, 'renormalise the top-k gate weights to sum '
                                                                       'to 1'),
+    K('model.moe.routed_scaling_factor', 1.0,   '>0',         BREAKS, "routed experts' gate weights x this, after "
+                                                                      'renormalising (DeepSeek-V3: 2.5)'),
+    K('model.moe.n_group',        1,            '>=1',        BREAKS, 'group-limited routing: experts in n_group '
+                                                                      'equal groups of contiguous ids; 1: off (V3: 8)'),
+    K('model.moe.topk_group',     1,            '>=1',        BREAKS, "a token's experts come from its topk_group "
+                                                                      'best groups (sum of 2 best scores; V3: 4)'),
     K('model.moe.balance',        'aux_loss',   ('aux_loss', 'aux_free'), BREAKS, 'aux_loss: Switch loss '
                                                                       '(aux_loss_coef) | aux_free: DeepSeek-V3 '
                                                                       'routing bias'),
@@ -192,9 +213,6 @@ KEYS = (
                                                                       'starts once it is full)'),
     K('train.spike_max_rollbacks', 3,           '>=0',        OK,     'more spikes than this in one attempt stop the '
                                                                       'run as diverged'),
-    K('train.compile_cache',      '',           None,         OK,     'JAX persistent compilation cache folder, '
-                                                                      "shared by all runs ('' -> $SKTLM_COMPILE_CACHE"
-                                                                      " or ~/.cache/sktlm/jax; 'off': none)"),
     K('train.init_from_hf',       '',           None,         OK,     'Hugging Face Llama folder: start from its '
                                                                       'weights with a fresh optimizer (interop/hf.py)'),
     # optim

@@ -81,6 +81,14 @@ def _cross_rules(config) -> None:
     raise UserError("model.parametrization='mup' needs model.base_width > 0 (the d_model the LR was tuned at)")
   if moe.num_experts > 0 and moe.top_k > moe.num_experts:
     raise UserError(f'model.moe.top_k={moe.top_k} must be <= model.moe.num_experts={moe.num_experts}')
+  if moe.num_experts > 0 and moe.n_group > 1:
+    g, gk, per = moe.n_group, moe.topk_group, moe.num_experts // moe.n_group
+    if moe.num_experts % g or per < 2:
+      raise UserError(f'model.moe.n_group={g} must divide model.moe.num_experts={moe.num_experts} into groups of '
+                      '>= 2 experts')
+    if gk > g or gk * per < moe.top_k:
+      raise UserError(f'model.moe.topk_group={gk} must be <= model.moe.n_group={g} and leave >= top_k='
+                      f'{moe.top_k} experts to choose from ({gk} groups x {per} experts)')
   if moe.num_experts > 0 and moe.dispatch == 'capacity' and moe.capacity_factor <= 0:
     raise UserError('model.moe.dispatch=capacity needs model.moe.capacity_factor > 0')
   if 0 < t.spike_factor <= 1:

@@ -1,5 +1,6 @@
-"""Hugging Face interop for dense models: sktlm params <-> a `LlamaForCausalLM` folder (config.json,
-safetensors, generation_config.json). numpy + safetensors: neither torch nor transformers is imported (jax
+"""Hugging Face interop: sktlm params <-> a `LlamaForCausalLM` folder (dense GQA models) or a
+`DeepseekV3ForCausalLM` folder (MLA and MLA + MoE models: sktlm/interop/deepseek.py), each with config.json,
+safetensors and generation_config.json. numpy + safetensors: neither torch nor transformers is imported (jax
 only in `init_state`, which places imported weights into a train state for `train.init_from_hf`).
 
 Layouts. sktlm keeps wq [D, H, K], wk / wv [D, G, K], wo [H, K, D], wi_gate / wi_up [D, F], mlp wo [F, D],
@@ -28,7 +29,7 @@ from sktlm.errors import UserError
 # their own (base_width and parametrization: muP is folded into the weights; mla: read only under attention=mla).
 NEUTRAL_KEYS = frozenset(('size', 'vocab_multiple', 'init_std', 'z_loss', 'dtype', 'param_dtype', 'scan_layers',
                           'scan_unroll', 'remat', 'attention_dtype', 'attention_impl', 'attention_block', 'kernels',
-                          'base_width', 'mla', 'parametrization'))
+                          'base_width', 'mla', 'parametrization', 'rope_scaling'))
 # config.model keys the Llama mapping reads.
 MAPPED_KEYS = frozenset(('n_layers', 'd_model', 'n_heads', 'n_kv_heads', 'head_dim', 'd_ff', 'vocab_size',
                          'rope_theta', 'norm_eps', 'tie_embeddings', 'moe'))
@@ -48,9 +49,23 @@ def as_dict(mc) -> dict:
   return mc.to_dict() if hasattr(mc, 'to_dict') else dict(mc)
 
 
-def check_exportable(mc) -> None:
-  """UserError naming what LlamaForCausalLM cannot represent exactly; `mc` is config.model."""
+def is_deepseek(mc) -> bool:
+  """MLA (with or without MoE) and MoE models map to DeepseekV3ForCausalLM, dense GQA ones to Llama."""
   mc = as_dict(mc)
+  return mc.get('attention', 'gqa') == 'mla' or (mc.get('moe') or {}).get('num_experts', 0) > 0
+
+
+def check_exportable(mc) -> None:
+  """UserError naming what LlamaForCausalLM (or, for MLA / MoE, DeepseekV3ForCausalLM) cannot represent
+  exactly; `mc` is config.model."""
+  mc = as_dict(mc)
+  if is_deepseek(mc):
+    from sktlm.interop import deepseek
+    deepseek.check_exportable(mc)
+    return
+  if (mc.get('rope_scaling') or {}).get('type', 'none') != 'none':
+    raise UserError(f"cannot export model.rope_scaling.type={mc['rope_scaling']['type']!r} as LlamaForCausalLM "
+                    "(Llama's YaRN does not scale the softmax as DeepSeek-V3's does)")
   moe = mc.get('moe') or {}
   if moe.get('num_experts', 0) > 0:
     raise UserError(f"cannot export a MoE model (model.moe.num_experts={moe['num_experts']}) as "
@@ -67,7 +82,7 @@ def check_exportable(mc) -> None:
     value = mc[key]
     items = [(f'{key}.{k}', v) for k, v in value.items()] if isinstance(value, dict) else [(key, value)]
     for name, v in items:
-      if not isinstance(v, (dict, list, tuple)) and not _is_off(v):
+      if not isinstance(v, (dict, list, tuple)) and not is_off(v):
         raise UserError(f'cannot export: model.{name}={v!r} is a feature LlamaForCausalLM does not compute '
                         '(supported: dense Llama models)')
   if head_dim(mc) % 2:
@@ -79,7 +94,7 @@ def _check_sp(mc, why: str) -> None:
     raise UserError(f"model.parametrization={as_dict(mc)['parametrization']!r} cannot {why}")
 
 
-def _is_off(v) -> bool:
+def is_off(v) -> bool:
   """None, False, 0, a 1.0 multiplier or an 'off' string: an unknown feature key left at its default."""
   if v is None or isinstance(v, bool):
     return not v
@@ -90,8 +105,17 @@ def _is_off(v) -> bool:
 
 def hf_config(mc, *, max_position_embeddings: int, tokenizer_vocab_size: int, bos_id: int = 1,
               eos_id: int = 2, pad_id: int = 0) -> dict:
-  """config.json of the LlamaForCausalLM that computes what sktlm's model `mc` computes (float32)."""
+  """config.json of the LlamaForCausalLM (DeepseekV3ForCausalLM) that computes what sktlm's model `mc`
+  computes (float32)."""
   check_exportable(mc)
+  if is_deepseek(mc):
+    from sktlm.interop import deepseek
+    mc = as_dict(mc)
+    return {**deepseek.hf_config(mc, max_position_embeddings=max_position_embeddings),
+            'initializer_range': float(mc.get('init_std', 0.02)), 'bos_token_id': bos_id, 'eos_token_id': eos_id,
+            'pad_token_id': pad_id, 'use_cache': True, 'dtype': 'float32',
+            'sktlm': _sktlm_note(mc, tokenizer_vocab_size,
+                                 sorted(deepseek.MAPPED_KEYS - {'mla', 'moe', 'rope_scaling'}))}
   return {
       'architectures': ['LlamaForCausalLM'],
       'model_type': 'llama',
@@ -117,13 +141,17 @@ def hf_config(mc, *, max_position_embeddings: int, tokenizer_vocab_size: int, bo
       'pad_token_id': pad_id,
       'use_cache': True,
       'dtype': 'float32',
-      'sktlm': {
-          'vocab_padding': f'ids {tokenizer_vocab_size}..{int(mc["vocab_size"]) - 1} are padding rows that no '
-                           'token uses; they are kept (the model softmaxes over all vocab_size logits, as in '
-                           'training), so mask them when sampling',
-          'tokenizer_vocab_size': int(tokenizer_vocab_size),
-          'model': {k: mc[k] for k in sorted(MAPPED_KEYS - {'moe'})},
-      },
+      'sktlm': _sktlm_note(mc, tokenizer_vocab_size, sorted(MAPPED_KEYS - {'moe'})),
+  }
+
+
+def _sktlm_note(mc, tokenizer_vocab_size: int, keys) -> dict:
+  return {
+      'vocab_padding': f'ids {tokenizer_vocab_size}..{int(mc["vocab_size"]) - 1} are padding rows that no '
+                       'token uses; they are kept (the model softmaxes over all vocab_size logits, as in '
+                       'training), so mask them when sampling',
+      'tokenizer_vocab_size': int(tokenizer_vocab_size),
+      'model': {k: mc[k] for k in keys},
   }
 
 
@@ -139,10 +167,14 @@ def _tree_index(tree, i):
   return {k: _tree_index(v, i) if isinstance(v, dict) else v[i] for k, v in tree.items()}
 
 
-def to_hf_tensors(mc, params) -> dict[str, np.ndarray]:
+def to_hf_tensors(mc, params, model_state=None) -> dict[str, np.ndarray]:
   """HF tensor name -> float32 array (numpy), from sktlm params (numpy or jax arrays, any float dtype); SP weights
-  (write_folder folds a muP model's multipliers in first)."""
+  (write_folder folds a muP model's multipliers in first). model_state: the train state's (MoE routing biases,
+  exported as DeepSeek-V3's e_score_correction_bias)."""
   check_exportable(mc)
+  if is_deepseek(mc):
+    from sktlm.interop import deepseek
+    return deepseek.to_hf_tensors(as_dict(mc), params, model_state)
   _check_sp(mc, 'export: fold its multipliers with mup.to_sp_params first (write_folder does)')
   D, H, G, K, L = mc['d_model'], mc['n_heads'], mc['n_kv_heads'], head_dim(mc), mc['n_layers']
   f32 = lambda x: np.ascontiguousarray(np.asarray(x, np.float32))
@@ -218,8 +250,14 @@ def from_hf_tensors(mc, tensors: dict[str, np.ndarray]) -> dict:
 
 def check_importable(mc, cfg: dict) -> None:
   """UserError unless the HF config describes exactly sktlm's model `mc` (shapes and function)."""
+  if cfg.get('model_type') == 'deepseek_v3':
+    from sktlm.interop import deepseek
+    return deepseek.check_importable(as_dict(mc), cfg)
   if cfg.get('model_type') != 'llama':
-    raise UserError(f"HF checkpoint is a {cfg.get('model_type')!r} model; only 'llama' can be imported")
+    raise UserError(f"HF checkpoint is a {cfg.get('model_type')!r} model; only 'llama' and 'deepseek_v3' can be "
+                    'imported')
+  if is_deepseek(mc):
+    raise UserError('HF checkpoint is a Llama model; config.model is MLA / MoE (only a DeepSeek-V3 checkpoint fits)')
   for key, bad in (('hidden_act', lambda v: v not in (None, 'silu')), ('attention_bias', bool), ('mlp_bias', bool),
                    ('rope_scaling', bool), ('pretraining_tp', lambda v: v not in (None, 1))):
     if bad(cfg.get(key)):
@@ -253,16 +291,23 @@ def init_state(config, setup):
     raise UserError('set train.init_from or train.init_from_hf, not both')
   cfg, tensors = read_folder(path)
   check_importable(config.model, cfg)
-  params = from_hf_tensors(config.model, tensors)
-  abstract = setup.abstract_state.params
-  if jax.tree.structure(params) != jax.tree.structure(abstract):
-    raise UserError(f'{path}: the imported parameter tree does not match this model (dense Llama layout only)')
-  params = jax.tree.map(lambda x, a: jax.make_array_from_callback(x.shape, a.sharding,
-                                                                   lambda idx, x=x, a=a: x[idx].astype(a.dtype)),
-                        params, abstract)
-  make = jax.jit(lambda p: train.TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=setup.tx.init(p)),
+  model_state = {}
+  if cfg.get('model_type') == 'deepseek_v3':
+    from sktlm.interop import deepseek
+    params, model_state = deepseek.from_hf_tensors(as_dict(config.model), tensors)
+  else:
+    params = from_hf_tensors(config.model, tensors)
+  abstract = setup.abstract_state
+  if jax.tree.structure((params, model_state)) != jax.tree.structure((abstract.params, abstract.model_state)):
+    raise UserError(f'{path}: the imported parameter tree does not match this model')
+  place = lambda x, a: jax.make_array_from_callback(x.shape, a.sharding,  # noqa: E731
+                                                    lambda idx, x=x, a=a: x[idx].astype(a.dtype))
+  params = jax.tree.map(place, params, abstract.params)
+  model_state = jax.tree.map(place, model_state, abstract.model_state)
+  make = jax.jit(lambda p, s: train.TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=setup.tx.init(p),
+                                               model_state=s),
                  out_shardings=setup.state_shardings)
-  return make(params)
+  return make(params, model_state)
 
 
 # --- the folder on disk ---
@@ -316,8 +361,9 @@ def read_folder(path: str) -> tuple[dict, dict[str, np.ndarray]]:
 
 
 def write_folder(out: str, mc, params, *, max_position_embeddings: int, tokenizer,
-                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list[str]:
-  """Writes config.json, weights, generation_config.json and the tokenizer files; returns the file names."""
+                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, model_state=None) -> list[str]:
+  """Writes config.json, weights, generation_config.json and the tokenizer files; returns the file names.
+  model_state: the train state's (MoE routing biases)."""
   from sktlm.data import hf_tokenizer
   from sktlm.model import mup
   if mup.is_mup(mc):  # LlamaForCausalLM computes SP attention and logits: fold muP's multipliers into the weights
@@ -325,7 +371,7 @@ def write_folder(out: str, mc, params, *, max_position_embeddings: int, tokenize
     mc = dict(as_dict(mc), parametrization='sp')
   cfg = hf_config(mc, max_position_embeddings=max_position_embeddings, tokenizer_vocab_size=tokenizer.vocab_size,
                   bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
-  tensors = to_hf_tensors(mc, params)
+  tensors = to_hf_tensors(mc, params, model_state)
   os.makedirs(out, exist_ok=True)
   files = write_weights(out, tensors, max_shard_bytes)
   _write_json(os.path.join(out, 'config.json'), cfg)

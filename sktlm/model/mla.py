@@ -22,15 +22,24 @@ Context parallelism (mesh `context` > 1): what crosses devices is the latent c_k
 576 values per token), not the per-head keys and values (H x (N + R + V) = 20,480 for 64 heads): the latents
 are all-gathered over the sequence and every context shard up-projects the full-length keys and values
 itself. See sktlm/model/context.py.
+
+Decoding (`decode=True`, sktlm/tools/decode.py): the cache holds only the latent c_kv and the roped shared key,
+Lkv + R values per token and layer (576 for DeepSeek-V3's dims, against 2 x H x (N + R) expanded), and is never
+expanded. The up-projections are absorbed as DeepSeek-V2 (sec. 2.1.3) describes: a head's nope score
+q_h . (c Wk_b,h) = (q_h Wk_b,h^T) . c, so each query is mapped into the latent space once (H x Lkv) and scored
+against the cached latents directly; the attention-weighted latent is mapped to values by Wv_b,h afterwards
+(sum_s p_s c_s Wv_b,h), then Wo. Per new token that is O(H x Lkv) work per cached position instead of
+re-projecting every cached latent to H x (N + V).
 """
 
 from __future__ import annotations
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from sktlm.model import context, kernels, mup
-from sktlm.model.layers import RMSNorm, dtype, param_init, rope
+from sktlm.model.layers import RMSNorm, dtype, param_init, rope, softmax_scale_factor
 from sktlm.sharding import constrain
 
 
@@ -39,8 +48,12 @@ def _pad_last(x, width: int):
   return x if extra == 0 else jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, extra)])
 
 
+NEG_INF = -1e30
+
+
 class MLAttention(nn.Module):
   config: object
+  decode: bool = False  # latent KV cache in the 'cache' collection, absorbed up-projections (module doc)
 
   @nn.compact
   def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT):
@@ -57,10 +70,11 @@ class MLAttention(nn.Module):
 
     B, T, _ = x_BxTxD.shape
     x_NxD = x_BxTxD.astype(cdt).reshape(B * T, D)
+    eps = a.latent_norm_eps  # 0: model.norm_eps; DeepSeek-V3 uses 1e-6 for both latent norms
     if Lq > 0:
       wq_a = w('wq_a', (D, Lq), ('embed', 'q_lora'))
       wq_b = w('wq_b', (Lq, H, N + R), ('q_lora', 'heads', 'kv'))
-      cq_NxL = RMSNorm(c, name='q_norm')(dense(x_NxD, wq_a))
+      cq_NxL = RMSNorm(c, eps, name='q_norm')(dense(x_NxD, wq_a))
       q_NxHK = dense(cq_NxL, wq_b.reshape(Lq, H * (N + R)))
     else:
       wq = w('wq', (D, H, N + R), ('embed', 'heads', 'kv'))
@@ -72,15 +86,20 @@ class MLAttention(nn.Module):
     wo = w('wo', (H, V, D), ('heads', 'kv', 'embed'), out=True)
 
     q_BxTxHxK = q_NxHK.reshape(B, T, H, N + R)
-    q_rope = rope(q_BxTxHxK[..., N:], positions_BxT, c.rope_theta, jnp.float32)
+    q_rope = rope(q_BxTxHxK[..., N:], positions_BxT, c, jnp.float32)
     q_BxTxHxK = jnp.concatenate([q_BxTxHxK[..., :N].astype(jnp.float32), q_rope], axis=-1)
-    q_BxTxHxK = (q_BxTxHxK * mup.attention_scale(c, N + R)).astype(adt)  # SP: 1/sqrt(N + R)
+    scale = mup.attention_scale(c, N + R) * softmax_scale_factor(c)  # SP: 1/sqrt(N + R) (x YaRN's mscale^2)
+    q_BxTxHxK = (q_BxTxHxK * scale).astype(adt)
 
     # The latents: what context parallelism all-gathers (length-replicated from here on when it is on).
     kv_len = context.kv_length_axis()
-    ckv_BxTxL = RMSNorm(c, name='kv_norm')(dense(x_NxD, wkv_a)).reshape(B, T, Lkv)
+    ckv_BxTxL = RMSNorm(c, eps, name='kv_norm')(dense(x_NxD, wkv_a)).reshape(B, T, Lkv)
+    krope_BxTx1xR = rope(dense(x_NxD, wk_rope).reshape(B, T, 1, R), positions_BxT, c, adt)
+    if self.decode:
+      out_BxTxHxV = self._cached(q_BxTxHxK, ckv_BxTxL.astype(adt), krope_BxTx1xR[:, :, 0], wk_b, wv_b)
+      if out_BxTxHxV is not None:
+        return self._out(out_BxTxHxV.astype(cdt), wo, dense)
     ckv_BxTxL = constrain(ckv_BxTxL, ('batch', kv_len, None))
-    krope_BxTx1xR = rope(dense(x_NxD, wk_rope).reshape(B, T, 1, R), positions_BxT, c.rope_theta, adt)
     krope_BxTx1xR = constrain(krope_BxTx1xR, ('batch', kv_len, None, None))
     Tk = ckv_BxTxL.shape[1]
     ckv_MxL = ckv_BxTxL.reshape(B * Tk, Lkv)
@@ -96,7 +115,37 @@ class MLAttention(nn.Module):
     out_BxTxHxK = context.causal_attention(ops.causal_attention, q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, segment_ids_BxT,
                                            block=c.attention_block, kv_full_length=kv_len is None,
                                            kv_heads='act_heads')
-    out_BxTxHxV = out_BxTxHxK.astype(cdt)[..., :V]
+    return self._out(out_BxTxHxK.astype(cdt)[..., :V], wo, dense)
+
+  def _out(self, out_BxTxHxV, wo_HxVxD, dense):
+    B, T, H, V = out_BxTxHxV.shape
+    D = wo_HxVxD.shape[-1]
     out_BxTxHxV = constrain(out_BxTxHxV, ('batch', 'length', 'act_heads', 'kv'))
-    out_BxTxD = dense(out_BxTxHxV.reshape(B * T, H * V), wo.reshape(H * V, D)).reshape(B, T, D)
+    out_BxTxD = dense(out_BxTxHxV.reshape(B * T, H * V), wo_HxVxD.reshape(H * V, D)).reshape(B, T, D)
     return constrain(out_BxTxD, ('batch', 'length', 'act_embed'))
+
+  def _cached(self, q_BxTxHxK, ckv_BxTxL, krope_BxTxR, wk_b_LxHxN, wv_b_LxHxV):
+    """Latent KV cache: init (model.init on a B x S input) creates B x S x Lkv latents and B x S x R rope keys
+    and returns None (plain attention); later calls write this chunk at slots index.. and attend, with the
+    absorbed up-projections, to the slots <= each query's own. RoPE positions equal slots (tools/decode.py)."""
+    c = self.config
+    N = c.mla.qk_nope_head_dim
+    ckv = self.variable('cache', 'ckv', jnp.zeros, ckv_BxTxL.shape, ckv_BxTxL.dtype)
+    krope = self.variable('cache', 'krope', jnp.zeros, krope_BxTxR.shape, krope_BxTxR.dtype)
+    index = self.variable('cache', 'index', lambda: jnp.zeros((), jnp.int32))
+    if self.is_initializing():
+      return None
+    ckv.value = jax.lax.dynamic_update_slice(ckv.value, ckv_BxTxL, (0, index.value, 0))
+    krope.value = jax.lax.dynamic_update_slice(krope.value, krope_BxTxR, (0, index.value, 0))
+    T, S = q_BxTxHxK.shape[1], ckv.value.shape[1]
+    adt, f32 = q_BxTxHxK.dtype, jnp.float32
+    # Queries into the latent space: q_nope Wk_b^T (H x Lkv per token); the rope part scores the shared key.
+    qlat_BxTxHxL = jnp.einsum('bthn,lhn->bthl', q_BxTxHxK[..., :N], wk_b_LxHxN.astype(adt),
+                              preferred_element_type=f32).astype(adt)
+    att_BxHxTxS = (jnp.einsum('bthl,bsl->bhts', qlat_BxTxHxL, ckv.value, preferred_element_type=f32)
+                   + jnp.einsum('bthr,bsr->bhts', q_BxTxHxK[..., N:], krope.value, preferred_element_type=f32))
+    mask_TxS = (index.value + jnp.arange(T))[:, None] >= jnp.arange(S)[None, :]
+    probs = jax.nn.softmax(jnp.where(mask_TxS, att_BxHxTxS, NEG_INF), axis=-1).astype(adt)
+    olat_BxTxHxL = jnp.einsum('bhts,bsl->bthl', probs, ckv.value, preferred_element_type=f32).astype(adt)
+    index.value = index.value + T
+    return jnp.einsum('bthl,lhv->bthv', olat_BxTxHxL, wv_b_LxHxV.astype(adt), preferred_element_type=f32)

@@ -1,7 +1,10 @@
 """Routed Mixture-of-Experts SwiGLU feed-forward (config.model.moe), with optional shared experts.
 
-Routing: float32 router logits -> softmax or sigmoid scores -> top-k experts per token (optionally
-renormalised to sum to 1). Dispatch paths (`moe.dispatch`; 'auto': capacity when capacity_factor > 0, else
+Routing (`route`, shared by every dispatch path): float32 router logits -> softmax or sigmoid scores ->
+optionally group-limited (DeepSeek-V3: n_group groups of contiguous experts, a token keeps its topk_group best
+groups, a group scored by the sum of its two best scores) -> top-k experts per token (optionally renormalised
+to sum to 1) -> gate weights x routed_scaling_factor (V3: 2.5).
+Dispatch paths (`moe.dispatch`; 'auto': capacity when capacity_factor > 0, else
 dropless_ep, which is plain dropless without an expert mesh axis > 1):
 
 - capacity (GShard/Switch style): each batch row is a group of T tokens; every expert takes at most
@@ -120,23 +123,42 @@ def _constrain_ep(x, names, rules):
   return constrain(x, names, rules=rules)
 
 
+def group_mask(moe, scores_NxE):
+  """DeepSeek-V3's group-limited (node-limited) routing: the experts (contiguous ids) form n_group groups, a
+  group scores the sum of its two best scores, and only the topk_group best groups stay eligible. Returns a
+  boolean [N, E] mask (all True when n_group = 1)."""
+  G, E = moe.n_group, moe.num_experts
+  if G <= 1:
+    return jnp.ones(scores_NxE.shape, bool)
+  lead = scores_NxE.shape[:-1]
+  per_group = scores_NxE.reshape(*lead, G, E // G)
+  group_scores = jnp.sum(jax.lax.top_k(per_group, 2)[0], axis=-1)
+  _, best = jax.lax.top_k(group_scores, moe.topk_group)
+  keep_G = jnp.sum(jax.nn.one_hot(best, G, dtype=jnp.int32), axis=-2) > 0
+  return jnp.repeat(keep_G, E // G, axis=-1)
+
+
 def route(config, logits_NxE, bias_E=None):
   """Top-k routing from float32 logits. Returns (weights_NxK, experts_NxK, probs_NxE).
 
-  bias_E (aux-free balancing) shifts the scores for choosing experts only; the gate weights stay the
-  unbiased scores of the chosen experts."""
+  bias_E (aux-free balancing) shifts the scores for choosing groups and experts only; the gate weights stay
+  the unbiased scores of the chosen experts, renormalised (moe.renormalize), then x moe.routed_scaling_factor.
+  Every dispatch path (capacity, dropless, dropless_ep) takes its experts and weights from here."""
   moe = config.moe
   if moe.gate == 'softmax':
     probs = jax.nn.softmax(logits_NxE, axis=-1)
   else:  # sigmoid (the schema allows these two)
     probs = jax.nn.sigmoid(logits_NxE)
-  if bias_E is None:
-    weights, experts = jax.lax.top_k(probs, moe.top_k)
-  else:
-    _, experts = jax.lax.top_k(probs + jax.lax.stop_gradient(bias_E), moe.top_k)
-    weights = jnp.take_along_axis(probs, experts, axis=-1)
+  choice = probs if bias_E is None else probs + jax.lax.stop_gradient(bias_E)
+  if moe.n_group > 1:
+    choice = jnp.where(group_mask(moe, jax.lax.stop_gradient(choice)), choice, -jnp.inf)
+  _, experts = jax.lax.top_k(choice, moe.top_k)
+  weights = jnp.take_along_axis(probs, experts, axis=-1)
   if moe.renormalize:
     weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + 1e-9)
+  scale = moe.routed_scaling_factor
+  if scale != 1.0:
+    weights = weights * scale
   return weights, experts, probs
 
 

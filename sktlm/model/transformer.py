@@ -16,7 +16,7 @@ import ml_collections
 
 from sktlm.config import layout
 from sktlm.model import attention, context, kernels, mup
-from sktlm.model.layers import Mlp, RMSNorm, dtype, param_init, rope
+from sktlm.model.layers import Mlp, RMSNorm, dtype, param_init, rope, softmax_scale_factor
 from sktlm.model.mla import MLAttention
 from sktlm.sharding import constrain
 
@@ -47,8 +47,9 @@ class Attention(nn.Module):
     k_BxTxGxK = ops.dense(x_NxD, wk.reshape(D, KV * K)).reshape(B, T, KV, K)
     v_BxTxGxK = ops.dense(x_NxD, wv.reshape(D, KV * K)).reshape(B, T, KV, K)
     adt = dtype(c.attention_dtype or c.dtype)
-    q_BxTxHxK = (rope(q_BxTxHxK, positions_BxT, c.rope_theta, jnp.float32) * mup.attention_scale(c, K)).astype(adt)
-    k_BxTxGxK = rope(k_BxTxGxK, positions_BxT, c.rope_theta, adt)
+    scale = mup.attention_scale(c, K) * softmax_scale_factor(c)  # SP: 1/sqrt(K) (x YaRN's mscale^2)
+    q_BxTxHxK = (rope(q_BxTxHxK, positions_BxT, c, jnp.float32) * scale).astype(adt)
+    k_BxTxGxK = rope(k_BxTxGxK, positions_BxT, c, adt)
     v_BxTxGxK = v_BxTxGxK.astype(adt)
     q_BxTxHxK = constrain(q_BxTxHxK, ('batch', 'length', 'act_heads', 'kv'))
     k_BxTxGxK = constrain(k_BxTxGxK, ('batch', 'length', 'act_kv_heads', 'kv'))
@@ -88,7 +89,7 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT):
     c = self.config
-    attn = MLAttention(c, name='attn') if c.attention == 'mla' else Attention(c, self.decode, name='attn')
+    attn = MLAttention(c, self.decode, name='attn') if c.attention == 'mla' else Attention(c, self.decode, name='attn')
     h = x_BxTxD + attn(RMSNorm(c, name='attn_norm')(x_BxTxD), positions_BxT, segment_ids_BxT)
     if self.use_moe:
       from sktlm.model.moe import MoEFeedForward  # floor 3 sibling; imported lazily so dense models never need it

@@ -40,7 +40,8 @@ def plan(config, target: Target, mfu: float = 0.4, compile: bool = True) -> dict
       seq_len=seq, batch_size=batch, grad_accum=config.train.grad_accum, tokens_per_step=tokens,
       dtype=mc.dtype, param_dtype=mc.param_dtype, remat=mc.remat,
       kernels=dict(kernels=mc.kernels, attention_impl=mc.attention_impl, scan_unroll=mc.scan_unroll),
-      params=flops.param_counts(mc), flops_per_token=fpt,
+      params=flops.param_counts(mc), flops_per_token=fpt, kv_cache=flops.kv_cache_per_token(mc),
+      routing_groups=flops.routing_groups(mc),
       analytic_flops_per_device=fpt['exact'] * tokens / n_dev,
   )
   refused = None

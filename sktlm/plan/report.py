@@ -63,6 +63,12 @@ def format_report(rep: dict, config_name: str = '') -> str:
                f"head {h(p['head'])}, non-embedding {h(p['non_embedding'])} (active {h(p['active_non_embedding'])})")
   lines.append(f"train FLOPs/token: 6N {h(f['6N'])}, exact {h(f['exact'])} (full TxT attention), "
                f"causal {h(f['causal'])}")
+  if 'kv_cache' in rep:
+    kv, cdt = rep['kv_cache'], 2 if rep['dtype'] in ('bfloat16', 'float16') else 4
+    kib = kv['cached'] * kv['layers'] * cdt / 1024
+    lines.append(f"decode KV cache per token: {kv['cached']:,} values/layer ({kib:.1f} KiB in {rep['dtype']} over "
+                 f"{kv['layers']} layers); expanded per-head k/v {kv['expanded']:,}, MHA of the same heads "
+                 f"{kv['mha']:,}")
   sb = rep['state_bytes']
   lines.append(f"per device, from the abstract state: params {_gib(sb['params'])}, optimizer state "
                f"{_gib(sb['opt_state'])}, grads {_gib(sb['grads'])} (params' shardings)")
@@ -81,6 +87,12 @@ def format_report(rep: dict, config_name: str = '') -> str:
       lines.append(f"fused kernels in the compiled step: {', '.join(rep['fused_kernels'])}")
     if rep.get('all_to_all_bytes_per_device'):
       lines.append(_all_to_all_line(rep))
+      if rep.get('routing_groups'):
+        g = rep['routing_groups']
+        lines.append(f"  group-limited routing: a token's {g['top_k']} experts lie in <= {g['topk_group']} of "
+                     f"{g['n_group']} groups ({g['experts_per_group']} experts each); the buffers above are per "
+                     f"(token, expert) slot, so the traced bytes do not depend on it (a per-group deduplicating "
+                     f"dispatch would send <= {g['topk_group']} copies of a token across groups, not {g['top_k']})")
   if 'compiler_refused' in rep:
     r = rep['compiler_refused']
     lines.append(f"compiled step ({rep['platform']}): refused by the compiler, temporaries {_gib(r['temp'])} exceed "

@@ -1,11 +1,14 @@
 """Sampling from a trained model: a jitted prefill of the prompt and a KV-cached decode loop (lax.while_loop).
 
 Static shapes: the cache holds B x S x G x K keys and values per layer (G = kv heads, so GQA caches G, not H,
-heads), S = prompt length + max_new_tokens, created by `model.init` in decode mode (sktlm/model/transformer.py,
-Attention._cached) and carried through the loop. Cache slot == RoPE position: the prompt fills slots
-0..P-1, the token generated at step i sits at slot P + i. A row stops at end of document (eos); the loop
-stops when every row has, or after max_new_tokens. Sharded like training: params keep their shardings from
-the mesh rules; samples are replicated (the batch axis is not split, a handful of rows would not divide it).
+heads; MLA caches the B x S x (kv_lora_rank + qk_rope_head_dim) latents, sktlm/model/mla.py), S = prompt length +
+max_new_tokens, created by `model.init` in decode mode (sktlm/model/transformer.py, Attention._cached) and
+carried through the loop. MoE models route with the train state's `model_state` (the aux-free routing
+biases): without it they would route as if the bias were zero, not as trained. Cache slot == RoPE position: the
+prompt fills slots 0..P-1, the token generated at step i sits at slot P + i. A row stops at end of document
+(eos); the loop stops when every row has, or after max_new_tokens. Sharded like training: params keep their
+shardings from the mesh rules; samples are replicated (the batch axis is not split, a handful of rows would not
+divide it).
 """
 
 from __future__ import annotations
@@ -80,18 +83,19 @@ class Sampler:
     shapes = jax.eval_shape(lambda: self.model.init(jax.random.PRNGKey(0), jnp.zeros((self.B, self.S), jnp.int32)))
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), nn.meta.unbox(shapes['cache']))
 
-  def _apply(self, params, cache, tokens_BxT, start):
+  def _apply(self, params, model_state, cache, tokens_BxT, start):
     T = tokens_BxT.shape[1]
     positions_BxT = jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32), (self.B, T))
-    (logits_BxTxV, _), mutated = self.model.apply({'params': params, 'cache': cache}, tokens_BxT, positions_BxT,
-                                                  mutable=['cache'])
+    variables = {'params': params, **(model_state or {}), 'cache': cache}
+    (logits_BxTxV, _), mutated = self.model.apply(variables, tokens_BxT, positions_BxT, mutable=['cache'])
     return logits_BxTxV, mutated['cache']
 
-  def _prefill(self, params, prompt_BxP):
-    logits_BxPxV, cache = self._apply(params, self.empty_cache(), prompt_BxP, 0)
+  def _prefill(self, params, prompt_BxP, model_state=None):
+    """model_state: TrainState.model_state (MoE routing biases), {} / None for models without one."""
+    logits_BxPxV, cache = self._apply(params, model_state, self.empty_cache(), prompt_BxP, 0)
     return logits_BxPxV[:, -1], cache
 
-  def _decode(self, params, cache, last_logits_BxV, rng):
+  def _decode(self, params, cache, last_logits_BxV, rng, model_state=None):
     """Returns (tokens_BxN, lengths_B, logits_BxNxV of every step: what each token was sampled from)."""
     opts, B, N = self.opts, self.B, self.opts.max_new_tokens
     V = last_logits_BxV.shape[-1]
@@ -107,7 +111,7 @@ class Sampler:
       out_BxN = out_BxN.at[:, i].set(tok_B)
       all_logits = all_logits.at[:, i if opts.keep_logits else 0].set(logits_BxV)
       done_B = done_B | (tok_B == opts.eos_id)
-      next_logits, cache = self._apply(params, cache, tok_B[:, None], self.P + i)
+      next_logits, cache = self._apply(params, model_state, cache, tok_B[:, None], self.P + i)
       return i + 1, cache, next_logits[:, 0], out_BxN, done_B, rng, all_logits
 
     init = (jnp.zeros((), jnp.int32), cache, last_logits_BxV, jnp.full((B, N), opts.pad_id, jnp.int32),
@@ -117,18 +121,20 @@ class Sampler:
     first_eos_B = jnp.where(jnp.any(is_eos, axis=1), jnp.argmax(is_eos, axis=1) + 1, n)
     return out_BxN, first_eos_B, all_logits
 
-  def __call__(self, params, prompt_BxP, rng, timings: dict | None = None):
+  def __call__(self, params, prompt_BxP, rng, timings: dict | None = None, model_state=None):
     """Generates; returns (tokens_BxN, lengths_B, step_logits_BxNxV) as numpy. `timings` gets seconds and
-    token counts for prefill and decode (compile excluded: both are compiled first)."""
+    token counts for prefill and decode (compile excluded: both are compiled first). `model_state`: the
+    train state's (MoE routing biases; needed to sample an aux-free MoE model as trained)."""
     prompt_BxP = jnp.asarray(prompt_BxP, jnp.int32)
+    model_state = model_state or {}
     t0 = time.perf_counter()
-    prefill = self.prefill.lower(params, prompt_BxP).compile()
-    logits_BxV, cache = jax.eval_shape(self.prefill, params, prompt_BxP)
-    decode = self.decode.lower(params, cache, logits_BxV, rng).compile()
+    prefill = self.prefill.lower(params, prompt_BxP, model_state).compile()
+    logits_BxV, cache = jax.eval_shape(self.prefill, params, prompt_BxP, model_state)
+    decode = self.decode.lower(params, cache, logits_BxV, rng, model_state).compile()
     t1 = time.perf_counter()
-    logits_BxV, cache = jax.block_until_ready(prefill(params, prompt_BxP))
+    logits_BxV, cache = jax.block_until_ready(prefill(params, prompt_BxP, model_state))
     t2 = time.perf_counter()
-    out = jax.device_get(decode(params, cache, logits_BxV, rng))
+    out = jax.device_get(decode(params, cache, logits_BxV, rng, model_state))
     t3 = time.perf_counter()
     if timings is not None:
       timings.update(compile_s=t1 - t0, prefill_s=t2 - t1, decode_s=t3 - t2, prefill_tokens=self.B * self.P,
