@@ -106,6 +106,8 @@ def get_config(size: str = 'tiny') -> ml_collections.ConfigDict:
       async_checkpoint=True,
       init_from='',           # workdir of another run: start from its checkpoint (e.g. WSD decay branch)
       init_step=-1,           # which step of init_from (-1: latest)
+      resume_step=-1,         # restore this step of the workdir's own checkpoints (-1: the newest that restores);
+                              # the newer ones are moved to checkpoints.quarantine/ (never deleted), once
       spike_factor=0.0,       # loss-spike policy (0: off): a step loss above factor x the mean of the last
                               # spike_window step losses rolls back to the last checkpoint, skipping the batches
       spike_window=50,        # step losses in the running window (the check starts once it is full)
