@@ -27,42 +27,43 @@ TMP_MARK = '.orbax-checkpoint-tmp'
 QUARANTINE = 'checkpoints.quarantine'  # beside the checkpoints folder: Orbax never lists or prunes it
 
 
-class _NeverRetrieved(logging.Filter):
-  """Drops asyncio's "Task exception was never retrieved" reports: after a failed read, Orbax/TensorStore
-  leave their sibling read tasks' exceptions unretrieved; the failure itself is reported once, by us."""
-
-  def filter(self, record):
-    return 'never retrieved' not in str(record.msg)
-
-
-_QUIET_ASYNCIO = _NeverRetrieved()
-
-
-def _orphan_noise(exc) -> bool:
-  """The echoes of one failed read: its sibling reads' errors (collected unretrieved) and TensorStore's
-  completions of them, posted to the event loop Orbax has closed by then."""
+def _echo(exc) -> bool:
+  """An echo of a storage failure that sktlm reports itself, once: a failed read's sibling reads, a failed
+  write's sibling writes (and Orbax's background-thread logs of them), and TensorStore completions posted to
+  the event loop Orbax has closed by then."""
+  if exc is None:
+    return False
   text = str(exc)
-  return text == 'Event loop is closed' or text.startswith('Encountered error while reading array')
+  return (text == 'Event loop is closed' or text.startswith('Encountered error while reading array')
+          or io_error(exc) is not None)
 
 
-def _silence_orphans() -> None:
-  """After a failed read, for the rest of the process: its echoes (they arrive from TensorStore threads at
-  any later time, through sys.excepthook / sys.unraisablehook) are dropped; every other report passes."""
-  if getattr(sys.excepthook, 'sktlm_orphans', False):
+class _Echoes(logging.Filter):
+  def filter(self, record):
+    return not (record.exc_info and _echo(record.exc_info[1]))
+
+
+def _silence_echoes() -> None:
+  """For the process (idempotent): storage-failure echoes of Orbax/TensorStore/asyncio are dropped, from the
+  absl and asyncio loggers and from sys.excepthook / sys.unraisablehook (TensorStore threads and garbage-
+  collected tasks report through those, at any later time). Every other report passes; the failure itself
+  reaches the user as one line (a UserError), and any other Orbax error still raises with its traceback."""
+  if getattr(sys.excepthook, 'sktlm_echoes', False):
     return
   prev_except, prev_unraisable = sys.excepthook, sys.unraisablehook
 
   def excepthook(t, v, tb):
-    if not _orphan_noise(v):
+    if not _echo(v):
       prev_except(t, v, tb)
 
   def unraisablehook(u):
-    if not _orphan_noise(u.exc_value):
+    if not _echo(u.exc_value):
       prev_unraisable(u)
 
-  excepthook.sktlm_orphans = True
+  excepthook.sktlm_echoes = True
   sys.excepthook, sys.unraisablehook = excepthook, unraisablehook
-  logging.getLogger('asyncio').addFilter(_QUIET_ASYNCIO)
+  for name in ('absl', 'asyncio'):
+    logging.getLogger(name).addFilter(_Echoes())
 
 
 @contextlib.contextmanager
@@ -74,8 +75,7 @@ def _quiet_failed_reads():
   try:
     yield
   except BaseException:
-    _silence_orphans()
-    gc.collect()  # the orphaned tasks go now, quietly
+    gc.collect()  # the orphaned tasks go now (quietly: _silence_echoes)
     raise
   finally:
     absl_log.setLevel(level)
@@ -109,6 +109,7 @@ def verify(step_dir: str) -> str:
   import numpy as np
   import orbax.checkpoint as ocp
   state = os.path.join(step_dir, 'state')
+  _silence_echoes()
   with _quiet_failed_reads():
     try:
       ck = ocp.PyTreeCheckpointer()
@@ -149,6 +150,7 @@ class Checkpointer:
   def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True, read_only: bool = False):
     import jax
     import orbax.checkpoint as ocp  # here, so the folder helpers above serve jax-free tools (sktlm doctor)
+    _silence_echoes()
     self.directory = os.path.abspath(directory)
     if not read_only and jax.process_index() == 0:
       remove_tmp_folders(self.directory)  # saves killed midway (no save is in flight before this one starts)

@@ -360,7 +360,10 @@ def run(config, workdir: str) -> int:
   t_start = time.time()
   _start_distributed(config)
   p = prepare(config, workdir)
-  write_run_files(p)
+  try:
+    write_run_files(p)
+  except OSError as e:  # a full disk at the start: one line
+    raise UserError(f'cannot write {io_error(e)}; {last_good(os.path.join(workdir, "checkpoints"))}') from None
   t, B, T = config.train, config.train.batch_size, config.data.seq_len
   ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), keep=t.keep_checkpoints, async_save=t.async_checkpoint)
   state, start, origin = restore_or_init(p, ckpt)
