@@ -182,7 +182,8 @@ rm "$FS/filler"
 
 
 def _mount_namespace() -> list[str]:
-  """A private mount namespace to mount a tmpfs in: as root, or as a user mapped to root (user namespaces)."""
+  """A private mount namespace to mount a tmpfs in: as root, or as a user mapped to root (user namespaces).
+  Without either the test skips, which SKTLM_CI (conftest) turns into a failure."""
   for cmd in (['unshare', '-m'], ['unshare', '-rm']):
     try:
       if subprocess.run([*cmd, 'sh', '-c', 'mount -t tmpfs -o size=1m tmpfs /mnt'], capture_output=True,
@@ -190,8 +191,6 @@ def _mount_namespace() -> list[str]:
         return cmd
     except (OSError, subprocess.TimeoutExpired):
       pass
-  if os.environ.get('SKTLM_CI'):
-    pytest.fail('CI must check the full-disk claim: neither `unshare -m` nor `unshare -rm` can mount a tmpfs')
   pytest.skip('no mount namespace for a small tmpfs (needs root or unprivileged user namespaces)')
 
 
