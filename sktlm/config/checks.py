@@ -16,7 +16,7 @@ _AT_LEAST = (
     ('train.steps', 1), ('train.batch_size', 1), ('train.grad_accum', 1), ('train.log_every', 1),
     ('train.eval_every', 1), ('train.checkpoint_every', 1), ('train.eval_batches', 0),
     ('train.keep_checkpoints', 0), ('train.spike_factor', 0), ('train.spike_window', 1),
-    ('train.spike_max_rollbacks', 0),
+    ('train.spike_max_rollbacks', 0), ('train.resume_step', -1),
     ('model.n_layers', 1), ('model.d_model', 1), ('model.n_heads', 1), ('model.n_kv_heads', 1),
     ('model.d_ff', 1), ('model.head_dim', 0), ('model.vocab_size', 0), ('model.vocab_multiple', 1),
     ('model.init_std', 0), ('model.z_loss', 0),
