@@ -81,7 +81,10 @@ class MetricsWriter:
       return
     if self._tty:
       print(file=sys.stderr)
-    self._file.close()
+    try:
+      self._file.close()
+    except OSError as e:  # the flush of a record that did not fit
+      raise OSError(e.errno, e.strerror, self.path) from None
     if self._tb is not None:
       self._tb.close()
 
