@@ -221,7 +221,10 @@ class Checkpointer:
       except Exception as e:  # noqa: BLE001 - judged below, once an older step did or did not restore
         bad.append((step, one_line(e)))
         continue
-      bad = [(b, err, quarantine(self.directory, b, 'corrupt')) for b, err in bad]
+      import jax
+      lead = jax.process_index() == 0  # one mover on a shared filesystem
+      bad = [(b, err, quarantine(self.directory, b, 'corrupt') if lead else quarantine_dir(self.directory))
+             for b, err in bad]
       if bad:
         self._manager.reload()
       return state, data_state, step, bad
