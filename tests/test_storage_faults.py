@@ -174,11 +174,11 @@ mount -t tmpfs -o size=16m tmpfs "$FS" || exit 90
 cp -r "$SRC" "$FS/w"
 avail=$(df -k --output=avail "$FS" | tail -1)
 dd if=/dev/zero of="$FS/filler" bs=1k count=$((avail - 400)) 2>/dev/null
-"$PY" -m sktlm.cli train "$@" > "$OUT/1.out" 2> "$OUT/1.err"; echo $? > "$OUT/1.rc"
+"$PY" -m sktlm.cli "$@" > "$OUT/1.out" 2> "$OUT/1.err"; echo $? > "$OUT/1.rc"
 find "$FS/w" > "$OUT/1.files"
 "$PY" -m sktlm.cli doctor "$FS/w" --deep > "$OUT/2.out" 2>&1; echo $? > "$OUT/2.rc"
 rm "$FS/filler"
-"$PY" -m sktlm.cli train "$@" > "$OUT/3.out" 2> "$OUT/3.err"; echo $? > "$OUT/3.rc"
+"$PY" -m sktlm.cli "$@" > "$OUT/3.out" 2> "$OUT/3.err"; echo $? > "$OUT/3.rc"
 '''
 
 
