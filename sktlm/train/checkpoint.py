@@ -52,8 +52,8 @@ def _silence_echoes() -> None:
     return
   prev_except, prev_unraisable = sys.excepthook, sys.unraisablehook
 
-  def excepthook(t, v, tb):
-    if not _echo(v):
+  def excepthook(t, v, tb):  # only TensorStore's posts to a closed loop: an uncaught error is never hidden
+    if not (isinstance(v, RuntimeError) and str(v) == 'Event loop is closed'):
       prev_except(t, v, tb)
 
   def unraisablehook(u):
