@@ -75,8 +75,8 @@ def test_corrupt_newest_checkpoint_is_quarantined_and_the_run_resumes_from_the_o
                                                                                         tmp_path):
   wd = copy(trained, tmp_path)
   cut = truncate(os.path.join(wd, 'checkpoints', '4'))
-  r = run_cli(*cli_args(data_dir, wd, 6))
-  assert r.returncode == 0, r.stderr[-3000:]
+  r = run_cli(*cli_args(data_dir, wd, 6), env={'XLA_FLAGS': ''})  # one device, as a user's run (its failed
+  assert r.returncode == 0, r.stderr[-3000:]                       # read leaves the echoes to silence)
   said = [x for x in r.stdout.splitlines() if 'corrupt' in x]
   assert len(said) == 1, r.stdout
   assert 'checkpoint step 4 is corrupt' in said[0] and 'resuming from step 2' in said[0]
@@ -84,9 +84,11 @@ def test_corrupt_newest_checkpoint_is_quarantined_and_the_run_resumes_from_the_o
   assert q in said[0] and listing(q) == cut  # moved whole, never deleted
   assert not [x for x in NOISE if x in r.stderr], r.stderr[-3000:]
   assert steps_on_disk(os.path.join(wd, 'checkpoints')) == [2, 4, 6]
-  # Resumed from step 2 with its data position: steps 3 and 4 come out bit for bit as in the first attempt.
+  # Resumed from step 2 with its data position: steps 3 and 4 repeat the first attempt's losses (to float32
+  # reduction order: that attempt ran on 8 devices; another batch would differ by ~1e-2).
   first, second = train_losses(wd, 0), train_losses(wd, 1)
-  assert sorted(second) == [3, 4, 5, 6] and second[3] == first[3] and second[4] == first[4]
+  assert sorted(second) == [3, 4, 5, 6]
+  assert second[3] == pytest.approx(first[3], rel=1e-5) and second[4] == pytest.approx(first[4], rel=1e-5)
   assert json.load(open(os.path.join(wd, 'summary.json')))['status'] == 'done'
 
 

@@ -394,6 +394,7 @@ def run(config, workdir: str) -> int:
     with _StopFlag() as stop:
       trainer.train(stop)
       stopped = trainer.finish(stop)
+    ckpt.wait()  # the final save is on disk (or its I/O error raised) before the summary says done
     if stopped:
       summary.update(status='preempted', message=stopped)
       exit_code = PREEMPTED_EXIT_CODE
@@ -404,6 +405,9 @@ def run(config, workdir: str) -> int:
     kept = f'last good checkpoint kept: step {kept}' if kept is not None else 'no checkpoint was saved before'
     summary.update(status='diverged', message=f'{e}; {kept}')
     raise UserError(summary['message']) from None
+  except UserError as e:  # e.g. a save that hit a full disk (checkpoint.py words it)
+    summary.update(status='failed', message=str(e)[:2000])
+    raise
   except Exception as e:
     summary.update(status='failed', message=f'{type(e).__name__}: {e}'[:2000])
     io = io_error(e)
