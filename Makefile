@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 SWEEP_DIR ?= runs/model_sizes
 
-.PHONY: main test test-all test-tpu setup setup-test lint bench clean
+.PHONY: main test test-all test-tpu test-ci setup setup-test lint bench clean
 TPU_EXTRA ?= .tpu-extra
 
 $(BIN)/python:
@@ -27,11 +27,16 @@ main: setup
 test: setup-test
 	$(BIN)/python -m pytest -q -n 2 -m "not slow"
 
-# AOT compile of a reduced flagship for a v5p topology: needs libtpu (684 MB), kept out of the venv so that
-# ordinary jax processes do not probe for TPUs.
+# AOT compiles of the reduced flagship for a v5p topology (plain and context-parallel): need libtpu (684 MB),
+# kept out of the venv so that ordinary jax processes do not probe for TPUs.
 test-tpu: setup-test
 	$(BIN)/python -m pip install -q --target $(TPU_EXTRA) --no-deps 'libtpu==0.0.42.*'
-	PYTHONPATH=$(TPU_EXTRA) $(BIN)/python -m pytest -q -m slow tests/test_plan.py -k v5p
+	SKTLM_CI=1 PYTHONPATH=$(TPU_EXTRA) $(BIN)/python -m pytest -q -m slow tests/test_plan.py tests/test_context.py -k v5p
+
+# CI (.ci/run): every other test, the slow ones included (some are the only check of a claim), with
+# SKTLM_CI=1: a missing extra, a broken import or any skip fails (tests/conftest.py).
+test-ci: setup-test
+	SKTLM_CI=1 $(BIN)/python -m pytest -q -n 2 -k 'not v5p' --durations=25
 
 test-all: setup-test
 	$(BIN)/python -m pytest -q

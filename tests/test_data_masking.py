@@ -3,13 +3,12 @@
 import os
 
 import numpy as np
-import pytest
 
 from sktlm import data
 from sktlm.config import load as configs
+from sktlm.model import transformer as model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-model = pytest.importorskip('sktlm.model.transformer')
 
 
 def test_logits_independent_of_other_documents_in_the_row(tmp_path):

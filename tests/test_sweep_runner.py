@@ -353,3 +353,32 @@ def test_local_ray_cluster_listens_on_loopback_only_without_telemetry(tmp_path):
   assert {'gcs_server', 'raylet'} <= names, out  # the servers were seen, so the check below means something
   assert all(ip in ('127.0.0.1', '::1', '::ffff:127.0.0.1') for ip, _, _ in out['listen']), out['listen']
   assert out['usage_stats'] is False and out['env'] == '0'
+
+
+RAY_IMPORTED_FIRST = r'''
+import json, os
+os.environ.pop('RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER', None)  # Ray's default: the external address
+import ray  # a notebook that imported Ray before sktlm: the variables Ray reads at import were not set
+from sktlm.errors import UserError
+from sktlm.sweep.ray_backend import RayBackend
+try:
+  RayBackend('', 0, 1, log=lambda *a: None)
+  print(json.dumps({'refused': '', 'initialized': ray.is_initialized()}))
+  ray.shutdown()
+except UserError as e:
+  print(json.dumps({'refused': str(e), 'initialized': ray.is_initialized()}))
+'''
+
+
+def test_local_ray_cluster_is_refused_when_ray_was_imported_first(tmp_path):
+  """Ray takes "single node on loopback" from variables it reads at import: after an earlier `import ray`
+  (before: servers on every interface and the external address) the local cluster is refused, before any
+  Ray process starts, with one line saying what to set."""
+  pytest.importorskip('ray')
+  script = tmp_path / 'imported_first.py'
+  script.write_text(RAY_IMPORTED_FIRST)
+  p = run_cli(sys.executable, str(script), timeout=300)
+  assert p.returncode == 0, p.stderr[-3000:]
+  out = json.loads(p.stdout.strip().splitlines()[-1])
+  assert 'Ray was imported before sktlm could keep its local cluster on 127.0.0.1' in out['refused'], out
+  assert 'RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0' in out['refused'] and out['initialized'] is False

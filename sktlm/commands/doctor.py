@@ -7,7 +7,10 @@ whose summary says done without their losses, results.csv that disagrees with re
 of results.csv without losses. `--fix` repairs what is safe (removes stale locks, temp files and temp
 folders when no live process holds the run, cuts the partial metrics line, re-renders results.csv from
 results.json); a done run without its losses is completed by rerunning `sktlm train` (or the sweep) on it.
-Exit code 0 when nothing is left to fix, 1 otherwise. Never imports jax.
+`--deep` also reads every array of every checkpoint (Orbax, into host memory, one array at a time: no mesh,
+no config) and reports the ones that do not read back; `--fix` moves those to `checkpoints.quarantine/`
+(never deletes), so the next `sktlm train` resumes from the newest good one.
+Exit code 0 when nothing is left to fix, 1 otherwise. Imports jax only with --deep.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from absl import flags
 _WORKDIR = flags.DEFINE_string('workdir', None, 'a run folder to check')
 _SWEEP_DIR = flags.DEFINE_string('sweep_dir', None, 'a sweep folder to check (its runs too)')
 _FIX = flags.DEFINE_bool('fix', False, 'repair what is safe to repair')
+_DEEP = flags.DEFINE_bool('deep', False, 'also read every array of every checkpoint (finds corrupt ones)')
 
 
 def _is_run(path: str) -> bool:
@@ -28,8 +32,8 @@ def _is_run(path: str) -> bool:
 
 
 class Report:
-  def __init__(self, fix: bool):
-    self.fix, self.left, self.fixed = fix, 0, 0
+  def __init__(self, fix: bool, deep: bool = False):
+    self.fix, self.deep, self.left, self.fixed = fix, deep, 0, 0
 
   def problem(self, path: str, text: str, repair=None, advice: str = ''):
     """One finding; `repair` (a callable) runs with --fix."""
@@ -77,8 +81,18 @@ def check_run(run_dir: str, rep: Report) -> None:
     rep.problem(os.path.join(run_dir, 'summary.json'), f'status done but incomplete: {", ".join(bad)}',
                 advice='rerun the same `sktlm train` command (or the sweep): it completes the summary')
   steps = checkpoint.steps_on_disk(ck)
+  if rep.deep:
+    for step in steps:
+      bad = checkpoint.verify(os.path.join(ck, str(step)))
+      if bad and live:
+        rep.problem(os.path.join(ck, str(step)), f'corrupt checkpoint: {bad}', advice=f'held by {locks.describe(info)}')
+      elif bad:
+        rep.problem(os.path.join(ck, str(step)), f'corrupt checkpoint (to {checkpoint.QUARANTINE}/): {bad}',
+                    lambda st=step: checkpoint.quarantine(ck, st, 'corrupt'))
+    steps = checkpoint.steps_on_disk(ck)
   if s and s.get('status') == 'done' and steps and steps[-1] != s.get('step'):
-    rep.problem(ck, f'latest checkpoint step {steps[-1]} != summary step {s.get("step")}')
+    rep.problem(ck, f'latest checkpoint step {steps[-1]} != summary step {s.get("step")}',
+                advice='rerun the same `sktlm train` command: it trains on from the latest checkpoint')
 
 
 def check_sweep(sweep_dir: str, rep: Report) -> None:
@@ -109,11 +123,11 @@ def main(argv):
   from sktlm.errors import UserError
   given = [p for p in (_WORKDIR.value, _SWEEP_DIR.value) if p] + argv[1:]
   if len(given) != 1:
-    raise UserError('usage: sktlm doctor --workdir=RUN | --sweep_dir=SWEEP [--fix] (or the folder alone)')
+    raise UserError('usage: sktlm doctor --workdir=RUN | --sweep_dir=SWEEP [--deep] [--fix] (or the folder alone)')
   path = given[0]
   if not os.path.isdir(path):
     raise UserError(f'{path}: not a folder')
-  rep = Report(_FIX.value)
+  rep = Report(_FIX.value, _DEEP.value)
   if _is_run(path):
     check_run(path, rep)
   else:

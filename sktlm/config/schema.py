@@ -206,6 +206,9 @@ KEYS = (
     K('train.init_from',          '',           None,         OK,     'workdir of another run: start from its '
                                                                       'checkpoint (e.g. WSD decay branch)'),
     K('train.init_step',          -1,           None,         OK,     'which step of init_from (-1: latest)'),
+    K('train.resume_step',        -1,           '>=-1',       OK,     'restore this step of the run\'s own checkpoints '
+                                                                      '(-1: the newest that restores); newer ones are '
+                                                                      'moved to checkpoints.quarantine/, once'),
     K('train.spike_factor',       0.0,          '>=0',        OK,     'loss-spike policy (0: off, else > 1): a step '
                                                                       'loss above factor x the window mean rolls '
                                                                       'back to the last checkpoint'),

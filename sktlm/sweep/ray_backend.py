@@ -4,13 +4,17 @@ records in the run directory. The sweep directory must be on a filesystem all Ra
 
 `ray.init()` starts a local cluster bound to 127.0.0.1 (nothing listens on other interfaces: a Ray port
 runs code for whoever reaches it), with usage-stats telemetry off; `address` joins an existing one
-('auto' or 'ray://host:10001'), whose network exposure is its owner's choice.
+('auto' or 'ray://host:10001'), whose network exposure is its owner's choice. Ray decides "single node on
+loopback" from variables it reads at `import ray` (no `ray.init` argument does it: `_node_ip_address` alone
+leaves the driver looking for the node at the external address), so in a process that imported Ray before
+them (a notebook) starting a local cluster is refused with one line that says how to do it.
 Tasks are never retried by Ray (max_retries=0): a rerun of the sweep resumes them instead, under the lock.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 
 from sktlm.errors import UserError
 
@@ -19,6 +23,12 @@ LOCAL_ENV = {
     'RAY_USAGE_STATS_PROMPT_ENABLED': '0',
     'RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER': '0',  # single node: its address is the loopback one
 }
+
+
+def _cluster_mode(ray) -> bool:
+  """Whether this process's Ray took the multi-node (external address) mode at import."""
+  from ray._private import ray_constants
+  return bool(getattr(ray_constants, 'ENABLE_RAY_CLUSTER', True))
 
 
 def _run_task(task: dict) -> dict:
@@ -30,6 +40,7 @@ class RayBackend:
   name = 'ray'
 
   def __init__(self, address: str = '', parallel: int = 0, num_cpus: int | None = None, log=print):
+    imported_before = 'ray' in sys.modules
     os.environ.update(LOCAL_ENV)  # before `import ray`: it reads them at import and in every process it starts
     try:
       import ray
@@ -37,6 +48,11 @@ class RayBackend:
       raise UserError('--backend=ray needs Ray: pip install "ray[default]==2.60.0" (or: pip install '
                       "'sktlm[ray]')") from e
     self.ray = ray
+    if not address and imported_before and not ray.is_initialized() and _cluster_mode(ray):
+      raise UserError('Ray was imported before sktlm could keep its local cluster on 127.0.0.1: set '
+                      'RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 and RAY_USAGE_STATS_ENABLED=0 before `import ray`, '
+                      'or start a cluster bound to loopback (`ray start --head --node-ip-address=127.0.0.1`) '
+                      'and join it (--ray_address=auto)')
     self.parallel = parallel if parallel > 0 else 1 << 30
     kwargs = dict(include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
     if address:

@@ -14,6 +14,7 @@ import json
 import os
 
 from sktlm import files, run_row
+from sktlm.errors import UserError
 from sktlm.sweep import execute
 from sktlm.sweep.schedule import PlannedRun
 
@@ -74,10 +75,17 @@ def csv_text(rows: list[dict]) -> str:
 
 
 def write(rows: list[dict], sweep_dir: str):
+  """Both files, atomically. An I/O error (a full disk) is one UserError naming the file: the earlier
+  version of each file stays whole (files.write_text), and so do the runs' own files."""
   os.makedirs(sweep_dir, exist_ok=True)
   text = files.dumps(rows)
-  files.write_text(os.path.join(sweep_dir, 'results.json'), text)
-  files.write_text(os.path.join(sweep_dir, 'results.csv'), csv_text(json.loads(text)))  # exactly as re-read
+  for name, content in (('results.json', text), ('results.csv', csv_text(json.loads(text)))):  # csv: as re-read
+    path = os.path.join(sweep_dir, name)
+    try:
+      files.write_text(path, content)
+    except OSError as e:
+      raise UserError(f'cannot write {path}: [Errno {e.errno}] {e.strerror}; the earlier {name} and every '
+                      "run's own files are intact (free space and rerun the sweep: it rewrites both)") from None
 
 
 def consistent(sweep_dir: str) -> str:

@@ -8,6 +8,7 @@ same command picks up where a killed one stopped.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import os
 import queue
 import sys
@@ -183,8 +184,9 @@ def run_sweep(runs: list[PlannedRun], sweep_dir: str, backend, *, common: dict |
         display.event(_describe(res, by_name[name], time.time() - started[name]))
         write_results()
       display.update(views, header)
-  except KeyboardInterrupt:
-    display.event('interrupted: stopping runs (they resume from their checkpoints on the next start)')
+  except (KeyboardInterrupt, UserError) as e:  # UserError: results.csv/json could not be written (disk full)
+    display.event(f'{"interrupted" if isinstance(e, KeyboardInterrupt) else e}: stopping runs (they resume '
+                  'from their checkpoints on the next start)')
     backend.interrupt(list(inflight))
     for h in list(inflight):
       name = inflight.pop(h)
@@ -195,7 +197,8 @@ def run_sweep(runs: list[PlannedRun], sweep_dir: str, backend, *, common: dict |
       state[name] = (res or {}).get('status', 'interrupted')
       if res:
         last[name] = res
-    write_results()
+    with contextlib.suppress(UserError):  # the results files may be what failed
+      write_results()
     raise
   finally:
     backend.close()

@@ -4,16 +4,122 @@ One CheckpointManager per run directory (`W/checkpoints`): async saves, keep-las
 (the sharded TrainState; restored onto any mesh via the target shardings) and an item `data` (the data
 iterator's JSON state), so a restart continues the exact token stream. A save killed midway leaves a
 `<step>.orbax-checkpoint-tmp*` folder; the next writer removes them when it opens the folder.
+
+Storage faults: a checkpoint that does not restore (truncated files: a failing disk, a bad copy) is moved to
+`W/checkpoints.quarantine/<step>.corrupt` once an older one has restored (so a config mismatch, which fails
+every step alike, never moves anything); `verify` reads every array of a step (`sktlm doctor --deep`). An
+I/O error during a save (ENOSPC) removes the save's temp folder and raises one UserError naming the path and
+the last good checkpoint; older checkpoints are untouched (Orbax prunes only after a save commits).
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import logging
 import os
 import shutil
+import sys
 
 from sktlm.errors import UserError
 
 TMP_MARK = '.orbax-checkpoint-tmp'
+QUARANTINE = 'checkpoints.quarantine'  # beside the checkpoints folder: Orbax never lists or prunes it
+
+
+def _echo(exc) -> bool:
+  """An echo of a storage failure that sktlm reports itself, once: a failed read's sibling reads, a failed
+  write's sibling writes (and Orbax's background-thread logs of them), and TensorStore completions posted to
+  the event loop Orbax has closed by then."""
+  if exc is None:
+    return False
+  text = str(exc)
+  return (text == 'Event loop is closed' or text.startswith('Encountered error while reading array')
+          or io_error(exc) is not None)
+
+
+class _Echoes(logging.Filter):
+  def filter(self, record):
+    return not (record.exc_info and _echo(record.exc_info[1]))
+
+
+def _silence_echoes() -> None:
+  """For the process (idempotent): storage-failure echoes of Orbax/TensorStore/asyncio are dropped, from the
+  absl and asyncio loggers and from sys.excepthook / sys.unraisablehook (TensorStore threads and garbage-
+  collected tasks report through those, at any later time). Every other report passes; the failure itself
+  reaches the user as one line (a UserError), and any other Orbax error still raises with its traceback."""
+  if getattr(sys.excepthook, 'sktlm_echoes', False):
+    return
+  prev_except, prev_unraisable = sys.excepthook, sys.unraisablehook
+
+  def excepthook(t, v, tb):  # only TensorStore's posts to a closed loop: an uncaught error is never hidden
+    if not (isinstance(v, RuntimeError) and str(v) == 'Event loop is closed'):
+      prev_except(t, v, tb)
+
+  def unraisablehook(u):
+    if not _echo(u.exc_value):
+      prev_unraisable(u)
+
+  excepthook.sktlm_echoes = True
+  sys.excepthook, sys.unraisablehook = excepthook, unraisablehook
+  for name in ('absl', 'asyncio'):
+    logging.getLogger(name).addFilter(_Echoes())
+
+
+@contextlib.contextmanager
+def _quiet_failed_reads():
+  """Around a read that may fail: one error, not a flood of echoes; no absl warnings about missing metadata."""
+  absl_log = logging.getLogger('absl')
+  level = absl_log.level
+  absl_log.setLevel(logging.ERROR)
+  try:
+    yield
+  except BaseException:
+    gc.collect()  # the orphaned tasks go now (quietly: _silence_echoes)
+    raise
+  finally:
+    absl_log.setLevel(level)
+
+
+def one_line(e: BaseException, limit: int = 300) -> str:
+  """`Type: first words` of an exception, on one line (TensorStore messages run to kilobytes)."""
+  text = str(e).split('. See full TensorStore details')[0]
+  return f'{type(e).__name__}: {" ".join(text.split())[:limit]}'
+
+
+def quarantine_dir(directory: str) -> str:
+  return os.path.join(os.path.dirname(os.path.abspath(directory)), QUARANTINE)
+
+
+def quarantine(directory: str, step: int, why: str) -> str:
+  """Moves `directory/step` to `<workdir>/checkpoints.quarantine/<step>.<why>[.n]` (never deletes); returns it."""
+  qdir = quarantine_dir(directory)
+  os.makedirs(qdir, exist_ok=True)
+  dest, n = os.path.join(qdir, f'{step}.{why}'), 1
+  while os.path.exists(dest):
+    dest, n = os.path.join(qdir, f'{step}.{why}.{n}'), n + 1
+  os.rename(os.path.join(directory, str(step)), dest)
+  return dest
+
+
+def verify(step_dir: str) -> str:
+  """'' if every array of a checkpoint step reads back in full (and its data item is JSON), else what failed.
+  Reads into host numpy arrays, so it needs no mesh and no config (`sktlm doctor --deep`)."""
+  import jax
+  import numpy as np
+  import orbax.checkpoint as ocp
+  state = os.path.join(step_dir, 'state')
+  _silence_echoes()
+  with _quiet_failed_reads():
+    try:
+      ck = ocp.PyTreeCheckpointer()
+      tree = ck.metadata(state).item_metadata.tree
+      args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+      ck.restore(state, args=ocp.args.PyTreeRestore(restore_args=args))
+      ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(os.path.join(step_dir, 'data'))
+    except Exception as e:  # noqa: BLE001 - whatever fails to read is the finding
+      return one_line(e)
+  return ''
 
 
 def steps_on_disk(directory: str) -> list[int]:
@@ -44,6 +150,7 @@ class Checkpointer:
   def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True, read_only: bool = False):
     import jax
     import orbax.checkpoint as ocp  # here, so the folder helpers above serve jax-free tools (sktlm doctor)
+    _silence_echoes()
     self.directory = os.path.abspath(directory)
     if not read_only and jax.process_index() == 0:
       remove_tmp_folders(self.directory)  # saves killed midway (no save is in flight before this one starts)
@@ -54,6 +161,7 @@ class Checkpointer:
         enable_async_checkpointing=async_save,
     )
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=('state', 'data'))
+    self._pending = None  # the step of the last save (an async one fails at the next wait)
 
   def all_steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
@@ -65,24 +173,103 @@ class Checkpointer:
     import orbax.checkpoint as ocp
     args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                               data=ocp.args.JsonSave(data_state or {}))
-    return self._manager.save(step, args=args, force=force)
+    self._pending = step
+    with self._storage_errors(step):
+      return self._manager.save(step, args=args, force=force)
+
+  @contextlib.contextmanager
+  def _storage_errors(self, step: int | None):
+    """An I/O error of a save (raised by the save, or by the wait for an async one): its temp folder goes,
+    then one line naming the path and the last good checkpoint (a full disk is not a bug to trace)."""
+    try:
+      yield
+    except Exception as e:  # noqa: BLE001 - only I/O errors are translated; the rest is re-raised
+      io = io_error(e)
+      if io is None:
+        raise
+      import jax
+      if jax.process_index() == 0:
+        remove_tmp_folders(self.directory)
+      what = f'checkpoint step {step}' if step is not None else 'a checkpoint'
+      raise UserError(f'cannot write {what} to {self.directory}: {io}; {last_good(self.directory, step)}') from None
 
   def restore(self, step: int, abstract_state) -> tuple[object, dict]:
     """Restores `step` into the shapes/dtypes/shardings of `abstract_state` (resharding as needed)."""
+    try:
+      return self._restore(step, abstract_state)
+    except Exception as e:  # noqa: BLE001 - any failure here is a bad/incompatible checkpoint for the user
+      raise UserError(f'cannot restore checkpoint step {step} from {self.directory}: {one_line(e)} (the '
+                      'checkpoint is corrupt or does not match this config; `sktlm doctor --deep` checks '
+                      'every checkpoint of a run)') from None
+
+  def _restore(self, step: int, abstract_state):
     import orbax.checkpoint as ocp
     args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore())
-    try:
+    with _quiet_failed_reads():
       out = self._manager.restore(step, args=args)
-    except Exception as e:  # noqa: BLE001 - any failure here is a bad/incompatible checkpoint for the user
-      first = ' '.join(str(e).split())[:300]
-      raise UserError(f'cannot restore checkpoint step {step} from {self.directory}: {type(e).__name__}: '
-                      f'{first} (the checkpoint is corrupt or does not match this config; move it '
-                      'away to start fresh)') from e
     return out.state, dict(out.data or {})
 
+  def restore_newest(self, abstract_state, upto: int | None = None):
+    """The newest step <= `upto` that restores: (state, data_state, step, [(bad step, error, moved to)]), or None
+    when there is no checkpoint. Steps that fail are moved to the quarantine only once an older one restored
+    (the config fits, so they are corrupt); if none restores, nothing moves and the newest's error is raised."""
+    steps = [s for s in self.all_steps() if upto is None or s <= upto]
+    bad = []
+    for step in reversed(steps):
+      try:
+        state, data_state = self._restore(step, abstract_state)
+      except Exception as e:  # noqa: BLE001 - judged below, once an older step did or did not restore
+        bad.append((step, one_line(e)))
+        continue
+      import jax
+      lead = jax.process_index() == 0  # one mover on a shared filesystem
+      bad = [(b, err, quarantine(self.directory, b, 'corrupt') if lead else quarantine_dir(self.directory))
+             for b, err in bad]
+      if bad:
+        self._manager.reload()
+      return state, data_state, step, bad
+    if bad:
+      first, err = bad[0]
+      older = f' (nor does any older one: {", ".join(str(b[0]) for b in bad[1:])})' if bad[1:] else ''
+      raise UserError(f'cannot restore checkpoint step {first} from {self.directory}: {err}{older}; the '
+                      'checkpoint is corrupt or does not match this config (`sktlm doctor --deep` checks '
+                      'every checkpoint; --config.train.resume_step=K picks one)')
+    return None
+
+  def set_aside_after(self, step: int) -> list[str]:
+    """Moves the checkpoints newer than `step` to the quarantine (`train.resume_step`); returns where."""
+    moved = [quarantine(self.directory, s, f'after-{step}') for s in self.all_steps() if s > step]
+    if moved:
+      self._manager.reload()
+    return moved
+
   def wait(self):
-    self._manager.wait_until_finished()
+    with self._storage_errors(self._pending):
+      self._manager.wait_until_finished()
 
   def close(self):
-    self._manager.wait_until_finished()
-    self._manager.close()
+    try:
+      self.wait()
+    finally:
+      self._manager.close()
+
+
+def last_good(directory: str, below: int | None = None) -> str:
+  good = [s for s in steps_on_disk(directory) if below is None or s < below]
+  kept = f'last good checkpoint: step {good[-1]} in {directory}' if good else 'no checkpoint was saved before'
+  return f'{kept} (free space and rerun the same command to resume)'
+
+
+def io_error(e: BaseException) -> str | None:
+  """'path: [Errno N] reason' if `e` (or what caused it) is an OSError, or a TensorStore error that says
+  the disk is full or a write failed; else None."""
+  seen = 0
+  while e is not None and seen < 10:
+    if isinstance(e, OSError) and e.errno is not None:
+      return f'{e.filename + ": " if e.filename else ""}[Errno {e.errno}] {e.strerror}'
+    text = str(e)
+    for mark in ('No space left on device', 'Disk quota exceeded', 'Read-only file system', 'Input/output error'):
+      if mark in text:
+        return mark
+    e, seen = e.__cause__ or e.__context__, seen + 1
+  return None

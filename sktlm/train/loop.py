@@ -25,11 +25,12 @@ from sktlm.config.validate import validate
 from sktlm.errors import UserError
 from sktlm.train import compile_cache
 from sktlm.train import step as train
-from sktlm.train.checkpoint import Checkpointer, steps_on_disk
+from sktlm.train.checkpoint import Checkpointer, io_error, last_good, steps_on_disk
 from sktlm.train.metrics import MetricsWriter, RunStats, summary_problems
 from sktlm.train.step import resolve_vocab
 
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: the run saved a checkpoint and can be resumed
+RESUMED_AT = 'resume_step.json'  # a train.resume_step already honoured: rerunning the same command resumes
 
 
 class Diverged(Exception):
@@ -88,10 +89,16 @@ def _check_tokenizer(workdir: str, tokenizer) -> dict:
   return info
 
 
-def _check_resume_step(workdir: str, steps: int) -> None:
+def _check_resume_step(workdir: str, t) -> None:
   done = steps_on_disk(os.path.join(workdir, 'checkpoints'))
-  if done and done[-1] > steps:
-    raise UserError(f'{workdir} holds a checkpoint at step {done[-1]}, past train.steps={steps} (raise '
+  if t.resume_step >= 0 and (files.read_json(os.path.join(workdir, RESUMED_AT)) or {}).get('resume_step') != \
+      t.resume_step:
+    if t.resume_step not in done:
+      raise UserError(f'train.resume_step={t.resume_step}: no checkpoint at step {t.resume_step} in '
+                      f'{workdir}/checkpoints (has {done})')
+    done = [s for s in done if s <= t.resume_step]
+  if done and done[-1] > t.steps:
+    raise UserError(f'{workdir} holds a checkpoint at step {done[-1]}, past train.steps={t.steps} (raise '
                     'train.steps to continue it, or use another --workdir)')
 
 
@@ -124,7 +131,7 @@ def prepare(config, workdir: str) -> Prepared:
   train.resolve_platform(config, mesh)  # the kernels, attention and unrolling config.json records
   harmless = _check_workdir_config(workdir, config)
   tokenizer_info = _check_tokenizer(workdir, tokenizer)
-  _check_resume_step(workdir, config.train.steps)
+  _check_resume_step(workdir, config.train)
   leader = jax.process_index() == 0
   timeline.mark('validate')
   if _finished(workdir, config.train.steps):  # before anything is built or restored
@@ -168,17 +175,36 @@ def write_run_files(p: Prepared) -> None:
 def restore_or_init(p: Prepared, ckpt: Checkpointer):
   """Returns (state, start_step, origin string)."""
   config, setup = p.config, p.setup
-  latest = ckpt.latest_step()
-  if latest is not None:
-    state, data_state = ckpt.restore(latest, setup.abstract_state)
+  upto = _resume_step(p, ckpt)
+  found = ckpt.restore_newest(setup.abstract_state, upto)
+  if found is not None:
+    state, data_state, step, bad = found
     p.it.set_state(data_state)
-    return state, latest, f'resumed from step {latest}'
+    if bad and p.leader:
+      for b, err, where in bad:
+        print(f'checkpoint step {b} is corrupt ({err[:160]}); moved to {where}; resuming from step {step}')
+    return state, step, f'resumed from step {step}'
   if config.train.init_from_hf:  # weights from a Hugging Face Llama folder (interop/hf.py); step 0, fresh optimizer
     from sktlm.interop import hf
     return hf.init_state(config, setup), 0, f'initialised from Hugging Face weights {config.train.init_from_hf}'
   if config.train.init_from:
     return _init_from_run(p)
   return setup.init_state(jax.random.PRNGKey(config.seed)), 0, 'initialised from scratch'
+
+
+def _resume_step(p: Prepared, ckpt: Checkpointer) -> int | None:
+  """train.resume_step=K (once per K): newer checkpoints go to the quarantine and K is restored."""
+  k = p.config.train.resume_step
+  if k < 0:
+    return None
+  marker = os.path.join(p.workdir, RESUMED_AT)
+  if (files.read_json(marker) or {}).get('resume_step') == k:
+    return None  # honoured by an earlier attempt: its newer checkpoints are this run's progress
+  if p.leader:  # prepare checked that step k exists
+    for where in ckpt.set_aside_after(k):
+      print(f'train.resume_step={k}: checkpoint {where.rsplit("/", 1)[-1].split(".")[0]} moved to {where}')
+    files.write_json(marker, {'resume_step': k})
+  return k
 
 
 def _init_from_run(p: Prepared):
@@ -378,7 +404,10 @@ def _run(config, workdir: str, malloc: str) -> int:
     if p.leader:
       print(f'already finished: step {t.steps} of {t.steps}; {workdir}/summary.json kept as it is')
     return 0
-  write_run_files(p)
+  try:
+    write_run_files(p)
+  except OSError as e:  # a full disk at the start: one line
+    raise UserError(f'cannot write {io_error(e)}; {last_good(os.path.join(workdir, "checkpoints"))}') from None
   ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), keep=t.keep_checkpoints, async_save=t.async_checkpoint)
   state, start, origin = restore_or_init(p, ckpt)
   timeline.mark('state')
@@ -405,6 +434,7 @@ def _run(config, workdir: str, malloc: str) -> int:
     with _StopFlag() as stop:
       trainer.train(stop)
       stopped = trainer.finish(stop)
+    ckpt.wait()  # the final save is on disk (or its I/O error raised) before the summary says done
     if stopped:
       summary.update(status='preempted', message=stopped)
       exit_code = PREEMPTED_EXIT_CODE
@@ -415,16 +445,27 @@ def _run(config, workdir: str, malloc: str) -> int:
     kept = f'last good checkpoint kept: step {kept}' if kept is not None else 'no checkpoint was saved before'
     summary.update(status='diverged', message=f'{e}; {kept}')
     raise UserError(summary['message']) from None
+  except UserError as e:  # e.g. a save that hit a full disk (checkpoint.py words it)
+    summary.update(status='failed', message=str(e)[:2000])
+    raise
   except Exception as e:
     summary.update(status='failed', message=f'{type(e).__name__}: {e}'[:2000])
+    io = io_error(e)
+    if io is not None:  # a full disk or a failing one while writing a record: one line, not a traceback
+      raise UserError(f'cannot write {io}; {last_good(ckpt.directory)}') from None
     raise
   finally:
-    ckpt.close()
-    timeline.mark('checkpoint')
-    writer.close()
-    summary.update(stats.summary(trainer.step), compile_time_s=trainer.compile_s)
-    if p.leader:
-      write_summary(workdir, summary)
+    try:
+      ckpt.close()
+      timeline.mark('checkpoint')
+    finally:
+      try:
+        writer.close()
+        summary.update(stats.summary(trainer.step), compile_time_s=trainer.compile_s)
+        if p.leader:
+          write_summary(workdir, summary)
+      except OSError as e:
+        raise UserError(f'cannot write {io_error(e)}; {last_good(ckpt.directory)}') from None
     timeline.mark('summary')
   if p.leader:
     nan = float('nan')

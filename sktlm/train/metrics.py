@@ -61,7 +61,10 @@ class MetricsWriter:
     if not self.enabled:
       return
     record = {k: files.jsonable(v) for k, v in record.items()}
-    self._file.write(json.dumps(record) + '\n')
+    try:
+      self._file.write(json.dumps(record) + '\n')
+    except OSError as e:  # a full disk: name the file (a write error carries no path)
+      raise OSError(e.errno, e.strerror, self.path) from None
     if self._tb is not None and record.get('kind') in ('train', 'eval'):
       prefix = record['kind']
       for k, v in record.items():
@@ -95,7 +98,10 @@ class MetricsWriter:
       return
     if self._tty:
       print(file=sys.stderr)
-    self._file.close()
+    try:
+      self._file.close()
+    except OSError as e:  # the flush of a record that did not fit
+      raise OSError(e.errno, e.strerror, self.path) from None
     if self._tb is not None:
       self._tb.close()
 
