@@ -17,6 +17,7 @@ from jax.sharding import Mesh
 from transformers.models.deepseek_v3 import configuration_deepseek_v3 as hf_cfg
 from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf_v3
 
+from sktlm.config import schema
 from sktlm.model import layers, moe
 
 RULES = (('batch', ('data', 'fsdp', 'expert')), ('embed', 'fsdp'), ('mlp', 'tensor'), ('exp', 'expert'))
@@ -24,14 +25,16 @@ D, E, K, F, G, GK = 16, 16, 4, 12, 4, 2
 
 
 def model_cfg(dispatch='dropless', n_group=G, topk_group=GK, scale=2.5, capacity=0.0):
-  return ml_collections.FrozenConfigDict(dict(
-      n_layers=2, d_model=D, n_heads=2, n_kv_heads=2, head_dim=0, d_ff=24, vocab_size=32,
-      init_std=0.3, dtype='float32', param_dtype='float32', norm_eps=1e-5, tie_embeddings=False,
-      moe=dict(num_experts=E, top_k=K, num_shared_experts=1, expert_d_ff=F, n_dense_layers=0, gate='sigmoid',
-               renormalize=True, aux_loss_coef=0.0, router_z_loss_coef=0.0, capacity_factor=capacity,
-               balance='aux_free', bias_update_rate=0.0, seq_aux_loss_coef=0.0, dispatch=dispatch,
-               ep_buffer_factor=0.0, ep_overflow='exchange', routed_scaling_factor=scale, n_group=n_group,
-               topk_group=topk_group)))
+  """A full model config from the schema with this test's small shapes and V3 routing."""
+  mc = schema.get_config('pico').model
+  mc.update(dict(n_layers=2, d_model=D, n_heads=2, n_kv_heads=2, head_dim=0, d_ff=24, vocab_size=32,
+                 init_std=0.3, dtype='float32', param_dtype='float32', norm_eps=1e-5, tie_embeddings=False))
+  mc.moe.update(dict(num_experts=E, top_k=K, num_shared_experts=1, expert_d_ff=F, n_dense_layers=0, gate='sigmoid',
+                     renormalize=True, aux_loss_coef=0.0, router_z_loss_coef=0.0, capacity_factor=capacity,
+                     balance='aux_free', bias_update_rate=0.0, seq_aux_loss_coef=0.0, dispatch=dispatch,
+                     ep_buffer_factor=0.0, ep_overflow='exchange', routed_scaling_factor=scale, n_group=n_group,
+                     topk_group=topk_group))
+  return ml_collections.FrozenConfigDict(mc)
 
 
 @dataclasses.dataclass

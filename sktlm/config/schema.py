@@ -54,6 +54,7 @@ K = Key
 SECTIONS = {
     '': 'top level',
     'model': 'the model (sktlm/model); config.model is what the model code receives',
+    'model.rope_scaling': "RoPE context extension (DeepSeek-V3's YaRN, sktlm/model/layers.py); type='yarn' only",
     'model.mla': "DeepSeek-V2/V3 multi-head latent attention (sktlm/model/mla.py); read only when attention='mla'",
     'model.moe': 'mixture of experts (sktlm/model/moe.py, moe_ep.py); read only when num_experts > 0',
     'data': 'the training text and its tokenizer (sktlm/data)',
