@@ -10,7 +10,7 @@ import pytest
 from sktlm.config import docs, load, schema, sizes
 from sktlm.config.validate import validate
 from sktlm.errors import UserError
-from sktlm.train import loop
+from sktlm.train import start
 from tests.conftest import ROOT
 
 # get_config(size) of every size as main had it before the schema (`git show da55d3a:sktlm/config/schema.py`),
@@ -90,7 +90,7 @@ def test_restart_rules_in_the_docs_are_what_the_loop_refuses(tmp_path):
     parent, leaf = (new, k.key) if '.' not in k.key else (new[k.key.rpartition('.')[0]], k.key.rpartition('.')[2])
     parent[leaf] = _changed(k, parent[leaf])
     try:
-      harmless = loop._check_workdir_config(str(tmp_path), new)  # noqa: SLF001 - the check the loop runs
+      harmless = start._check_workdir_config(str(tmp_path), new)  # noqa: SLF001 - the check the loop runs
       assert harmless and harmless[0].startswith(k.key), (k.key, harmless)
     except UserError as e:
       assert k.key in str(e)

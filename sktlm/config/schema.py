@@ -217,6 +217,9 @@ KEYS = (
                                                                       'starts once it is full)'),
     K('train.spike_max_rollbacks', 3,           '>=0',        OK,     'more spikes than this in one attempt stop the '
                                                                       'run as diverged'),
+    K('train.compile_cache',      '',           None,         OK,     'JAX persistent compilation cache folder, '
+                                                                      "shared by all runs ('' -> $SKTLM_COMPILE_CACHE"
+                                                                      " or ~/.cache/sktlm/jax; 'off': none)"),
     K('train.init_from_hf',       '',           None,         OK,     'Hugging Face Llama folder: start from its '
                                                                       'weights with a fresh optimizer (interop/hf.py)'),
     # optim

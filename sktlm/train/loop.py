@@ -2,35 +2,30 @@
 steps ahead of metric fetches, evaluate, log, checkpoint (periodically, at the end, on SIGTERM), and write
 the summary (docs/run_files.md).
 
-Reading order: `run` (top level) -> `prepare` (validation; writes nothing) -> `write_run_files` ->
-`restore_or_init` -> `Trainer.train` (the step loop) -> `Trainer.finish` -> the summary.
+Reading order: `run` (top level) -> `start.prepare` (validation; writes nothing) -> `start.write_run_files` ->
+`start.restore_or_init` -> `Trainer.train` (the step loop) -> `Trainer.finish` -> the summary.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import signal
 import time
-from typing import Any
 
 import jax
 
-from sktlm import chips, data, files, sharding, timeline
+from sktlm import chips, files, timeline
 from sktlm.config import accounting as flops
-from sktlm.config import load as configs
-from sktlm.config.validate import validate
 from sktlm.errors import UserError
 from sktlm.train import compile_cache
 from sktlm.train import step as train
-from sktlm.train.checkpoint import Checkpointer, io_error, last_good, steps_on_disk
-from sktlm.train.metrics import MetricsWriter, RunStats, summary_problems
-from sktlm.train.step import resolve_vocab
+from sktlm.train.checkpoint import Checkpointer, io_error, last_good
+from sktlm.train.metrics import MetricsWriter, RunStats
+from sktlm.train.start import Prepared, prepare, restore_or_init, write_run_files
 
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: the run saved a checkpoint and can be resumed
-RESUMED_AT = 'resume_step.json'  # a train.resume_step already honoured: rerunning the same command resumes
 
 
 class Diverged(Exception):
@@ -60,169 +55,6 @@ def peak_flops_total(config, devices) -> tuple[float, str]:
 
 # ---------------------------------------------------------------------------------------------------
 # Before anything is written: the config, the workdir's earlier run, the model, the data.
-
-def _check_workdir_config(workdir: str, config) -> list[str]:
-  """Compares the stored config with this one: refuses breaking changes, returns harmless ones."""
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
-    return []
-  try:
-    with open(path) as f:
-      old = json.load(f)
-  except (OSError, json.JSONDecodeError) as e:
-    raise UserError(f'{path} is unreadable ({e}); move it away or use another --workdir') from e
-  breaking, harmless = configs.diff_configs(old, configs.to_dict(config))
-  if breaking:
-    raise UserError(f'{workdir} holds a run with an incompatible config; changed: {"; ".join(breaking)} '
-                    '(use a new --workdir, or revert these keys)')
-  return harmless
-
-
-def _check_tokenizer(workdir: str, tokenizer) -> dict:
-  """The tokenizer record for tokenizer.json; refuses a workdir trained with another tokenizer."""
-  info = {'spec': str(getattr(tokenizer, 'path', 'bytes')), 'fingerprint': tokenizer.fingerprint,
-          'vocab_size': tokenizer.vocab_size}
-  old = files.read_json(os.path.join(workdir, 'tokenizer.json'))
-  if old and old.get('fingerprint') != info['fingerprint']:
-    raise UserError(f"{workdir} was trained with tokenizer {old.get('spec')} (fingerprint "
-                    f"{str(old.get('fingerprint'))[:12]}), not {info['spec']} ({info['fingerprint'][:12]})")
-  return info
-
-
-def _check_resume_step(workdir: str, t) -> None:
-  done = steps_on_disk(os.path.join(workdir, 'checkpoints'))
-  if t.resume_step >= 0 and (files.read_json(os.path.join(workdir, RESUMED_AT)) or {}).get('resume_step') != \
-      t.resume_step:
-    if t.resume_step not in done:
-      raise UserError(f'train.resume_step={t.resume_step}: no checkpoint at step {t.resume_step} in '
-                      f'{workdir}/checkpoints (has {done})')
-    done = [s for s in done if s <= t.resume_step]
-  if done and done[-1] > t.steps:
-    raise UserError(f'{workdir} holds a checkpoint at step {done[-1]}, past train.steps={t.steps} (raise '
-                    'train.steps to continue it, or use another --workdir)')
-
-
-@dataclasses.dataclass
-class Prepared:
-  """A validated run: nothing has been written to its workdir yet."""
-  config: Any
-  workdir: str
-  tokenizer: Any
-  tokenizer_info: dict
-  harmless: list[str]
-  mesh: Any
-  setup: train.Setup | None  # None: the run is finished (nothing is built)
-  it: data.DataIterator | None
-  eval_batches: list | None
-  leader: bool
-
-  @property
-  def finished(self) -> bool:
-    return self.setup is None
-
-
-def prepare(config, workdir: str) -> Prepared:
-  """Every check a user's input can fail, before the workdir is touched (a failed start leaves it as it was)."""
-  files.check_workdir(workdir)
-  validate(config)
-  tokenizer = data.get_tokenizer(config.data)
-  resolve_vocab(config, tokenizer)
-  mesh = sharding.make_mesh(config.mesh)
-  train.resolve_platform(config, mesh)  # the kernels, attention and unrolling config.json records
-  harmless = _check_workdir_config(workdir, config)
-  tokenizer_info = _check_tokenizer(workdir, tokenizer)
-  _check_resume_step(workdir, config.train)
-  leader = jax.process_index() == 0
-  timeline.mark('validate')
-  if _finished(workdir, config.train.steps):  # before anything is built or restored
-    return Prepared(config, workdir, tokenizer, tokenizer_info, harmless, mesh, None, None, None, leader)
-  setup = train.build(config, mesh)
-  timeline.mark('build')
-  B, pidx, pcount = config.train.batch_size, jax.process_index(), jax.process_count()
-  it = data.make_train_iter(config.data, batch_size=B, seed=config.seed, process_index=pidx, process_count=pcount)
-  eval_batches = None
-  if config.train.eval_batches > 0:
-    eval_batches = [train.device_batch(b, setup, B) for b in data.make_eval_batches(
-        config.data, batch_size=B, num_batches=config.train.eval_batches, process_index=pidx,
-        process_count=pcount)]
-  timeline.mark('data')
-  return Prepared(config, workdir, tokenizer, tokenizer_info, harmless, mesh, setup, it, eval_batches, leader)
-
-
-def _finished(workdir: str, steps: int) -> bool:
-  """A complete summary that says done at `steps`, and the checkpoint of that step (file names only)."""
-  old = files.read_json(os.path.join(workdir, 'summary.json'))
-  done = steps_on_disk(os.path.join(workdir, 'checkpoints'))
-  return bool(old and old.get('status') == 'done' and not summary_problems(old) and old.get('steps') == steps
-              and done and done[-1] == steps)
-
-
-def write_run_files(p: Prepared) -> None:
-  os.makedirs(p.workdir, exist_ok=True)
-  if not p.leader:
-    return
-  files.remove_temp_leftovers(p.workdir)  # of writes killed in earlier attempts
-  if p.harmless:
-    print(f'config changed since the last start (allowed): {"; ".join(p.harmless)}')
-  if not os.path.exists(os.path.join(p.workdir, 'tokenizer.json')):
-    files.write_json(os.path.join(p.workdir, 'tokenizer.json'), p.tokenizer_info)
-  files.write_json(os.path.join(p.workdir, 'config.json'), configs.to_dict(p.config))
-
-
-# ---------------------------------------------------------------------------------------------------
-# Where the state comes from: this workdir's checkpoint, another run's, or a fresh init.
-
-def restore_or_init(p: Prepared, ckpt: Checkpointer):
-  """Returns (state, start_step, origin string)."""
-  config, setup = p.config, p.setup
-  upto = _resume_step(p, ckpt)
-  found = ckpt.restore_newest(setup.abstract_state, upto)
-  if found is not None:
-    state, data_state, step, bad = found
-    p.it.set_state(data_state)
-    if bad and p.leader:
-      for b, err, where in bad:
-        print(f'checkpoint step {b} is corrupt ({err[:160]}); moved to {where}; resuming from step {step}')
-    return state, step, f'resumed from step {step}'
-  if config.train.init_from_hf:  # weights from a Hugging Face Llama folder (interop/hf.py); step 0, fresh optimizer
-    from sktlm.interop import hf
-    return hf.init_state(config, setup), 0, f'initialised from Hugging Face weights {config.train.init_from_hf}'
-  if config.train.init_from:
-    return _init_from_run(p)
-  return setup.init_state(jax.random.PRNGKey(config.seed)), 0, 'initialised from scratch'
-
-
-def _resume_step(p: Prepared, ckpt: Checkpointer) -> int | None:
-  """train.resume_step=K (once per K): newer checkpoints go to the quarantine and K is restored."""
-  k = p.config.train.resume_step
-  if k < 0:
-    return None
-  marker = os.path.join(p.workdir, RESUMED_AT)
-  if (files.read_json(marker) or {}).get('resume_step') == k:
-    return None  # honoured by an earlier attempt: its newer checkpoints are this run's progress
-  if p.leader:  # prepare checked that step k exists
-    for where in ckpt.set_aside_after(k):
-      print(f'train.resume_step={k}: checkpoint {where.rsplit("/", 1)[-1].split(".")[0]} moved to {where}')
-    files.write_json(marker, {'resume_step': k})
-  return k
-
-
-def _init_from_run(p: Prepared):
-  src, config = p.config.train.init_from, p.config
-  src_ckpt_dir = os.path.join(src, 'checkpoints')
-  if not os.path.isdir(src_ckpt_dir):
-    raise UserError(f'train.init_from={src}: no checkpoints/ folder there')
-  _check_workdir_config(src, config)
-  src_ckpt = Checkpointer(src_ckpt_dir, read_only=True, async_save=False)
-  steps = src_ckpt.all_steps()
-  step = config.train.init_step if config.train.init_step >= 0 else (steps[-1] if steps else None)
-  if step is None or step not in steps:
-    raise UserError(f'train.init_from={src}: no checkpoint at step {config.train.init_step} (has {steps})')
-  state, data_state = src_ckpt.restore(step, p.setup.abstract_state)
-  src_ckpt.close()
-  p.it.set_state(data_state)
-  return state, step, f'initialised from {src} step {step}'
-
 
 # ---------------------------------------------------------------------------------------------------
 # The step loop.
