@@ -133,8 +133,13 @@ def diff_configs(old: dict, new: dict) -> tuple[list[str], list[str]]:
   breaking, harmless = [], []
   for key in sorted(set(fo) | set(fn)):
     a, b = fo.get(key, '<absent>'), fn.get(key, '<absent>')
-    if a == b:
+    if a == b or (key not in fo and _is_default(key, b)):  # a run from before the key ran with its default
       continue
     line = f'{key}: {a!r} -> {b!r}'
     (breaking if schema.breaks_on_restart(key) else harmless).append(line)
   return breaking, harmless
+
+
+def _is_default(key: str, value) -> bool:
+  entry = schema.BY_KEY.get(key)
+  return entry is not None and not isinstance(entry.default, schema.FromSizeTable) and value == entry.default

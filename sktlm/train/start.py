@@ -55,8 +55,7 @@ def _check_tokenizer(workdir: str, tokenizer) -> dict:
 
 def _check_resume_step(workdir: str, t) -> None:
   done = steps_on_disk(os.path.join(workdir, 'checkpoints'))
-  if t.resume_step >= 0 and (files.read_json(os.path.join(workdir, RESUMED_AT)) or {}).get('resume_step') != \
-      t.resume_step:
+  if _resume_pending(workdir, t):
     if t.resume_step not in done:
       raise UserError(f'train.resume_step={t.resume_step}: no checkpoint at step {t.resume_step} in '
                       f'{workdir}/checkpoints (has {done})')
@@ -98,7 +97,7 @@ def prepare(config, workdir: str) -> Prepared:
   _check_resume_step(workdir, config.train)
   leader = jax.process_index() == 0
   timeline.mark('validate')
-  if _finished(workdir, config.train.steps):  # before anything is built or restored
+  if _finished(workdir, config.train.steps) and not _resume_pending(workdir, config.train):  # nothing built yet
     return Prepared(config, workdir, tokenizer, tokenizer_info, harmless, mesh, None, None, None, leader)
   setup = train.build(config, mesh)
   timeline.mark('build')
@@ -119,6 +118,12 @@ def _finished(workdir: str, steps: int) -> bool:
   done = steps_on_disk(os.path.join(workdir, 'checkpoints'))
   return bool(old and old.get('status') == 'done' and not summary_problems(old) and old.get('steps') == steps
               and done and done[-1] == steps)
+
+
+def _resume_pending(workdir: str, t) -> bool:
+  """train.resume_step=K not yet honoured in this workdir: even a finished run goes back to K."""
+  return t.resume_step >= 0 and (files.read_json(os.path.join(workdir, RESUMED_AT)) or {}).get('resume_step') != \
+      t.resume_step
 
 
 def write_run_files(p: Prepared) -> None:
