@@ -72,14 +72,10 @@ def test_greedy_equals_full_forward_argmax_also_sharded(model):
   assert np.abs(logits2 - step_logits).max() < TOL
 
 
-def test_wrong_rope_offset_or_cache_slot_is_caught(model):
-  """One decode step by hand: right position and slot match the full forward; a shifted RoPE position or a
-  shifted cache slot does not (what a bug in decode.py's bookkeeping would do)."""
-  mc, params = model
-  P = 11
-  seq = np.random.default_rng(1).integers(3, 259, (1, P + 1))
-  ref = full_logits(mc, params, seq)[0, P]
-  sampler = decode.Sampler(mc, 1, P, decode.SamplingOptions(max_new_tokens=4))
+def _manual_step(mc, params, seq, P):
+  """Prefills seq[:, :P], then returns step(position, slot): the logits of one decode step of seq[:, P] written
+  at cache slot `slot` with RoPE position `position` (the bookkeeping decode.py does, by hand)."""
+  sampler = decode.Sampler(mc, 1, P, decode.SamplingOptions(max_new_tokens=3))
   _, cache = sampler.prefill(params, jnp.asarray(seq[:, :P]))
   m = model_lib.make_model(mc, decode=True)
 
@@ -90,6 +86,17 @@ def test_wrong_rope_offset_or_cache_slot_is_caught(model):
     (logits, _), _ = m.apply({'params': params, 'cache': c}, jnp.asarray(seq[:, P:]), jnp.full((1, 1), position),
                              mutable=['cache'])
     return logits[0, 0]
+  return step
+
+
+def test_wrong_rope_offset_or_cache_slot_is_caught(model):
+  """One decode step by hand: right position and slot match the full forward; a shifted RoPE position or a
+  shifted cache slot does not (what a bug in decode.py's bookkeeping would do)."""
+  mc, params = model
+  P = 11
+  seq = np.random.default_rng(1).integers(3, 259, (1, P + 1))
+  ref = full_logits(mc, params, seq)[0, P]
+  step = _manual_step(mc, params, seq, P)
 
   assert np.abs(step(P, P) - ref).max() < TOL
   assert np.abs(step(P + 1, P) - ref).max() > 100 * TOL  # RoPE offset off by one
@@ -198,17 +205,7 @@ def test_mla_wrong_cache_slot_is_caught():
   P = 9
   seq = np.random.default_rng(7).integers(3, 259, (1, P + 1))
   ref = full_logits(mc, params, seq)[0, P]
-  sampler = decode.Sampler(mc, 1, P, decode.SamplingOptions(max_new_tokens=3))
-  _, cache = sampler.prefill(params, jnp.asarray(seq[:, :P]))
-  m = model_lib.make_model(mc, decode=True)
-
-  @jax.jit
-  def step(position, slot):
-    c = jax.tree_util.tree_map_with_path(
-        lambda p, x: jnp.full_like(x, slot) if 'index' in jax.tree_util.keystr(p) else x, cache)
-    (logits, _), _ = m.apply({'params': params, 'cache': c}, jnp.asarray(seq[:, P:]), jnp.full((1, 1), position),
-                             mutable=['cache'])
-    return logits[0, 0]
+  step = _manual_step(mc, params, seq, P)
 
   assert np.abs(step(P, P) - ref).max() < TOL
   assert np.abs(step(P + 1, P) - ref).max() > 100 * TOL  # RoPE offset off by one

@@ -134,9 +134,15 @@ def headline(label: str, bt: Backtest) -> list[str]:
     out.append(f"backtest {label}: {kind} fitted {what} predicts {r['run']} (N={r['N']:.3g}) at "
                f"{r['predicted']:.4g}{ci}; actual {r['actual']:.4g}{spread}: error {100 * r['rel_error']:+.2f}%")
     if len(rows) > 1:
-      worst = max(rows, key=lambda r: abs(r['rel_error']))
-      cov = [r['covered'] for r in rows if r['covered'] is not None]
-      cov_txt = f', interval covers {sum(cov)} of {len(cov)}' if cov else ''
+      worst, cov = worst_and_coverage(rows)
+      cov_txt = f', {cov}' if cov else ''
       out.append(f"backtest {label}: {kind} on all {len(rows)} held-out points: worst error "
                  f"{100 * worst['rel_error']:+.2f}% ({worst['run']}){cov_txt}")
   return out
+
+
+def worst_and_coverage(rows: list[dict]) -> tuple[dict, str]:
+  """The row of the largest |rel_error| and 'interval covers k of n' over the rows that have an interval."""
+  worst = max(rows, key=lambda r: abs(r['rel_error']))
+  cov = [r['covered'] for r in rows if r['covered'] is not None]
+  return worst, (f'interval covers {sum(cov)} of {len(cov)}' if cov else '')

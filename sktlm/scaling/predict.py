@@ -17,6 +17,7 @@ import math
 
 import numpy as np
 
+from sktlm.scaling import backtest as backtestlib
 from sktlm.scaling import fit as fitlib
 from sktlm.scaling import io, points
 
@@ -98,9 +99,8 @@ def summary_lines(label: str, target_label: str, rows: list[dict]) -> list[str]:
     rs = [r for r in rows if r['law'] == law]
     if not rs:
       continue
-    worst = max(rs, key=lambda r: abs(r['rel_error']))
-    cov = [r['covered'] for r in rs if r['covered'] is not None]
-    cov_txt = f'; interval covers {sum(cov)} of {len(cov)}' if cov else ''
+    worst, cov = backtestlib.worst_and_coverage(rs)
+    cov_txt = f'; {cov}' if cov else ''
     out.append(f"predict {target_label} from {label}: {law} worst error {100 * worst['rel_error']:+.2f}% "
                f"({worst['run']}, N x{worst['n_factor']:.3g}){cov_txt}")
   return out
