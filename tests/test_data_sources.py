@@ -208,7 +208,7 @@ def test_cli_prepare_and_info_text_files(tmp_path):
 
 def test_concurrent_first_use_builds_once(tmp_path):
   """A sweep starting several runs at once: all see the same prepared dataset, nobody crashes."""
-  code = ('import sys; from sktlm import base_config, data; c = base_config.get_config().data; '
+  code = ('import sys; from sktlm import data; from sktlm.config import schema; c = schema.get_config().data; '
           'c.data_dir = sys.argv[1]; '
           'c.seq_len = 16; b = next(data.make_train_iter(c, batch_size=2, seed=0)); '
           'print(int(b["inputs"].sum()))')

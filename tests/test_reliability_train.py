@@ -49,7 +49,7 @@ def snapshot(folder):
 
 
 def all_tensors(workdir, step, config):
-  loop.resolve_vocab(config, data.get_tokenizer(config.data))
+  train.resolve_vocab(config, data.get_tokenizer(config.data))
   from sktlm import sharding
   setup = train.build(config, sharding.make_mesh(config.mesh))
   ck = Checkpointer(os.path.join(workdir, 'checkpoints'), read_only=True, async_save=False)

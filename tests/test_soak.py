@@ -30,7 +30,8 @@ STEPS = 24
 BASE = str(ROOT / 'experiments' / 'lm.py') + ':size=pico,runlocal'
 COMMON = {'config.train.steps': STEPS, 'config.train.checkpoint_every': 3, 'config.train.eval_every': 8,
           'config.train.log_every': 1, 'config.metrics.tensorboard': False, 'config.metrics.progress': False,
-          'config.metrics.peak_flops': 1e11}
+          'config.metrics.peak_flops': 1e11,
+          'config.train.compile_cache': 'off'}  # every start compiles: start-up kills land, runs last long enough
 RUNS = ('seed-1', 'seed-2')
 KILLS = 12
 

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import ml_collections
 import pytest
 
 from sktlm.config import accounting as flops
@@ -117,5 +118,5 @@ def test_ray_backend_real_train(tmp_path):
   rows = rows_of(w)
   assert [r['status'] for r in rows.values()] == ['done', 'done']
   mc = json.load(open(w / 'seed-1' / 'config.json'))['model']
-  n = flops.param_counts(type('M', (), dict(mc, moe=None))())
+  n = flops.param_counts(ml_collections.ConfigDict(mc))
   assert int(rows['seed-1']['n_params_total']) == n['total']
