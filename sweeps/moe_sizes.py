@@ -2,8 +2,11 @@
 parameters) x routed expert expansion E = 1 (dense), 4 and 8 (top-1, experts of the dense MLP's width:
 Krajewski et al.'s granularity G = 1), every E of a size at the same active parameters and the same tokens, on the
 embedded corpus (Python stdlib source, bytes). Routing as the flagship (experiments/flagship.py): sigmoid
-gates renormalised over the top-k, DeepSeek-V3's auxiliary-loss-free balancing (a per-expert selection bias)
-and dropless dispatch, so no token is dropped (the report's dropped fraction says so).
+gates, DeepSeek-V3's auxiliary-loss-free balancing (a per-expert selection bias) and dropless dispatch, so no
+token is dropped (the report's dropped fraction says so). One difference: the flagship renormalises its 8
+gates to sum to 1, which over a single routed expert would make every gate 1 and leave the router without a
+gradient (the validator refuses it); top-1 runs keep the raw sigmoid gate (the planner sets
+renormalize=False).
 
 `sktlm scaling` then reports (section "Mixture of experts"): loss against active and total N per E, the
 compute multiplier of each E over dense at equal loss (the dense L(C) inverted at the MoE run's loss) with a
@@ -43,7 +46,6 @@ COMMON = {
     'config.metrics.progress': False,
     # routing as the flagship: sigmoid gates, aux-loss-free balancing, dropless
     'config.model.moe.gate': 'sigmoid',
-    'config.model.moe.renormalize': True,
     'config.model.moe.balance': 'aux_free',
     'config.model.moe.bias_update_rate': 1e-3,
     'config.model.moe.capacity_factor': 0.0,

@@ -148,6 +148,9 @@ def test_mesh_rules():
   validate(config, Mesh())
   config.model.moe.num_experts = 3
   config.model.moe.top_k = 1
+  with pytest.raises(UserError, match='renormalize with model.moe.top_k=1 makes every gate weight 1'):
+    validate(config, Mesh())
+  config.model.moe.renormalize = False
   with pytest.raises(UserError, match='num_experts=3 does not divide over the 2 expert shards'):
     validate(config, Mesh())
 

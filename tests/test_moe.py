@@ -10,6 +10,7 @@ from flax import linen as nn
 from sktlm.config import accounting as flops
 from sktlm.config import schema
 from sktlm.config.validate import validate
+from sktlm.errors import UserError
 from sktlm.model import layers, moe
 
 
@@ -153,6 +154,23 @@ def test_gradients_reach_router(cf):
   assert np.abs(g_main['router']).max() > 1e-6
 
 
+@pytest.mark.parametrize('gate', ['softmax', 'sigmoid'])
+def test_top1_router_learns_only_without_renormalisation(gate):
+  """Top-1 gates renormalised over the one chosen expert are all 1: the loss gives the router no gradient
+  (what the validator refuses); the raw gate scales the expert and carries it."""
+  x = x_of()
+  grads = {}
+  for renorm in (True, False):
+    c = model_cfg(E=4, K=1, gate=gate, renorm=renorm)
+    m = moe.MoEFeedForward(c)
+    params = nn.unbox(m.init(jax.random.PRNGKey(0), x)['params'])
+    grads[renorm] = np.asarray(jax.grad(lambda p, m=m: jnp.sum(m.apply({'params': p}, x)[0] ** 2))(params)['router'])
+  assert np.abs(grads[True]).max() < 1e-6 * np.abs(grads[False]).max()
+  assert np.abs(grads[False]).max() > 1e-3
+  with pytest.raises(UserError, match='makes every gate weight 1'):
+    validate(_config(4, 1, 0, 0.0, gate, True, 16, 24, 0))
+
+
 def test_param_tree_matches_flops_accounting():
   c = model_cfg(E=6, K=2, shared=2, e_ff=10)
   params, _, _ = init_apply(c, x_of())
@@ -196,7 +214,6 @@ def test_expert_parallel_matches_single_device():
 
 @pytest.mark.parametrize('kw, message', [(dict(gate='relu'), 'moe.gate'), (dict(E=2, K=3), 'moe.top_k')])
 def test_bad_moe_config_is_a_user_error(kw, message):
-  from sktlm.errors import UserError
   args = dict(E=4, K=2, shared=0, cf=0.0, gate='softmax', renorm=True, d=16, d_ff=24, e_ff=0)
   with pytest.raises(UserError, match=message):  # refused by the schema before a model is built
     validate(_config(**{**args, **kw}))

@@ -41,7 +41,8 @@ def _closed_form(e, g, shared, top_k, s=MICRO):
 def test_moe_settings_granularity_and_shared():
   s = moe_planners.moe_settings(BASE, 'micro', 8, 2, 1, 1, COMMON)
   assert s == {'config.model.moe.num_experts': 16, 'config.model.moe.top_k': 1, 'config.model.moe.expert_d_ff': 192,
-               'config.model.moe.num_shared_experts': 1}
+               'config.model.moe.num_shared_experts': 1, 'config.model.moe.renormalize': False}  # one routed slot
+  assert 'config.model.moe.renormalize' not in moe_planners.moe_settings(BASE, 'micro', 8, 2, 0, 1, COMMON)
   assert moe_planners.moe_settings(BASE, 'micro', 1) == {'config.model.moe.num_experts': 0}
   with pytest.raises(UserError, match='shared expert'):
     moe_planners.moe_settings(BASE, 'micro', 8, 1, 1, 1, COMMON)   # top-1 leaves no slot for a shared expert

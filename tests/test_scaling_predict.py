@@ -102,7 +102,7 @@ def test_fix_e_holds_the_asymptote_and_reports_sensitivity(tmp_path):
   for k in ('A', 'B', 'alpha', 'beta'):
     assert f.values[k] == pytest.approx(LAW[k], rel=1e-4), k
   sens = a.sensitivity['backtest']['rows']
-  assert [s['E'] for s in sens] == pytest.approx([0.95 * LAW['E'], LAW['E'], 1.05 * LAW['E']])
+  assert [s['E'] for s in sens] == pytest.approx([0.75 * LAW['E'], LAW['E'], 1.25 * LAW['E']])
   assert sens[1]['objective'] < min(sens[0]['objective'], sens[2]['objective'])  # the true E fits best
   assert len({round(s['predicted'], 6) for s in sens}) == 3                       # and the prediction moves
   # A wrong fixed E degrades the fit: the free-E L(N,D) objective is ~0, E fixed 10% off is not.
@@ -118,8 +118,8 @@ def test_cli_predict_another_sweep(tmp_path):
   write_sweep(str(tmp_path / 'b'), big, shifts={big[1]: 0.05}, wobble=False)
   out = tmp_path / 'report'
   r = subprocess.run([sys.executable, '-m', 'sktlm.cli', 'scaling', str(tmp_path / 'a'), f'--predict={tmp_path / "b"}',
-                      f'--out={out}', '--bootstrap=30', '--backtest=0', f'--fix_E={LAW["E"]}'],
-                     capture_output=True, text=True, timeout=600)
+                      f'--out={out}', '--bootstrap=30', '--backtest=0', f'--fix_E={LAW["E"]}',
+                      '--fix_E_why=the law the sweeps were drawn from'], capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stderr
   doc = json.loads((out / 'fits.json').read_text())
   rows = [x for x in doc['sweeps']['a']['predicted']['b'] if x['law'] == 'L(N,D)']
@@ -134,10 +134,14 @@ def test_cli_predict_another_sweep(tmp_path):
   assert any(line.startswith('predict b from a: L(N,D) worst error -4.') for line in r.stdout.splitlines()), r.stdout
   md = (out / 'report.md').read_text()
   assert '## Predicted versus actual' in md and 'E is fixed at 1.6' in md and 'E sensitivity (a' in md
+  assert 'Why this value: the law the sweeps were drawn from' in md
   assert (out / 'predicted_vs_actual.png').exists()
   bad = subprocess.run([sys.executable, '-m', 'sktlm.cli', 'scaling', str(tmp_path / 'a'), f'--out={out}',
                         '--fix_E=-1'], capture_output=True, text=True, timeout=600)
   assert bad.returncode == 2 and '--fix_E must be > 0' in bad.stderr and 'Traceback' not in bad.stderr
+  why = subprocess.run([sys.executable, '-m', 'sktlm.cli', 'scaling', str(tmp_path / 'a'), f'--out={out}',
+                        '--fix_E_why=because'], capture_output=True, text=True, timeout=600)
+  assert why.returncode == 2 and '--fix_E_why needs --fix_E' in why.stderr and 'Traceback' not in why.stderr
 
 
 # ----------------------------------------------------------------------------- seeds through every input path

@@ -46,7 +46,8 @@ _PREDICT = flags.DEFINE_list('predict', [], 'sweep folders whose every run the l
                              'sweeps predict: a predicted-vs-actual table and plot with intervals and '
                              'extrapolation factors')
 _FIX_E = flags.DEFINE_float('fix_E', None, 'hold the asymptote E of every law at this value (E is often '
-                            'unidentified on small ladders); the report shows the predictions at E +- 5%')
+                            'unidentified on small ladders); the report shows the predictions at E +- 25%')
+_FIX_E_WHY = flags.DEFINE_string('fix_E_why', '', 'why E has the --fix_E value (quoted in the report)')
 _CURVES = flags.DEFINE_bool('curves', True, 'read metrics.jsonl of each run for the loss-curve plots')
 
 
@@ -70,6 +71,8 @@ def main(argv):
     raise UserError(f'--isoflop_gap must be > 1, got {_GAP.value}')
   if _FIX_E.value is not None and not _FIX_E.value > 0:
     raise UserError(f'--fix_E must be > 0, got {_FIX_E.value}')
+  if _FIX_E_WHY.value and _FIX_E.value is None:
+    raise UserError('--fix_E_why needs --fix_E')
   if _CURVE_SKIP.value < -1:
     raise UserError(f'--curve_skip_steps must be >= 0 (or -1: the warmup end), got {_CURVE_SKIP.value}')
   if _BACKTEST.value < -1:
@@ -81,7 +84,8 @@ def main(argv):
                         target_flops=_TARGET_FLOPS.value, curves=_CURVES.value,
                         curve_fit=tuple(_CURVE_FIT.value), curve_predict=tuple(_CURVE_PREDICT.value),
                         moe_target=_MOE_TARGET.value,
-                        curve_skip_steps=_CURVE_SKIP.value, fix_E=_FIX_E.value, predict=tuple(_PREDICT.value))
+                        curve_skip_steps=_CURVE_SKIP.value, fix_E=_FIX_E.value, fix_E_why=_FIX_E_WHY.value,
+                        predict=tuple(_PREDICT.value))
   if _CURVE_PREDICT.value and not _CURVE_FIT.value:
     raise UserError('--curve_predict needs --curve_fit (the runs to fit the loss-curve law on)')
   doc = report.run(paths, _OUT.value, opts, labels=_LABELS.value)

@@ -81,6 +81,10 @@ def _cross_rules(config) -> None:
     raise UserError("model.parametrization='mup' needs model.base_width > 0 (the d_model the LR was tuned at)")
   if moe.num_experts > 0 and moe.top_k > moe.num_experts:
     raise UserError(f'model.moe.top_k={moe.top_k} must be <= model.moe.num_experts={moe.num_experts}')
+  if moe.num_experts > 0 and moe.top_k == 1 and moe.renormalize:
+    raise UserError('model.moe.renormalize with model.moe.top_k=1 makes every gate weight 1: the router gets no '
+                    'gradient from the loss; set model.moe.renormalize=False (the gate then scales the expert) or '
+                    'top_k >= 2')
   if moe.num_experts > 0 and moe.n_group > 1:
     g, gk, per = moe.n_group, moe.topk_group, moe.num_experts // moe.n_group
     if moe.num_experts % g or per < 2:

@@ -41,6 +41,7 @@ class Options:
   moe_target: str = ''              # config (experiments/flagship.py) the MoE section predicts
   curve_skip_steps: int = -1        # loss-curve law: records at or before this step are not fitted; -1: warmup end
   fix_E: float | None = None        # hold the asymptote E of every law at this value (None: fitted)
+  fix_E_why: str = ''               # the reason for that value, quoted in the report
   predict: tuple = ()               # sweep paths: fit on the positional sweeps, predict every run of these
 
 

@@ -10,6 +10,12 @@ seed spread when there are several) and the relative error predicted / actual - 
   L(N): the best configuration of each held-out size, at its N (size ladders only);
   L(C): the same points (or, for budgets, the best run of each held-out budget), at their C;
   L(N,D): every held-out configuration, at its (N, D).
+
+L(C) is a law of the compute-optimal frontier. On a ladder whose held-out size trains only token budgets
+the fitted sizes trained too (fixed budgets, WSD branches), the held-out size adds compute through N alone:
+the frontier it extends is D-limited (it tends to E + B / D_max^beta as N grows, not to E), so L(C) has
+nothing of its own to predict there. Its rows are kept, marked `target=False` with the reason, and reported as
+a diagnostic; L(N,D) is the law such a ladder tests.
 """
 
 from __future__ import annotations
@@ -74,6 +80,7 @@ def run(agg: dict, k: int, *, by_budget: bool, gap: float, n_boot: int, seed: in
   n, d, c, loss = agg['N'], agg['D'], agg['C'], agg['loss']
   common = dict(n_boot=n_boot, seed=seed, delta=delta, fix_E=fix_E)
   bt = Backtest(k=k, unit=unit, held_out=[float(v) for v in held], train=train, fits={}, rows=[])
+  lc_note = d_limited_note(d[train], d[held_mask]) if not by_budget else None
 
   def attempt(kind, fn):
     if kind in kinds:
@@ -85,8 +92,10 @@ def run(agg: dict, k: int, *, by_budget: bool, gap: float, n_boot: int, seed: in
                                                   **{**common, 'fix_E': None}))  # its asymptote is not E
   c_ok = train & (c > 0)
   if c_ok.any():
+    # A D-limited frontier's asymptote is not E: a fixed E does not apply to it.
+    lc_common = {**common, 'fix_E': None} if lc_note else common
     attempt('L(C)', lambda: fitlib.fit_power_law(*points.frontier_points(c[c_ok], loss[c_ok]), kind='L(C)',
-                                                  **common))
+                                                  **lc_common))
   d_ok = train & (d > 0)
   attempt('L(N,D)', lambda: fitlib.fit_parametric(n[d_ok], d[d_ok], loss[d_ok], **common))
 
@@ -114,8 +123,19 @@ def run(agg: dict, k: int, *, by_budget: bool, gap: float, n_boot: int, seed: in
       bt.rows.append(dict(law=kind, run=agg['name'][i], N=float(n[i]), D=float(d[i]), C=float(c[i]),
                           predicted=pred, ci=(lo, hi), actual=actual, seed_std=float(agg['loss_std'][i]),
                           n_seeds=int(agg['n_seeds'][i]), rel_error=pred / actual - 1,
-                          covered=bool(lo <= actual <= hi) if math.isfinite(lo) else None))
+                          covered=bool(lo <= actual <= hi) if math.isfinite(lo) else None,
+                          target=not (kind == 'L(C)' and lc_note), note=lc_note if kind == 'L(C)' else None))
   return bt
+
+
+def d_limited_note(d_train: np.ndarray, d_held: np.ndarray) -> str | None:
+  """Why L(C) is no prediction target, when the held-out sizes train no token budget beyond the fitted ones."""
+  d_train, d_held = d_train[d_train > 0], d_held[d_held > 0]
+  if not len(d_train) or not len(d_held) or d_held.max() > d_train.max() * 1.01:
+    return None
+  return (f'diagnostic, not a prediction target: the held-out size trains the fitted sizes\' token budgets '
+          f'(D <= {d_train.max():.3g}), so its compute comes from N alone and the frontier it extends is '
+          f'D-limited (-> E + B/D_max^beta, not E); L(N,D) predicts these runs')
 
 
 def headline(label: str, bt: Backtest) -> list[str]:
@@ -127,6 +147,11 @@ def headline(label: str, bt: Backtest) -> list[str]:
   for kind in ('L(N)', 'L(C)', 'L(N,D)'):
     rows = [r for r in bt.rows if r['law'] == kind]
     if not rows:
+      continue
+    if not all(r.get('target', True) for r in rows):
+      r = max(rows, key=lambda r: r['N'])
+      out.append(f"backtest {label}: {kind} {rows[0]['note']}. The grid-frontier law extrapolated anyway: "
+                 f"{r['predicted']:.4g} for {r['run']}, actual {r['actual']:.4g} ({100 * r['rel_error']:+.2f}%)")
       continue
     r = max(rows, key=lambda r: (r['C'] if bt.unit == 'budget' else r['N'], -r['actual']))
     ci = '' if not all(math.isfinite(v) for v in r['ci']) else f" [{r['ci'][0]:.4g}, {r['ci'][1]:.4g}]"

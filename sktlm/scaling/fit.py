@@ -76,9 +76,10 @@ class Fit:
 
   def _eval(self, v: dict | np.ndarray, x, d=None):
     get = (lambda n: v[n]) if isinstance(v, dict) else (lambda n: v[..., self.names.index(n)])
-    out = get('E') + get('A') / np.power(x, get('alpha'))
-    if 'B' in self.names:
-      out = out + get('B') / np.power(d, get('beta'))
+    with np.errstate(over='ignore', invalid='ignore'):  # a wild bootstrap refit: inf/nan, dropped by interval()
+      out = get('E') + get('A') / np.power(x, get('alpha'))
+      if 'B' in self.names:
+        out = out + get('B') / np.power(d, get('beta'))
     return out
 
   def predict(self, x, d=None):
@@ -211,8 +212,9 @@ def fit_parametric(n: np.ndarray, d: np.ndarray, loss: np.ndarray, *, n_boot: in
   frozen = fix_E is not None
   grid = _fixed_e_starts(chinchilla_grid() if starts is None else starts, 2, fix_E)
   m = lbfgs.minimize_grid(grid, x, ly, delta=delta, freeze_e=frozen)
-  to_named = lambda p: np.stack([np.exp(p[..., 2]), np.exp(p[..., 0]), np.exp(p[..., 1]), p[..., 3],
-                                 p[..., 4]], axis=-1)
+  def to_named(p):
+    with np.errstate(over='ignore'):  # a wild bootstrap refit overflows to inf, dropped by interval()
+      return np.stack([np.exp(p[..., 2]), np.exp(p[..., 0]), np.exp(p[..., 1]), p[..., 3], p[..., 4]], axis=-1)
   boot_p, dropped = (lbfgs.bootstrap(m.candidates, x, ly, n_boot, np.random.default_rng(seed), delta=delta,
                                      min_distinct=5, freeze_e=frozen) if n_boot else (np.zeros((0, 5)), 0))
   names = ('E', 'A', 'B', 'alpha', 'beta')

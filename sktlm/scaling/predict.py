@@ -79,7 +79,7 @@ def compare(fits: dict, fit_agg: dict, target: dict) -> list[dict]:
   return out
 
 
-def sensitivity(refit, fix_e: float, at: tuple, ratio: float = 0.05) -> list[dict]:
+def sensitivity(refit, fix_e: float, at: tuple, ratio: float = 0.25) -> list[dict]:
   """refit(E) -> Fit with E held there (no bootstrap). The prediction at `at` and the objective for E x
   (1 - ratio), E, E x (1 + ratio); a fit the data cannot support at some E is left out."""
   out = []

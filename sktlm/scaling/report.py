@@ -96,7 +96,8 @@ def _backtest_lines(analyses) -> list[str]:
             '(seed sd) | error | covered |', '|---|---|---|---|---|---|---|---|---|---|']
   for a, r in rows:
     spread = f" ({_g(r['seed_std'], 2)}, {r['n_seeds']} seeds)" if r['n_seeds'] > 1 else ''
-    lines.append(f"| {a.label} | {r['law']} | {r['run']} | {_g(r['N'], 3)} | {_g(r['D'], 3)} | {_g(r['C'], 3)} | "
+    law = r['law'] if r.get('target', True) else f"{r['law']} (diagnostic)"
+    lines.append(f"| {a.label} | {law} | {r['run']} | {_g(r['N'], 3)} | {_g(r['D'], 3)} | {_g(r['C'], 3)} | "
                  f"{_with_ci(r['predicted'], r['ci'])} | {_g(r['actual'])}{spread} | "
                  f"{100 * r['rel_error']:+.2f}% | {_covered(r)} |")
   lines += _sensitivity_lines(analyses, 'backtest')
@@ -238,7 +239,8 @@ def write(out: str, analyses: list[analysis.SweepAnalysis], opts: analysis.Optio
   if opts.fix_E is not None:
     md += [f'**E is fixed at {opts.fix_E:g}** in L(N,D) and L(C) (`--fix_E`), not fitted: intervals do not '
            'include its uncertainty; the E sensitivity lines show how the predictions move with it. L(N) keeps its '
-           'own asymptote (at the sweep\'s token budgets it is E + B/D^beta).', '']
+           'own asymptote (at the sweep\'s token budgets it is E + B/D^beta).'
+           + (f' Why this value: {opts.fix_E_why}' if opts.fix_E_why else ''), '']
   md += ['## Warnings', ''] + ([f'- {w}' for w in doc['warnings']] or ['none']) + ['']
   md += ['## Fits', '', 'L(N) and L(C): L = E + A / X^alpha (L(N): best run per N; L(C): compute-frontier runs). '
          'L(N,D) = E + A/N^alpha + B/D^beta (all runs).', ''] + _fit_table(analyses) + ['']

@@ -45,8 +45,11 @@ def moe_settings(base: str, size: str, e: int, g: int = 1, shared: int = 0, top_
   active = top_k * g
   if shared >= active:
     raise UserError(f'moe ladder: {shared} shared expert(s) need top_k x G > {shared} active slots, got {active}')
-  return {MOE + 'num_experts': e * g, MOE + 'top_k': active - shared, MOE + 'expert_d_ff': d_ff // g,
-          MOE + 'num_shared_experts': shared}
+  out = {MOE + 'num_experts': e * g, MOE + 'top_k': active - shared, MOE + 'expert_d_ff': d_ff // g,
+         MOE + 'num_shared_experts': shared}
+  if active - shared == 1:  # renormalised over one expert every gate is 1 and the router learns nothing
+    out[MOE + 'renormalize'] = False
+  return out
 
 
 def _counts(base: str, common: dict | None, settings: dict):
