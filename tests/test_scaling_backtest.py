@@ -144,3 +144,11 @@ def test_fixed_budget_ladder_tests_l_nd_and_reports_l_c_as_a_diagnostic(tmp_path
   lines = backtest.headline('grid', bt)
   assert any(line.startswith('backtest grid: L(C) diagnostic, not a prediction target') for line in lines), lines
   assert not any(line.startswith('backtest grid: L(C) fitted without') for line in lines), lines
+  # --fix_E holds E in L(N,D); the D-limited frontier's L(C) keeps its own asymptote (it is not E) ...
+  fixed = analysis.analyze(io.load_sweep(str(root)), analysis.Options(n_boot=0, curves=False, fix_E=ND['E']))
+  assert fixed.fits['L(N,D)'].fixed_E == ND['E'] and fixed.fits['L(C)'].fixed_E is None
+  # ... while on a ladder whose D grows with N the frontier is compute-limited and L(C) takes the fixed E.
+  write_ladder(str(tmp_path / 'ladder'))
+  ladder = analysis.analyze(io.load_sweep(str(tmp_path / 'ladder')),
+                            analysis.Options(n_boot=0, curves=False, fix_E=LAW['E']))
+  assert ladder.fits['L(C)'].fixed_E == LAW['E']

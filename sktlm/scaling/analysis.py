@@ -107,7 +107,9 @@ def analyze(sweep: io.Sweep, opts: Options) -> SweepAnalysis:
     a.warnings.append(f'{a.label}: {int((~c_ok).sum())} run(s) without FLOPs left out of L(C) and IsoFLOP')
   if c_ok.any():
     a.lc_index = np.flatnonzero(c_ok)[points.frontier_index(c[c_ok], loss[c_ok])]
-    _try(a, 'L(C)', lambda: fitlib.fit_power_law(*a.lc_points, kind='L(C)', delta=opts.delta, **common))
+    # On a fixed-budget grid the frontier's top is D-limited: its asymptote is not E (sktlm.scaling.backtest).
+    lc = free if backtestlib.shared_largest_budget(n, d) else common
+    _try(a, 'L(C)', lambda: fitlib.fit_power_law(*a.lc_points, kind='L(C)', delta=opts.delta, **lc))
   d_ok = d > 0
   _try(a, 'L(N,D)', lambda: fitlib.fit_parametric(n[d_ok], d[d_ok], loss[d_ok], delta=opts.delta, **common))
   # IsoFLOP only where the sweep has budgets shared by several sizes (not, e.g., a plain size ladder).

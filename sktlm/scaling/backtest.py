@@ -128,6 +128,16 @@ def run(agg: dict, k: int, *, by_budget: bool, gap: float, n_boot: int, seed: in
   return bt
 
 
+def shared_largest_budget(n: np.ndarray, d: np.ndarray) -> bool:
+  """Whether >= 3 sizes train the sweep's largest D (a fixed-budget grid, whose compute frontier ends
+  D-limited at E + B/D_max^beta; a fixed E does not apply to its L(C))."""
+  ok = d > 0
+  if not ok.any():
+    return False
+  top = d[ok] >= d[ok].max() / 1.01
+  return len(np.unique(n[ok][top])) >= MIN_TRAIN_UNITS
+
+
 def d_limited_note(d_train: np.ndarray, d_held: np.ndarray) -> str | None:
   """Why L(C) is no prediction target, when the held-out sizes train no token budget beyond the fitted ones."""
   d_train, d_held = d_train[d_train > 0], d_held[d_held > 0]

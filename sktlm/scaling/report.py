@@ -237,7 +237,8 @@ def write(out: str, analyses: list[analysis.SweepAnalysis], opts: analysis.Optio
         f'{fitlib.CI_LEVEL:.0%} percentile intervals over {opts.n_boot} bootstrap refits (seed {opts.seed}) '
         'resampling the fitted points (per-configuration seed means).', '']
   if opts.fix_E is not None:
-    md += [f'**E is fixed at {opts.fix_E:g}** in L(N,D) and L(C) (`--fix_E`), not fitted: intervals do not '
+    md += [f'**E is fixed at {opts.fix_E:g}** in L(N,D) and L(C) (`--fix_E`; L(C) keeps it free on a grid whose '
+           'sizes share their largest token budget, where its frontier ends D-limited), not fitted: intervals do not '
            'include its uncertainty; the E sensitivity lines show how the predictions move with it. L(N) keeps its '
            'own asymptote (at the sweep\'s token budgets it is E + B/D^beta).'
            + (f' Why this value: {opts.fix_E_why}' if opts.fix_E_why else ''), '']
