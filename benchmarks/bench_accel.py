@@ -27,9 +27,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from sktlm import chips, sharding  # noqa: E402
-from sktlm.config import accounting as flops  # noqa: E402
-from sktlm.config import load as configs  # noqa: E402
-from sktlm.train import step as train  # noqa: E402
+from sktlm.config import accounting, load  # noqa: E402
+from sktlm.train import step  # noqa: E402
 
 
 def packed_batch(rng, B: int, T: int, vocab: int, mean_doc: int) -> dict:
@@ -50,27 +49,27 @@ def packed_batch(rng, B: int, T: int, vocab: int, mean_doc: int) -> dict:
 def build(size: str, args, devices):
   """(compiled step, state, batch, resolved config, compile seconds) for one size."""
   mesh_over = {'mesh.data': 1, 'mesh.fsdp': 1, 'mesh.expert': 1, 'mesh.tensor': 1, f'mesh.{args.mesh}': -1}
-  config = configs.load_config(os.path.join(ROOT, f'experiments/lm.py:size={size}'), {
+  config = load.load_config(os.path.join(ROOT, f'experiments/lm.py:size={size}'), {
       'model.vocab_size': args.vocab_size, 'model.dtype': args.dtype, 'model.remat': args.remat,
       'data.seq_len': args.seq_len, 'train.batch_size': args.batch * len(devices), **mesh_over,
       **({'model.attention_block': args.attention_block} if args.attention_block else {}),
       **dict(kv.split('=', 1) for kv in args.set)})
   mesh = sharding.make_mesh(config.mesh, devices)
-  setup = train.build(config, mesh)
+  setup = step.build(config, mesh)
   state = setup.init_state(jax.random.PRNGKey(0))
   B, T = config.train.batch_size, config.data.seq_len
   batch = packed_batch(np.random.default_rng(0), B, T, config.model.vocab_size, args.mean_doc)
-  batch = train.device_batch(batch, setup, B)
+  batch = step.device_batch(batch, setup, B)
   t0 = time.perf_counter()
-  step = setup.train_step.lower(state, batch).compile()
-  return step, state, batch, setup.config, time.perf_counter() - t0
+  compiled = setup.train_step.lower(state, batch).compile()
+  return compiled, state, batch, setup.config, time.perf_counter() - t0
 
 
-def time_steps(step, state, batch, steps: int):
+def time_steps(compiled, state, batch, steps: int):
   """Seconds per step over `steps` steps (one sync at the end); returns (seconds, new state)."""
   t0 = time.perf_counter()
   for _ in range(steps):
-    state, m = step(state, batch)
+    state, m = compiled(state, batch)
   jax.block_until_ready(m)
   return (time.perf_counter() - t0) / steps, state
 
@@ -126,11 +125,11 @@ def main():
   print('MFU = model FLOPs/s / (devices x peak); model FLOPs/token = accounting exact (PaLM: 6N + 12 L H d_head T)')
   runs = {}
   for size in args.sizes.split(','):
-    step, state, batch, config, compile_s = build(size, args, devices)
-    _, state = time_steps(step, state, batch, 1)  # warm-up
-    fpt = flops.flops_per_token(config.model, args.seq_len)['exact']
-    runs[size] = dict(step=step, state=state, batch=batch, compile_s=compile_s, fpt=fpt, times=[],
-                      params=flops.param_counts(config.model)['total'], kernels=kernels_line(config.model))
+    compiled, state, batch, config, compile_s = build(size, args, devices)
+    _, state = time_steps(compiled, state, batch, 1)  # warm-up
+    fpt = accounting.flops_per_token(config.model, args.seq_len)['exact']
+    runs[size] = dict(step=compiled, state=state, batch=batch, compile_s=compile_s, fpt=fpt, times=[],
+                      params=accounting.param_counts(config.model)['total'], kernels=kernels_line(config.model))
   for _ in range(args.repeats):  # rounds interleave the sizes: all see the same machine
     if cpu and args.peak_tflops <= 0:
       peak = max(peak, peak_per_device(args, devices[0])[0])
@@ -142,7 +141,7 @@ def main():
     best, worst = min(r['times']), max(r['times'])
     tps = tokens / best
     mfu = tps * r['fpt'] / (len(devices) * peak)
-    print(f"{size:>6} ({flops.human(r['params'])} params; {r['kernels']}): {tps:12,.0f} tokens/s "
+    print(f"{size:>6} ({accounting.human(r['params'])} params; {r['kernels']}): {tps:12,.0f} tokens/s "
           f"({tps / len(devices):,.0f} per device)  step {1e3 * best:8.1f} ms (slowest round {1e3 * worst:.1f})  "
           f"MFU {100 * mfu:5.1f}%  compile {r['compile_s']:.0f} s")
   if cpu:

@@ -24,7 +24,7 @@ from sktlm import hostmem  # noqa: E402
 hostmem.tune_malloc()  # training is measured as `sktlm train` runs it
 
 from sktlm import data  # noqa: E402
-from sktlm.config import schema as base_config  # noqa: E402
+from sktlm.config import schema  # noqa: E402
 from sktlm.data import pipeline, sources  # noqa: E402
 
 
@@ -47,23 +47,23 @@ def _train_rate(cfg, batch_size: int, steps: int = 3) -> float:
   import jax
 
   from sktlm import sharding
-  from sktlm.config import load as configs
-  from sktlm.train import step as train
-  config = configs.load_config(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+  from sktlm.config import load
+  from sktlm.train import step
+  config = load.load_config(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                             'experiments/lm.py:size=small'),
                                {'model.vocab_size': 384, 'data.seq_len': cfg.seq_len,
                                 'train.batch_size': batch_size, 'mesh.data': 1})
-  setup = train.build(config, sharding.make_mesh(config.mesh, devices=jax.devices()[:1]))
+  setup = step.build(config, sharding.make_mesh(config.mesh, devices=jax.devices()[:1]))
   state = setup.init_state(jax.random.PRNGKey(0))
   it = data.make_train_iter(cfg, batch_size=batch_size, seed=0)
-  batches = [train.device_batch(next(it), setup, batch_size) for _ in range(steps + 1)]
+  batches = [step.device_batch(next(it), setup, batch_size) for _ in range(steps + 1)]
   it.close()
-  step = setup.train_step.lower(state, batches[0]).compile()
-  state, m = step(state, batches[0])
+  compiled = setup.train_step.lower(state, batches[0]).compile()
+  state, m = compiled(state, batches[0])
   jax.block_until_ready(m)
   t0 = time.perf_counter()
   for b in batches[1:]:
-    state, m = step(state, b)
+    state, m = compiled(state, b)
   jax.block_until_ready(m)
   return steps * batch_size * cfg.seq_len / (time.perf_counter() - t0)
 
@@ -81,7 +81,7 @@ def main():
   if not args.data_dir:
     tmp = args.data_dir = tempfile.mkdtemp(prefix='sktlm_bench_')
   try:
-    cfg = base_config.get_config().data
+    cfg = schema.get_config().data
     cfg.update(dict(data_dir=args.data_dir, seq_len=args.seq_len, tokenizer=args.tokenizer))
     t0 = time.perf_counter()
     src = sources.get_source(cfg)

@@ -25,21 +25,20 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from sktlm import chips, sharding  # noqa: E402
-from sktlm.config import accounting as flops  # noqa: E402
-from sktlm.config import load as configs  # noqa: E402
-from sktlm.train import step as train  # noqa: E402
+from sktlm.config import accounting, load  # noqa: E402
+from sktlm.train import step  # noqa: E402
 
 
 def build_step(dtype, args):
   """(compiled step, state, batch, config, compile seconds) for the benchmark model."""
-  config = configs.load_config(os.path.join(ROOT, 'experiments/lm.py') + ':size=tiny', {
+  config = load.load_config(os.path.join(ROOT, 'experiments/lm.py') + ':size=tiny', {
       'model.d_model': args.d_model, 'model.n_layers': args.n_layers, 'model.n_heads': args.n_heads,
       'model.n_kv_heads': args.n_heads, 'model.d_ff': args.d_ff or 4 * args.d_model,
       'model.vocab_size': 384, 'model.dtype': dtype, 'model.remat': args.remat,
       'data.seq_len': args.seq_len, 'train.batch_size': args.batch, 'mesh.data': 1,
       **dict(kv.split('=', 1) for kv in args.set)})
   mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])
-  setup = train.build(config, mesh)
+  setup = step.build(config, mesh)
   state = setup.init_state(jax.random.PRNGKey(0))
   rng = np.random.default_rng(0)
   B, T = args.batch, args.seq_len
@@ -47,17 +46,17 @@ def build_step(dtype, args):
            'segment_ids': np.ones((B, T)), 'positions': np.tile(np.arange(T), (B, 1)),
            'weights': np.ones((B, T))}
   batch = {k: v.astype(np.float32 if k == 'weights' else np.int32) for k, v in batch.items()}
-  batch = train.device_batch(batch, setup, B)
+  batch = step.device_batch(batch, setup, B)
   t0 = time.perf_counter()
-  step = setup.train_step.lower(state, batch).compile()
-  return step, state, batch, config, time.perf_counter() - t0
+  compiled = setup.train_step.lower(state, batch).compile()
+  return compiled, state, batch, config, time.perf_counter() - t0
 
 
-def time_steps(step, state, batch, steps):
+def time_steps(compiled, state, batch, steps):
   """Seconds per step over `steps` steps (one sync at the end); returns (seconds, new state)."""
   t0 = time.perf_counter()
   for _ in range(steps):
-    state, m = step(state, batch)
+    state, m = compiled(state, batch)
   jax.block_until_ready(m)
   return (time.perf_counter() - t0) / steps, state
 
@@ -88,10 +87,10 @@ def main():
   dtypes = args.dtypes.split(',')
   runs = {}
   for dtype in dtypes:
-    step, state, batch, config, compile_s = build_step(dtype, args)
-    _, state = time_steps(step, state, batch, 2)  # warm-up
-    runs[dtype] = dict(step=step, state=state, batch=batch, compile_s=compile_s, times=[], peaks=[],
-                       fpt=flops.flops_per_token(config.model, args.seq_len)['exact'])
+    compiled, state, batch, config, compile_s = build_step(dtype, args)
+    _, state = time_steps(compiled, state, batch, 2)  # warm-up
+    runs[dtype] = dict(step=compiled, state=state, batch=batch, compile_s=compile_s, times=[], peaks=[],
+                       fpt=accounting.flops_per_token(config.model, args.seq_len)['exact'])
   # Rounds interleave the dtypes and their peaks so that all figures see the same machine load.
   for _ in range(args.repeats):
     for dtype, r in runs.items():

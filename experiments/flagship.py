@@ -42,15 +42,14 @@ variants keep every width (d_model, heads, MLA ranks, expert d_ff, vocab).
 
 import ml_collections
 
-from sktlm.config import load as configs
-from sktlm.config import schema as base_config
+from sktlm.config import load, schema
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  arg = configs.parse_arg(arg, layers=61, experts=192, top_k=8, seq_len=4096, batch=2048, fsdp=32, expert=64,
+  arg = load.parse_arg(arg, layers=61, experts=192, top_k=8, seq_len=4096, batch=2048, fsdp=32, expert=64,
                           context=1, remat='full', capacity=0.0, ep_buffer=2.0, block=512, groups=8, topk_groups=4,
                           yarn=0.0)
-  config = base_config.get_config()
+  config = schema.get_config()
   m = config.model
   m.size = 'flagship'
   m.n_layers = arg.layers
@@ -113,11 +112,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 if __name__ == '__main__':
   import sys
 
-  from sktlm.config import accounting as flops
+  from sktlm.config import accounting
 
   cfg = get_config(sys.argv[1] if len(sys.argv) > 1 else None)
-  counts = flops.param_counts(cfg.model)
+  counts = accounting.param_counts(cfg.model)
   for k, v in counts.items():
-    print(f'{k:>22}: {v:>16,d}  ({flops.human(v)})')
-  for k, v in flops.flops_per_token(cfg.model, cfg.data.seq_len).items():
-    print(f'{"FLOPs/token " + k:>22}: {flops.human(v)}')
+    print(f'{k:>22}: {v:>16,d}  ({accounting.human(v)})')
+  for k, v in accounting.flops_per_token(cfg.model, cfg.data.seq_len).items():
+    print(f'{"FLOPs/token " + k:>22}: {accounting.human(v)}')

@@ -8,13 +8,12 @@ Arguments: size=<name from sktlm.config.sizes.SIZES>, runlocal (tiny debug run: 
 
 import ml_collections
 
-from sktlm.config import load as configs
-from sktlm.config import schema as base_config
+from sktlm.config import load, schema
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  arg = configs.parse_arg(arg, size='tiny', runlocal=False)
-  config = base_config.get_config(arg.size)
+  arg = load.parse_arg(arg, size='tiny', runlocal=False)
+  config = schema.get_config(arg.size)
   if arg.runlocal:
     config.train.steps = 20
     config.train.batch_size = 4

@@ -61,8 +61,8 @@ def main(argv: list[str] | None = None):
   except UserError as e:  # raised by a config file's get_config while flags are parsed
     fail(cmd, str(e))
   except SyntaxError as e:  # a config file that does not parse
-    from sktlm.config import load as configs
-    fail(cmd, configs.syntax_error_line(e))
+    from sktlm.config import load
+    fail(cmd, load.syntax_error_line(e))
   except (AttributeError, KeyError, TypeError, ValueError, OSError) as e:  # config_flags errors
     fail(cmd, _override_error(cmd_argv, e))
   logging.use_absl_handler()
@@ -95,11 +95,11 @@ def _fast_exit(code: int):
 
 def _override_error(argv: list[str], e: Exception) -> str:
   """Names the `--config.key=value` override that config_flags could not apply."""
-  from sktlm.config import load as configs
+  from sktlm.config import load
   spec = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), None)
   try:
-    config = configs.load_config(spec) if spec else None
-  except configs.UserError as err:  # e.g. the config file does not exist
+    config = load.load_config(spec) if spec else None
+  except load.UserError as err:  # e.g. the config file does not exist
     return str(err)
   except Exception:  # noqa: BLE001 - fall back to the generic message
     config = None
@@ -109,8 +109,8 @@ def _override_error(argv: list[str], e: Exception) -> str:
     if root != 'config' or not dot or config is None:
       continue
     try:
-      configs.apply_overrides(config, {path: value})
-    except configs.UserError as err:
+      load.apply_overrides(config, {path: value})
+    except load.UserError as err:
       return str(err)
   return f'bad flag value: {_one_line(e)}'
 

@@ -7,7 +7,7 @@ against log N per budget and N_opt(C) from the vertices.
   sktlm sweep sweeps/isoflop.py:budgets=3e13+1e14+3e14 --workdir=runs/isoflop_big
 """
 
-from sktlm.config import load as configs
+from sktlm.config import load
 from sktlm.sweep import planners
 
 BASE = 'experiments/lm.py'
@@ -21,7 +21,7 @@ COMMON = {
 
 
 def get_sweep(arg=None):
-  arg = configs.parse_arg(arg, budgets='1e13+3e13+1e14', per_budget=5)
+  arg = load.parse_arg(arg, budgets='1e13+3e13+1e14', per_budget=5)
   budgets = [float(b) for b in arg.budgets.split('+')]
   return planners.isoflop(BASE, budgets, size_names=['pico', 'nano', 'micro', 'mini', 'tiny', 'small'],
                           per_budget=arg.per_budget, common=COMMON)

@@ -4,7 +4,7 @@
   sktlm sweep sweeps/lr.py:steps=300 --workdir=runs/lr --parallel=2
 """
 
-from sktlm.config import load as configs
+from sktlm.config import load
 from sktlm.sweep import product, sweep
 
 BASE = 'experiments/lm.py'
@@ -17,7 +17,7 @@ COMMON = {
 
 
 def get_sweep(arg=None):
-  arg = configs.parse_arg(arg, steps=200)
+  arg = load.parse_arg(arg, steps=200)
   return product([
       sweep('arg.size', ['nano', 'micro']),
       sweep('config.optim.peak_lr', [1e-3, 3e-3, 1e-2]),

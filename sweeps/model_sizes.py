@@ -21,7 +21,7 @@ Argument `width=384` plans one other width with the same recipe (no seeds): the 
   sktlm sweep sweeps/model_sizes.py:width=384 --workdir=runs/big384
 """
 
-from sktlm.config import load as configs
+from sktlm.config import load
 from sktlm.sweep import planners
 
 BASE = 'experiments/lm.py'
@@ -56,7 +56,7 @@ def shape(width: int) -> dict:
 
 
 def get_sweep(arg=None):
-  arg = configs.parse_arg(arg, width=0, seeds=3)
+  arg = load.parse_arg(arg, width=0, seeds=3)
   widths = (arg.width,) if arg.width else WIDTHS
   shapes = {f'd{w}': shape(w) for w in widths}
   seeds = {f'd{SEED_WIDTH}': list(range(arg.seeds))} if not arg.width and arg.seeds > 1 else None

@@ -25,7 +25,7 @@ LR / 2 and 2 LR and the report's "Learning rate" section flags a best LR at the 
   sktlm scaling runs/moe_sizes --n=active --out=runs/moe_sizes/report --moe_target=experiments/flagship.py
 """
 
-from sktlm.config import load as configs
+from sktlm.config import load
 from sktlm.sweep import moe_planners
 
 BASE = 'experiments/lm.py'
@@ -54,7 +54,7 @@ COMMON = {
 
 
 def get_sweep(arg=None):
-  arg = configs.parse_arg(arg, tokens_per_param=0.5, lr_check=True)
+  arg = load.parse_arg(arg, tokens_per_param=0.5, lr_check=True)
   grid = {e: [PEAK_LR / 2, PEAK_LR, PEAK_LR * 2] for e in EXPERTS} if arg.lr_check else None
   return moe_planners.moe_ladder(BASE, SIZES, experts=EXPERTS, tokens_per_param=arg.tokens_per_param,
                                  param_kind='non_embedding', warmup_fraction=0.1, common=COMMON, lr_grid=grid)

@@ -16,7 +16,7 @@ parametrizations=sp+mup, init_std=0.06 (tuned at the base width: 0.02, the GPT-2
 2.534 against 2.306 for 0.06).
 """
 
-from sktlm.config import load as configs
+from sktlm.config import load
 from sktlm.sweep import product, sweep
 
 BASE = 'experiments/lm.py:size=pico'
@@ -38,7 +38,7 @@ COMMON = {
 
 
 def get_sweep(arg=None):
-  arg = configs.parse_arg(arg, widths='64+128+256', lrs='6.4e-4+1.6e-3+4e-3+1e-2+2.5e-2', sp_lrs='2.56e-4',
+  arg = load.parse_arg(arg, widths='64+128+256', lrs='6.4e-4+1.6e-3+4e-3+1e-2+2.5e-2', sp_lrs='2.56e-4',
                           steps=200, parametrizations='sp+mup', init_std=0.06)
   widths = sorted(int(w) for w in arg.widths.split('+'))
   # Order: the smallest and the largest width first, both parametrisations, so that a partial sweep already

@@ -54,12 +54,12 @@ def run_cli(*args, timeout=600, env=None):
 
 def train_config(data_dir, spec='experiments/lm.py:size=pico', **over):
   """A small, quiet training config on the test session's data dir (`over`: {'train.steps': 5, ...})."""
-  from sktlm.config import load as configs
+  from sktlm.config import load
   base = {'data.data_dir': data_dir, 'data.seq_len': 64, 'train.batch_size': 8, 'train.log_every': 5,
           'train.eval_every': 1000, 'train.eval_batches': 2, 'metrics.progress': False,
           'metrics.tensorboard': False, 'optim.warmup_steps': 5}
   base.update(over)
-  return configs.load_config(f'{ROOT}/{spec}', base)
+  return load.load_config(f'{ROOT}/{spec}', base)
 
 
 def run_steps(config, mesh, steps):
@@ -68,13 +68,13 @@ def run_steps(config, mesh, steps):
   import numpy as np
 
   from sktlm import data
-  from sktlm.train import step as train
-  setup = train.build(config, mesh)
+  from sktlm.train import step
+  setup = step.build(config, mesh)
   it = data.make_train_iter(config.data, batch_size=config.train.batch_size, seed=config.seed)
   state = setup.init_state(jax.random.PRNGKey(0))
   metrics = []
   for _ in range(steps):
-    state, m = setup.train_step(state, train.device_batch(next(it), setup, config.train.batch_size))
+    state, m = setup.train_step(state, step.device_batch(next(it), setup, config.train.batch_size))
     metrics.append({k: np.asarray(v) for k, v in m.items()})
   return metrics, state, setup
 

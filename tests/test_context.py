@@ -12,10 +12,10 @@ from test_mla import MLA
 from test_model import make_batch
 
 from sktlm import sharding
-from sktlm.config import load as configs
+from sktlm.config import load
 from sktlm.errors import UserError
 from sktlm.model import transformer as model
-from sktlm.train import step as train
+from sktlm.train import step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -25,14 +25,14 @@ def config_for(attention, **over):
           'model.n_kv_heads': 2, 'model.d_ff': 48, 'data.seq_len': 16, 'model.z_loss': 1e-4,
           'model.attention_impl': 'blocked', 'model.attention_block': 2, **(MLA if attention == 'mla' else {})}
   base.update(over)
-  return configs.load_config(os.path.join(ROOT, 'experiments/lm.py:size=pico'), base)
+  return load.load_config(os.path.join(ROOT, 'experiments/lm.py:size=pico'), base)
 
 
 def loss_and_grads(config, mesh, params, batch):
-  """The train loss and its gradients, traced under `mesh` and the logical rules as train.build does."""
+  """The train loss and its gradients, traced under `mesh` and the logical rules as step.build does."""
   rules = sharding.logical_rules(config)
   m = model.make_model(config.model)
-  grad_fn = jax.value_and_grad(train.make_loss_fn(config, m), has_aux=True)
+  grad_fn = jax.value_and_grad(step.make_loss_fn(config, m), has_aux=True)
 
   def fn(p, b):
     with sharding.activation_context(mesh, rules):
@@ -72,7 +72,7 @@ def test_context_parallel_training_matches_and_shards_the_sequence():
   batch = {k: np.concatenate([v] * 2) for k, v in make_batch().items()}
 
   def losses(mesh):
-    setup = train.build(config, mesh)
+    setup = step.build(config, mesh)
     state = setup.init_state(jax.random.PRNGKey(0))
     b = {k: jax.device_put(v, setup.batch_sharding) for k, v in batch.items()}
     out = []
@@ -92,18 +92,18 @@ def test_context_parallel_training_matches_and_shards_the_sequence():
 def test_sequence_must_divide_the_context_axis():
   config = config_for('gqa', **{'data.seq_len': 18, 'mesh.data': 2, 'mesh.context': 4})
   with pytest.raises(UserError, match='does not divide the context mesh axis'):
-    train.build(config, sharding.make_mesh(config.mesh)).init_state(jax.random.PRNGKey(0))
+    step.build(config, sharding.make_mesh(config.mesh)).init_state(jax.random.PRNGKey(0))
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec('libtpu') is None, reason="libtpu absent (pip install 'jax[tpu]==0.10.2')")
 def test_reduced_flagship_with_context_axis_compiles_for_v5p():
   """The flagship's context-parallel path (MLA latents gathered over context=2) compiles for a v5p topology."""
-  from sktlm.plan import planner as plan
-  config = configs.load_config(os.path.join(
+  from sktlm.plan import planner
+  config = load.load_config(os.path.join(
       ROOT, 'experiments/flagship.py:layers=2,experts=8,top_k=2,fsdp=1,expert=2,context=2,batch=2,seq_len=2048,'
       'block=128'))
-  target = plan.get_target('v5p:2x2x1')
-  rep = plan.plan(config, target)
+  target = planner.get_target('v5p:2x2x1')
+  rep = planner.plan(config, target)
   assert rep['mesh']['context'] == 2 and rep['fits']
   assert rep['traced_flops_per_device'] == pytest.approx(rep['analytic_flops_per_device'], rel=0.25)

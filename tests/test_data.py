@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 
 from sktlm import data
-from sktlm.config import load as configs
-from sktlm.config import schema as base_config
+from sktlm.config import load, schema
 from sktlm.data import builders, packing, sources
 from sktlm.errors import UserError
 
@@ -28,7 +27,7 @@ def stdlib_dir(tmp_path_factory):
 
 
 def _cfg(data_dir, **kw):
-  cfg = base_config.get_config().data
+  cfg = schema.get_config().data
   cfg.data_dir = data_dir
   cfg.seq_len = 64
   cfg.update(kw)
@@ -139,8 +138,8 @@ def test_grain_worker_processes_give_the_same_batches(stdlib_dir):
 
 def test_stream_independent_of_model_size_and_batch_grouping(stdlib_dir):
   over = {'data.data_dir': stdlib_dir, 'data.seq_len': 64}
-  a = configs.load_config(os.path.join(ROOT, 'experiments/lm.py:size=pico'), over)
-  b = configs.load_config(os.path.join(ROOT, 'experiments/lm.py:size=small'), over)
+  a = load.load_config(os.path.join(ROOT, 'experiments/lm.py:size=pico'), over)
+  b = load.load_config(os.path.join(ROOT, 'experiments/lm.py:size=small'), over)
   assert a.model.d_model != b.model.d_model
   it_a = data.make_train_iter(a.data, batch_size=8, seed=a.seed)
   it_b = data.make_train_iter(b.data, batch_size=8, seed=b.seed)

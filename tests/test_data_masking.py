@@ -5,7 +5,7 @@ import os
 import numpy as np
 
 from sktlm import data
-from sktlm.config import load as configs
+from sktlm.config import load
 from sktlm.model import transformer as model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -18,7 +18,7 @@ def test_logits_independent_of_other_documents_in_the_row(tmp_path):
   corpus.mkdir()
   for i in range(20):
     (corpus / f'{i}.txt').write_text(f'short document number {i}: ' + 'abc ' * (i % 5))
-  cfg = configs.load_config(os.path.join(ROOT, 'experiments/lm.py:size=pico'), {
+  cfg = load.load_config(os.path.join(ROOT, 'experiments/lm.py:size=pico'), {
       'data.name': 'text_files', 'data.path': str(corpus), 'data.data_dir': str(tmp_path / 'tfds'),
       'data.seq_len': 128, 'model.vocab_size': 384})
   batch = next(data.make_train_iter(cfg.data, batch_size=2, seed=0))

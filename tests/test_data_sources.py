@@ -12,7 +12,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from sktlm import data
-from sktlm.config import schema as base_config
+from sktlm.config import schema
 from sktlm.data import sources
 from sktlm.errors import UserError
 
@@ -20,7 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _cfg(data_dir, **kw):
-  cfg = base_config.get_config().data
+  cfg = schema.get_config().data
   cfg.data_dir = str(data_dir)
   cfg.seq_len = 32
   cfg.update(kw)

@@ -12,16 +12,16 @@ import numpy as np
 import pytest
 
 from sktlm import sharding
-from sktlm.config import schema as base_config
+from sktlm.config import schema
 from sktlm.model import transformer as model_lib
 from sktlm.tools import decode
-from sktlm.train import step as train
+from sktlm.train import step
 
 TOL = 1e-4
 
 
 def small_model(**over):
-  mc = base_config.get_config('pico').model
+  mc = schema.get_config('pico').model
   mc.update(dict(n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, d_ff=96, vocab_size=384, init_std=0.1,
                  attention_block=8))
   mc.update(over)
@@ -60,11 +60,11 @@ def test_greedy_equals_full_forward_argmax_also_sharded(model):
   assert len(set(toks.ravel().tolist())) > 5  # not a degenerate repetition
 
   # The same on a mesh that shards the params (fsdp x tensor) as training does.
-  config = base_config.get_config('pico')
+  config = schema.get_config('pico')
   config.model = mc
   config.mesh.update(data=2, fsdp=2, tensor=2)
   mesh = sharding.make_mesh(config.mesh)
-  setup = train.build(config, mesh)
+  setup = step.build(config, mesh)
   sharded = jax.device_put(params, setup.state_shardings.params)
   assert not sharded['layers']['attn']['wq'].sharding.is_fully_replicated
   toks2, _, logits2 = decode.Sampler(mc, 2, P, opts, mesh, setup.rules)(sharded, prompt, jax.random.PRNGKey(0))
@@ -80,13 +80,13 @@ def _manual_step(mc, params, seq, P):
   m = model_lib.make_model(mc, decode=True)
 
   @jax.jit
-  def step(position, slot):
+  def decode_step(position, slot):
     c = jax.tree_util.tree_map_with_path(
         lambda p, x: jnp.full_like(x, slot) if 'index' in jax.tree_util.keystr(p) else x, cache)
     (logits, _), _ = m.apply({'params': params, 'cache': c}, jnp.asarray(seq[:, P:]), jnp.full((1, 1), position),
                              mutable=['cache'])
     return logits[0, 0]
-  return step
+  return decode_step
 
 
 def test_wrong_rope_offset_or_cache_slot_is_caught(model):
@@ -96,12 +96,12 @@ def test_wrong_rope_offset_or_cache_slot_is_caught(model):
   P = 11
   seq = np.random.default_rng(1).integers(3, 259, (1, P + 1))
   ref = full_logits(mc, params, seq)[0, P]
-  step = _manual_step(mc, params, seq, P)
+  decode_step = _manual_step(mc, params, seq, P)
 
-  assert np.abs(step(P, P) - ref).max() < TOL
-  assert np.abs(step(P + 1, P) - ref).max() > 100 * TOL  # RoPE offset off by one
-  assert np.abs(step(P, P + 1) - ref).max() > 100 * TOL  # cache slot off by one (a stale zero key is seen)
-  assert np.abs(step(P, P - 1) - ref).max() > 100 * TOL  # overwrites the last prompt key
+  assert np.abs(decode_step(P, P) - ref).max() < TOL
+  assert np.abs(decode_step(P + 1, P) - ref).max() > 100 * TOL  # RoPE offset off by one
+  assert np.abs(decode_step(P, P + 1) - ref).max() > 100 * TOL  # cache slot off by one (a stale zero key is seen)
+  assert np.abs(decode_step(P, P - 1) - ref).max() > 100 * TOL  # overwrites the last prompt key
 
 
 def test_stop_at_end_of_document(model):
@@ -205,9 +205,9 @@ def test_mla_wrong_cache_slot_is_caught():
   P = 9
   seq = np.random.default_rng(7).integers(3, 259, (1, P + 1))
   ref = full_logits(mc, params, seq)[0, P]
-  step = _manual_step(mc, params, seq, P)
+  decode_step = _manual_step(mc, params, seq, P)
 
-  assert np.abs(step(P, P) - ref).max() < TOL
-  assert np.abs(step(P + 1, P) - ref).max() > 100 * TOL  # RoPE offset off by one
-  assert np.abs(step(P, P + 1) - ref).max() > 100 * TOL  # a stale zero latent is attended
-  assert np.abs(step(P, P - 1) - ref).max() > 100 * TOL  # overwrites the last prompt latent
+  assert np.abs(decode_step(P, P) - ref).max() < TOL
+  assert np.abs(decode_step(P + 1, P) - ref).max() > 100 * TOL  # RoPE offset off by one
+  assert np.abs(decode_step(P, P + 1) - ref).max() > 100 * TOL  # a stale zero latent is attended
+  assert np.abs(decode_step(P, P - 1) - ref).max() > 100 * TOL  # overwrites the last prompt latent

@@ -8,11 +8,10 @@ import os
 
 import pytest
 
-from sktlm.config import accounting as flops
-from sktlm.config import load as configs
+from sktlm.config import accounting, load
 from sktlm.model.kernels import cpu
-from sktlm.plan import planner as plan
-from sktlm.train import step as train
+from sktlm.plan import planner
+from sktlm.train import step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 B, T = 2, 128
@@ -22,14 +21,14 @@ def _config(**overrides):
   base = {'model.vocab_size': 256, 'train.batch_size': B, 'data.seq_len': T, 'model.attention_block': 32,
           'mesh.data': 1, 'mesh.fsdp': 1}
   base.update(overrides)
-  return configs.load_config(os.path.join(ROOT, 'experiments/lm.py:size=pico'), base)
+  return load.load_config(os.path.join(ROOT, 'experiments/lm.py:size=pico'), base)
 
 
 def _traced_per_token(config) -> float:
-  mesh = plan.make_mesh(config, plan.get_target('cpu:1'))
-  setup = train.build(config, mesh)
-  traced = setup.train_step.trace(setup.abstract_state, train.abstract_batch(config, setup))
-  return plan.jaxpr_matmul_flops(traced.jaxpr.jaxpr) / (B * T)
+  mesh = planner.make_mesh(config, planner.get_target('cpu:1'))
+  setup = step.build(config, mesh)
+  traced = setup.train_step.trace(setup.abstract_state, step.abstract_batch(config, setup))
+  return planner.jaxpr_matmul_flops(traced.jaxpr.jaxpr) / (B * T)
 
 
 CASES = [
@@ -49,20 +48,20 @@ CASES = [
 ] + [{'model.kernels': 'plain', **c} for c in CASES])
 def test_executed_equals_traced_matmuls(overrides):
   config = _config(**overrides)
-  fpt = flops.flops_per_token(config.model, T)
+  fpt = accounting.flops_per_token(config.model, T)
   traced = _traced_per_token(config)
   assert traced == pytest.approx(fpt['executed'], rel=1e-9), (traced, fpt)
   # Model FLOPs do not depend on the kernels: the same model with dense attention and no remat.
   plain = _config(**{**overrides, 'model.attention_impl': 'dense', 'model.remat': 'none', 'model.kernels': 'plain'})
-  assert fpt['exact'] == flops.flops_per_token(plain.model, T)['exact']
+  assert fpt['exact'] == accounting.flops_per_token(plain.model, T)['exact']
 
 
 def test_blocked_attention_fraction_and_model_constant():
   mc = _config().model
-  assert flops.attention_fraction(mc, 128) == pytest.approx((1 + 32 / 128) / 2)  # block divides T
-  assert flops.attention_fraction(mc, 100) == pytest.approx((32 * 32 + 32 * 64 + 32 * 96 + 4 * 100) / 100 ** 2)
+  assert accounting.attention_fraction(mc, 128) == pytest.approx((1 + 32 / 128) / 2)  # block divides T
+  assert accounting.attention_fraction(mc, 100) == pytest.approx((32 * 32 + 32 * 64 + 32 * 96 + 4 * 100) / 100 ** 2)
   with mc.unlocked():
     mc.attention_impl = 'dense'
-  assert flops.attention_fraction(mc, 128) == 1.0
+  assert accounting.attention_fraction(mc, 128) == 1.0
   # The one-hot threshold is stated in both places; they must agree.
-  assert flops.ONE_HOT_EMBED_MAX_VOCAB == cpu.ONE_HOT_EMBED_MAX_VOCAB
+  assert accounting.ONE_HOT_EMBED_MAX_VOCAB == cpu.ONE_HOT_EMBED_MAX_VOCAB

@@ -18,7 +18,7 @@ transformers = pytest.importorskip('transformers')
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from sktlm.config import schema as base_config  # noqa: E402
+from sktlm.config import schema  # noqa: E402
 from sktlm.data import tokenizers  # noqa: E402
 from sktlm.errors import UserError  # noqa: E402
 from sktlm.interop import hf  # noqa: E402
@@ -29,7 +29,7 @@ TOL = 1e-4
 
 
 def small_model(**over):
-  mc = base_config.get_config('pico').model
+  mc = schema.get_config('pico').model
   mc.update(dict(n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, d_ff=64, vocab_size=384, init_std=0.1,
                  attention_block=16, rope_theta=500.0, norm_eps=1e-5))
   mc.update(over)

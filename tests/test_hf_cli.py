@@ -13,21 +13,20 @@ os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('TRANSFORMERS_OFFLINE', '1')
 
 from sktlm import sharding  # noqa: E402
-from sktlm.config import schema as base_config
+from sktlm.config import schema
 from sktlm.data import tokenizers
 from sktlm.errors import UserError  # noqa: E402
 from sktlm.interop import hf
 from sktlm.tools import runs
-from sktlm.train import loop
-from sktlm.train import step as train
+from sktlm.train import loop, step
 
 
 def test_init_from_hf_round_trip_is_bit_exact_on_a_mesh(tmp_path):
   """sktlm params -> HF folder -> train state on an fsdp x tensor mesh: every parameter bit-exact (float32)."""
-  config = base_config.get_config('pico')
+  config = schema.get_config('pico')
   config.model.update(n_kv_heads=2, vocab_size=384, init_std=0.1)
   config.mesh.update(data=2, fsdp=2, tensor=2)
-  setup = train.build(config, sharding.make_mesh(config.mesh))
+  setup = step.build(config, sharding.make_mesh(config.mesh))
   state = setup.init_state(jax.random.PRNGKey(0))
   params = jax.device_get(state.params)
   folder = str(tmp_path / 'hf')
@@ -39,7 +38,7 @@ def test_init_from_hf_round_trip_is_bit_exact_on_a_mesh(tmp_path):
   assert jax.tree.map(lambda x: x.sharding, state2.params) == setup.state_shardings.params
   config.model.d_ff = 256  # a different shape: refused with the key named
   with pytest.raises(UserError, match='d_ff: checkpoint 192, config 256'):
-    hf.init_state(config, train.build(config, sharding.make_mesh(config.mesh)))
+    hf.init_state(config, step.build(config, sharding.make_mesh(config.mesh)))
 
 
 @pytest.mark.slow
@@ -101,7 +100,7 @@ def test_export_sample_eval_and_init_from_hf_on_a_trained_run(data_dir, tmp_path
   first = [json.loads(x) for x in open(os.path.join(wd2, 'metrics.jsonl'))][0]
   from sktlm import data
   batch = next(data.make_train_iter(config2.data, batch_size=8, seed=config2.seed))
-  sums = run.setup.eval_step(run.state, train.device_batch(batch, run.setup, 8))
+  sums = run.setup.eval_step(run.state, step.device_batch(batch, run.setup, 8))
   assert abs(first['loss'] - float(sums['loss_sum']) / float(sums['weight_sum'])) < 1e-5
   assert first['loss'] < 5.2  # from scratch: ~ln(384) = 5.95
 

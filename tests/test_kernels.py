@@ -17,20 +17,19 @@ import pytest
 from conftest import dot_operand_dtypes, train_config
 
 from sktlm import sharding
-from sktlm.config import schema as base_config
+from sktlm.config import schema
 from sktlm.config.validate import validate
 from sktlm.errors import UserError
 from sktlm.model import kernels
 from sktlm.model import transformer as model
-from sktlm.train import loop
-from sktlm.train import step as train
+from sktlm.train import loop, step
 
 RNG = np.random.default_rng(0)
 TOL = {'float32': 1e-5, 'bfloat16': 2e-2}
 
 
 def _ops(**over):
-  mc = base_config.get_config().model
+  mc = schema.get_config().model
   mc.update(over)
   return kernels.ops(mc)
 
@@ -93,7 +92,7 @@ def test_cpu_kernels_equal_the_plain_path(case, dtype):
 
 
 def model_config(**over):
-  config = base_config.get_config('pico')
+  config = schema.get_config('pico')
   config.model.update(dict(vocab_size=384, n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, d_ff=48,
                            attention_block=5, scan_layers=True))
   config.model.update(over)
@@ -113,7 +112,7 @@ def loss_and_grads(config, params=None):
     params = jax.tree.map(lambda x: x.unbox() if hasattr(x, 'unbox') else x,
                           m.init(jax.random.PRNGKey(0), jnp.zeros((1, 16), jnp.int32))['params'],
                           is_leaf=lambda x: hasattr(x, 'unbox'))
-  fn = jax.value_and_grad(train.make_loss_fn(config, m), has_aux=True)
+  fn = jax.value_and_grad(step.make_loss_fn(config, m), has_aux=True)
   (loss, _), grads = jax.jit(fn)(params, batch_of(), 32.0)
   return float(loss), grads, params, jax.make_jaxpr(fn)(params, batch_of(), 32.0)
 
@@ -149,7 +148,7 @@ def test_bfloat16_model_matmuls_stay_bf16_only_with_cpu_kernels():
     params = jax.eval_shape(lambda: m.init(jax.random.PRNGKey(0), jnp.zeros((1, 16), jnp.int32)))['params']
     params = jax.tree.map(lambda x: x.unbox() if hasattr(x, 'unbox') else x, params,
                           is_leaf=lambda x: hasattr(x, 'unbox'))
-    fn = jax.grad(lambda p, b: train.make_loss_fn(config, m)(p, b, 32.0)[0])
+    fn = jax.grad(lambda p, b: step.make_loss_fn(config, m)(p, b, 32.0)[0])
     return dot_operand_dtypes(jax.jit(fn).lower(params, batch_of()).compile().as_text())
 
   with_cpu = dots('cpu')
@@ -206,11 +205,11 @@ def test_resolve_platform_reads_the_mesh_devices():
   """train.resolve_platform takes the platform from the mesh's devices, not from the host's backend: a mesh of
   (fake) TPU devices resolves for TPU on this CPU host."""
   config = model_config(dtype='bfloat16')
-  train.resolve_platform(config, sharding.make_mesh(config.mesh, jax.devices()[:2]))
+  step.resolve_platform(config, sharding.make_mesh(config.mesh, jax.devices()[:2]))
   assert (config.model.kernels, config.model.attention_impl) == ('cpu', 'blocked_vjp')
   fake_tpu = types.SimpleNamespace(devices=np.array([types.SimpleNamespace(platform='tpu')] * 4).reshape(2, 2))
   config = model_config(dtype='bfloat16')
-  train.resolve_platform(config, fake_tpu)
+  step.resolve_platform(config, fake_tpu)
   assert config.model.kernels == 'tpu' and config.model.scan_unroll == 1
 
 

@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 
 from sktlm import sharding
-from sktlm.config import schema as base_config
+from sktlm.config import schema
 from sktlm.model import attention, kernels
 from sktlm.model.kernels import gpu, sharded, tpu
-from sktlm.train import step as train
+from sktlm.train import step
 
 KERNELS = {
     # name: (module, T, block): splash tiles are multiples of 128 lanes, so its rows are longer
@@ -107,9 +107,9 @@ def test_kernel_on_a_mesh_splits_rows_and_heads(name):
     assert sharded.specs(mesh, B, H, 1)[:2] == (jax.sharding.PartitionSpec('data', None, None, None),) * 2
 
   def fn(q, k, v, seg):
-    with sharding.activation_context(mesh, rules):  # as train.build traces the step
+    with sharding.activation_context(mesh, rules):  # as step.build traces the step
       return kernel_fn(name)(q, k, v, seg)
-  # the step's inputs live on the mesh (as train.build's shardings put them); here replicated
+  # the step's inputs live on the mesh (as step.build's shardings put them); here replicated
   on_mesh = [jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
              for x in (q, k, v, seg, dout)]
   got = value_and_grads(fn, *on_mesh)
@@ -135,27 +135,27 @@ def test_model_kernels_setting_reaches_the_fused_kernel(name, monkeypatch):
   monkeypatch.setattr(module, 'causal_attention', functools.partial(module.causal_attention, interpret=True))
   kernels._ops.cache_clear()  # the registry caches looked-up functions; look the patched one up
 
-  def step(kernel_set):
-    config = base_config.get_config('pico')
+  def run_step(kernel_set):
+    config = schema.get_config('pico')
     config.model.update(dict(vocab_size=384, d_model=32, n_heads=4, n_kv_heads=2, d_ff=48, attention_block=16,
                              kernels=kernel_set))
     config.data.seq_len, config.train.batch_size = 64, 4
     config.mesh.update(dict(data=2, fsdp=1, expert=1, tensor=2))
-    setup = train.build(config, sharding.make_mesh(config.mesh, jax.devices()[:4]))
+    setup = step.build(config, sharding.make_mesh(config.mesh, jax.devices()[:4]))
     state = setup.init_state(jax.random.PRNGKey(0))
     seg = segments(64)
     rng = np.random.default_rng(2)
     tokens = rng.integers(3, 259, (4, 65)).astype(np.int32)
     batch = {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:], 'segment_ids': np.concatenate([seg, seg[::-1]]),
              'positions': np.tile(np.arange(64, dtype=np.int32), (4, 1)), 'weights': np.ones((4, 64), np.float32)}
-    batch = train.device_batch(batch, setup, 4)
+    batch = step.device_batch(batch, setup, 4)
     jaxpr = str(setup.train_step.trace(state, batch).jaxpr)
     _, metrics = setup.train_step(state, batch)
     return setup.config.model, jaxpr, {k: float(metrics[k]) for k in ('loss', 'grad_norm')}
 
   try:
-    fused_cfg, fused_jaxpr, fused = step(name)
-    plain_cfg, plain_jaxpr, plain = step('plain')
+    fused_cfg, fused_jaxpr, fused = run_step(name)
+    plain_cfg, plain_jaxpr, plain = run_step('plain')
   finally:
     kernels._ops.cache_clear()
   assert fused_cfg.attention_impl == kernels.FUSED_ATTENTION[name] and plain_cfg.attention_impl == 'blocked'

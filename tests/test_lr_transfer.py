@@ -105,18 +105,17 @@ def test_default_sweep_is_a_mup_width_ladder():
   one LR, >= 3 token budgets per size shared by every size (WSD branches), >= 3 seeds at one size."""
   from conftest import ROOT
 
-  from sktlm.config import accounting as flops
-  from sktlm.sweep import schedule as plan
-  from sktlm.sweep import spec
+  from sktlm.config import accounting
+  from sktlm.sweep import schedule, spec
   sd = spec.load_sweep_file(f'{ROOT}/sweeps/model_sizes.py')
   ns, shapes, budgets, seeds = {}, set(), {}, {}
   for r in sd.runs:
     c = spec.load_run_config(sd.base, {**sd.common, **r.common, **r.settings})
     with c.model.unlocked():
-      c.model.vocab_size = plan.vocab_size(c)
+      c.model.vocab_size = schedule.vocab_size(c)
     m = c.model
     assert m.parametrization == 'mup' and m.base_width == 64 and c.optim.peak_lr == sd.common['config.optim.peak_lr']
-    ns[m.d_model] = flops.param_counts(m)['non_embedding']
+    ns[m.d_model] = accounting.param_counts(m)['non_embedding']
     shapes.add((m.n_layers, m.head_dim, m.d_model // m.n_heads))
     budgets.setdefault(m.d_model, set()).add(c.train.steps)
     seeds.setdefault((m.d_model, c.train.steps), set()).add(c.seed)

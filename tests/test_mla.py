@@ -12,12 +12,10 @@ from conftest import assert_documents_isolated
 from test_model import make_batch, np_rmsnorm, np_rope, stack_layers, to_numpy64
 
 from sktlm import sharding
-from sktlm.config import accounting as flops
-from sktlm.config import layout
-from sktlm.config import load as configs
+from sktlm.config import accounting, layout, load
 from sktlm.model import transformer as model
-from sktlm.plan import planner as plan
-from sktlm.train import step as train
+from sktlm.plan import planner
+from sktlm.train import step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Small MLA: 4 heads, qk = 6 nope + 4 rope = 10, v = 6 (so the core pads v), latents 16 (q) and 8 (kv).
@@ -29,7 +27,7 @@ def mla_config(**over):
   base = {'model.vocab_size': 384, 'model.n_layers': 2, 'model.d_model': 32, 'model.n_heads': 4,
           'model.d_ff': 48, 'data.seq_len': 16, **MLA}
   base.update(over)
-  return configs.load_config(os.path.join(ROOT, 'experiments/lm.py:size=pico'), base)
+  return load.load_config(os.path.join(ROOT, 'experiments/lm.py:size=pico'), base)
 
 
 # ---------------------------------------------------------------- float64 numpy reference
@@ -102,7 +100,7 @@ def test_loss_and_gradients_match_float64_numpy(variant):
   np.testing.assert_allclose(np.asarray(logits), ref, atol=2e-5 * np.abs(ref).max(), rtol=1e-4)
 
   denom = float(batch['weights'].sum())
-  (loss, _), grads = jax.value_and_grad(train.make_loss_fn(config, m), has_aux=True)(params, batch, denom)
+  (loss, _), grads = jax.value_and_grad(step.make_loss_fn(config, m), has_aux=True)(params, batch, denom)
   assert abs(float(loss) - np_loss(p64, config.model, batch)) < 1e-5 * float(loss)
   # Gradients: directional derivatives of the numpy loss (central differences) along the gradient and along a
   # random direction, which catches a gradient right in norm but wrong in direction.
@@ -137,7 +135,7 @@ def test_scan_and_remat_match_plain_stack(remat, unroll):
   denom = float(batch['weights'].sum())
 
   def lg(cfg, m, p):
-    return jax.jit(jax.value_and_grad(train.make_loss_fn(cfg, m), has_aux=True))(p, batch, denom)
+    return jax.jit(jax.value_and_grad(step.make_loss_fn(cfg, m), has_aux=True))(p, batch, denom)
 
   (l1, _), g1 = lg(plain, m_plain, params)
   (l2, _), g2 = lg(other, model.make_model(other.model), stack_layers(params, 2))
@@ -147,7 +145,7 @@ def test_scan_and_remat_match_plain_stack(remat, unroll):
 
 
 def train_losses(config, mesh, batch, steps=3):
-  setup = train.build(config, mesh)
+  setup = step.build(config, mesh)
   state = setup.init_state(jax.random.PRNGKey(0))
   b = {k: jax.device_put(v, setup.batch_sharding) for k, v in batch.items()}
   losses = []
@@ -179,35 +177,35 @@ def test_same_losses_on_one_device_and_on_mesh_shapes(shape):
 def test_param_counts_match_the_parameter_tree(over):
   for spec, extra in ((os.path.join(ROOT, 'experiments/lm.py:size=pico'), MLA),
                       (os.path.join(ROOT, 'experiments/flagship.py:layers=3,experts=4,top_k=2'), {})):
-    config = configs.load_config(spec, {'model.vocab_size': 384, **extra, **over})
+    config = load.load_config(spec, {'model.vocab_size': 384, **extra, **over})
     assert config.model.attention == 'mla'
     m = model.make_model(config.model)
     shapes = jax.eval_shape(lambda m=m: nn.meta.unbox(m.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))))
     p = shapes['params']
-    counts = flops.param_counts(config.model)
+    counts = accounting.param_counts(config.model)
     assert counts['total'] == sum(int(np.prod(x.shape)) for x in jax.tree.leaves(p))
     # The attention weights of one layer, from the tree: the matmul weights (N of 6N) and the latent norms.
     attn = p['moe_layers' if 'moe_layers' in p else 'layers']['attn']
     n_layers = attn['wo'].shape[0]
     weights = sum(int(np.prod(x.shape)) for k, x in attn.items() if k.startswith('w')) // n_layers
     norms = sum(int(np.prod(x['scale'].shape)) for k, x in attn.items() if k.endswith('norm')) // n_layers
-    assert flops._attention_weights(config.model) == (weights, norms)
+    assert accounting._attention_weights(config.model) == (weights, norms)
 
 
 def test_flagship_attention_is_deepseek_v3_mla():
   """The flagship's MLA layer: ~101M attention weights (64 heads) and a 576-value latent per token."""
-  config = configs.load_config(os.path.join(ROOT, 'experiments/flagship.py'))
+  config = load.load_config(os.path.join(ROOT, 'experiments/flagship.py'))
   mc = config.model
   a = mc.mla
   assert (a.q_lora_rank, a.kv_lora_rank, a.qk_nope_head_dim, a.qk_rope_head_dim, a.v_head_dim) == (
       1536, 512, 128, 64, 128)
-  weights, _ = flops._attention_weights(mc)
+  weights, _ = accounting._attention_weights(mc)
   assert weights == 7168 * 1536 + 1536 * 64 * 192 + 7168 * 512 + 7168 * 64 + 512 * 64 * 256 + 64 * 128 * 7168
   assert 100e6 < weights < 102e6
   assert layout.attention_dims(mc) == (192, 128)
   # A.X K1's published counts: ~519B total, ~33B active (the remaining 0.7% of active: module doc of
   # experiments/flagship.py).
-  p = flops.param_counts(mc)
+  p = accounting.param_counts(mc)
   assert p['total'] == pytest.approx(519e9, rel=0.01) and p['active'] == pytest.approx(33e9, rel=0.01)
 
 
@@ -216,7 +214,7 @@ def test_traced_matmul_flops_equal_the_analytic_count():
   nothing is padded): equal once the one-hot embedding matmul of small vocabularies is added."""
   config = mla_config(**{'model.mla.v_head_dim': 10, 'model.attention_impl': 'dense', 'train.batch_size': 8,
                          'data.seq_len': 32, 'model.vocab_size': 256})
-  rep = plan.plan(config, plan.get_target('cpu:8'))
+  rep = planner.plan(config, planner.get_target('cpu:8'))
   v, d = config.model.vocab_size, config.model.d_model
   one_hot = 4 * v * d * 8 * 32 / 8
   assert rep['traced_flops_per_device'] == pytest.approx(rep['analytic_flops_per_device'] + one_hot, rel=0.005)

@@ -7,18 +7,17 @@ import numpy as np
 import pytest
 from conftest import assert_documents_isolated
 
-from sktlm.config import accounting as flops
-from sktlm.config import load as configs
+from sktlm.config import accounting, load
 from sktlm.model import kernels as sktlm_kernels
 from sktlm.model import transformer as model
-from sktlm.train import step as train
+from sktlm.train import step
 
 
 def small_config(**over):
   base = {'model.vocab_size': 384, 'model.n_layers': 2, 'model.d_model': 32, 'model.n_heads': 4,
           'model.n_kv_heads': 2, 'model.d_ff': 48, 'data.seq_len': 16}
   base.update(over)
-  return configs.load_config('experiments/lm.py:size=pico', base)
+  return load.load_config('experiments/lm.py:size=pico', base)
 
 
 # ---------------------------------------------------------------- float64 numpy reference
@@ -130,7 +129,7 @@ def test_golden_loss_and_grad_norm(attention):
   config = small_config(**{'model.scan_layers': False, 'model.z_loss': 0.0, **ATTENTION[attention]})
   m, params = init_params(config)
   batch = make_batch()
-  loss_fn = train.make_loss_fn(config, m)
+  loss_fn = step.make_loss_fn(config, m)
   denom = float(batch['weights'].sum())
   (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, denom)
   p64 = to_numpy64(params)
@@ -169,9 +168,9 @@ def test_blocked_attention_equals_dense(block, impl):
     blocked = small_config(**{'model.attention_impl': impl, 'model.attention_block': block,
                               'model.n_kv_heads': kv_heads})
     m, params = init_params(dense)
-    (l1, _), g1 = jax.jit(jax.value_and_grad(train.make_loss_fn(dense, m), has_aux=True))(params, batch, denom)
+    (l1, _), g1 = jax.jit(jax.value_and_grad(step.make_loss_fn(dense, m), has_aux=True))(params, batch, denom)
     m2 = model.make_model(blocked.model)
-    (l2, _), g2 = jax.jit(jax.value_and_grad(train.make_loss_fn(blocked, m2), has_aux=True))(params, batch, denom)
+    (l2, _), g2 = jax.jit(jax.value_and_grad(step.make_loss_fn(blocked, m2), has_aux=True))(params, batch, denom)
     assert abs(float(l1) - float(l2)) < 1e-6 * abs(float(l1))
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2), strict=True):
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6 * np.abs(a).max())
@@ -182,7 +181,7 @@ def test_blocked_attention_equals_dense(block, impl):
 def test_bfloat16_compute_tracks_float32(attention_dtype, kernels):
   """bfloat16 compute (float32 params, accumulation and softmax; attention operands bf16 by default, via
   blocked_vjp with the cpu kernels, or float32) stays within bf16 precision of the float32 model: loss to 1e-2
-  relative, gradients to a few percent of their scale. Kernels and attention resolved as train.build does."""
+  relative, gradients to a few percent of their scale. Kernels and attention resolved as step.build does."""
   batch = make_batch()
   denom = float(batch['weights'].sum())
   out = {}
@@ -191,7 +190,7 @@ def test_bfloat16_compute_tracks_float32(attention_dtype, kernels):
                              'model.attention_dtype': attention_dtype if dt == 'bfloat16' else ''})
     sktlm_kernels.resolve(config.model, 'cpu')
     m, params = init_params(config)
-    out[dt] = jax.jit(jax.value_and_grad(train.make_loss_fn(config, m), has_aux=True))(params, batch, denom)
+    out[dt] = jax.jit(jax.value_and_grad(step.make_loss_fn(config, m), has_aux=True))(params, batch, denom)
   (l32, _), g32 = out['float32']
   (l16, _), g16 = out['bfloat16']
   assert abs(float(l16) - float(l32)) < 1e-2 * float(l32)
@@ -220,7 +219,7 @@ def test_scan_and_remat_match_plain_stack(remat, unroll):
   denom = float(batch['weights'].sum())
 
   def lg(cfg, m, p):
-    return jax.jit(jax.value_and_grad(train.make_loss_fn(cfg, m), has_aux=True))(p, batch, denom)
+    return jax.jit(jax.value_and_grad(step.make_loss_fn(cfg, m), has_aux=True))(p, batch, denom)
 
   (l1, _), g1 = lg(plain, m_plain, params)
   (l2, _), g2 = lg(other, m_other, stack_layers(params, 2))
@@ -250,11 +249,11 @@ def test_attention_never_crosses_documents(attention):
 @pytest.mark.parametrize('size', ['pico', 'tiny', 'large'])
 @pytest.mark.parametrize('tie', [False, True])
 def test_param_counts_match_the_parameter_tree(size, tie):
-  config = configs.load_config(f'experiments/lm.py:size={size}',
+  config = load.load_config(f'experiments/lm.py:size={size}',
                                {'model.vocab_size': 384, 'model.tie_embeddings': tie})
   m = model.make_model(config.model)
   shapes = jax.eval_shape(lambda: nn.meta.unbox(m.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))))
   n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes['params']))
-  counts = flops.param_counts(config.model)
+  counts = accounting.param_counts(config.model)
   assert counts['total'] == n
   assert counts['non_embedding'] == n - 384 * config.model.d_model * (1 if tie else 2)

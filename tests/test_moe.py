@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from sktlm.config import accounting as flops
-from sktlm.config import schema
+from sktlm.config import accounting, schema
 from sktlm.config.validate import validate
 from sktlm.errors import UserError
 from sktlm.model import layers, moe
@@ -175,7 +174,7 @@ def test_param_tree_matches_flops_accounting():
   c = model_cfg(E=6, K=2, shared=2, e_ff=10)
   params, _, _ = init_apply(c, x_of())
   n = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params))
-  lc = flops._layer_counts(c)
+  lc = accounting._layer_counts(c)
   assert n == lc['moe_total']
   active = n - (c.moe.num_experts - c.moe.top_k) * 3 * c.d_model * c.moe.expert_d_ff
   assert active == lc['moe_active']

@@ -12,12 +12,11 @@ import jax.numpy as jnp
 import pytest
 
 from sktlm import sharding
-from sktlm.config import accounting as flops
-from sktlm.config import load as configs
+from sktlm.config import accounting, load
 from sktlm.model import moe_ep
 from sktlm.model.kernels import cpu
-from sktlm.plan import planner as plan
-from sktlm.train import step as train
+from sktlm.plan import planner
+from sktlm.train import step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAS_LIBTPU = importlib.util.find_spec('libtpu') is not None
@@ -26,7 +25,7 @@ HAS_LIBTPU = importlib.util.find_spec('libtpu') is not None
 def small_config(size='pico', **overrides):
   base = {'model.vocab_size': 256, 'train.batch_size': 8, 'data.seq_len': 64, 'model.scan_layers': True}
   base.update(overrides)
-  return configs.load_config(os.path.join(ROOT, f'experiments/lm.py:size={size}'), base)
+  return load.load_config(os.path.join(ROOT, f'experiments/lm.py:size={size}'), base)
 
 
 MOE = {'model.moe.num_experts': 4, 'model.moe.top_k': 2, 'model.moe.num_shared_experts': 1,
@@ -44,9 +43,9 @@ def device_bytes(tree, device) -> int:
 def test_state_bytes_equal_real_state(mesh, extra):
   over = {f'mesh.{k}': v for k, v in mesh.items()}
   config = small_config(**over, **extra)
-  target = plan.get_target('cpu:8')
-  setup = train.build(config, plan.make_mesh(config, target))
-  predicted = plan.state_bytes(setup.abstract_state)
+  target = planner.get_target('cpu:8')
+  setup = step.build(config, planner.make_mesh(config, target))
+  predicted = planner.state_bytes(setup.abstract_state)
   state = setup.init_state(jax.random.PRNGKey(0))
   for d in target.devices[:3]:
     assert predicted['params'] == device_bytes(state.params, d)
@@ -66,9 +65,9 @@ def test_compiled_flops_match_analytic(scan, extra):
   computed expert FLOPs equal the active ones.
   """
   config = small_config('pico' if scan else 'micro', **{'model.scan_layers': scan}, **extra)
-  rep = plan.plan(config, plan.get_target('cpu:8'))
+  rep = planner.plan(config, planner.get_target('cpu:8'))
   analytic = rep['analytic_flops_per_device']
-  assert analytic == pytest.approx(flops.flops_per_token(config.model, 64)['exact'] * 8 * 64 / 8)
+  assert analytic == pytest.approx(accounting.flops_per_token(config.model, 64)['exact'] * 8 * 64 / 8)
   assert rep['traced_flops_per_device'] == pytest.approx(analytic, rel=0.10)
   # Sharper: small vocabularies embed with a one-hot matmul (sktlm/model/kernels/cpu.py), 4 V D FLOPs/token (fwd + grad)
   # that 6N leaves out as a lookup; with it added the traced matmuls equal the analytic count.
@@ -92,7 +91,7 @@ def test_all_to_all_bytes_match_closed_form(remat, buffer):
   config = small_config(**{**MOE, 'model.moe.capacity_factor': 0.0, 'model.moe.dispatch': 'dropless_ep',
                            'model.moe.ep_buffer_factor': buffer, 'mesh.data': 2, 'mesh.expert': 4,
                            'model.remat': remat, 'model.n_layers': 3})
-  rep = plan.plan(config, plan.get_target('cpu:8', chip='v5p'))
+  rep = planner.plan(config, planner.get_target('cpu:8', chip='v5p'))
   mc = config.model
   X, n_moe = 4, mc.n_layers - mc.moe.n_dense_layers
   N = 8 * 64 // 8                                  # tokens per device: the batch splits over all 8
@@ -110,11 +109,11 @@ def test_all_to_all_bytes_match_closed_form(remat, buffer):
   assert rep['all_to_all_bytes_per_device'] == pytest.approx(closed(S) + (closed(W - S, True) if S < W else 0),
                                                             rel=1e-12)
   assert rep['all_to_all_s_at_least'] == pytest.approx(rep['all_to_all_bytes_per_device'] / 600e9)
-  text = plan.format_report(rep, 'pico')
+  text = planner.format_report(rep, 'pico')
   assert 'all-to-all (traced, MoE dropless_ep)' in text
   assert ('when no device pair overflows' in text) == (buffer > 0)
   # Capacity dispatch's all-to-alls come from sharding constraints, not the jaxpr: none counted.
-  cap = plan.plan(small_config(**MOE, **{'mesh.data': 2, 'mesh.expert': 4}), plan.get_target('cpu:8'))
+  cap = planner.plan(small_config(**MOE, **{'mesh.data': 2, 'mesh.expert': 4}), planner.get_target('cpu:8'))
   assert cap['all_to_all_bytes_per_device'] == 0
 
 
@@ -122,16 +121,16 @@ def test_report_names_the_attention_a_context_parallel_step_runs():
   """With a context axis the kernel set's attention is not used (sktlm/model/context.py): the report says so."""
   for ctx, expected in ((1, 'attention dense'), (4, 'all-gather form of sktlm/model/context.py over context=4')):
     config = small_config(**{'mesh.fsdp': 8 // ctx, 'mesh.context': ctx, 'model.attention_impl': 'dense'})
-    assert expected in plan.format_report(plan.plan(config, plan.get_target('cpu:8'), compile=False), 'pico')
+    assert expected in planner.format_report(planner.plan(config, planner.get_target('cpu:8'), compile=False), 'pico')
 
 
 def test_verdict_and_step_time():
   config = small_config()
-  rep = plan.plan(config, plan.get_target('cpu:8', chip='h100'), mfu=0.5)
+  rep = planner.plan(config, planner.get_target('cpu:8', chip='h100'), mfu=0.5)
   assert rep['fits'] and rep['headroom_bytes'] == rep['hbm_per_device'] - rep['memory']['peak']
   assert rep['step_time_s'] == pytest.approx(rep['analytic_flops_per_device'] / (989e12 * 0.5))
   assert rep['tokens_per_s'] == pytest.approx(8 * 64 / rep['step_time_s'])
-  text = plan.format_report(rep, 'pico')
+  text = planner.format_report(rep, 'pico')
   assert 'verdict: FITS' in text and '50% MFU' in text
 
 
@@ -139,35 +138,35 @@ def test_compiler_refusal_is_a_does_not_fit_verdict():
   """libtpu refuses to compile a step whose temporaries exceed HBM; `plan` reports that as DOES NOT FIT."""
   msg = ('RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries (103.90G) '
          'exceeds available HBM (95.74G).')
-  r = plan.compiler_refusal(jax.errors.JaxRuntimeError(msg))
-  assert r['temp'] == pytest.approx(103.90 * plan.GiB) and r['available'] == pytest.approx(95.74 * plan.GiB)
-  assert plan.compiler_refusal(jax.errors.JaxRuntimeError('INTERNAL: something else')) is None
-  rep = plan.plan(small_config(), plan.get_target('cpu:8', chip='v5p'), compile=False)
+  r = planner.compiler_refusal(jax.errors.JaxRuntimeError(msg))
+  assert r['temp'] == pytest.approx(103.90 * planner.GiB) and r['available'] == pytest.approx(95.74 * planner.GiB)
+  assert planner.compiler_refusal(jax.errors.JaxRuntimeError('INTERNAL: something else')) is None
+  rep = planner.plan(small_config(), planner.get_target('cpu:8', chip='v5p'), compile=False)
   r['peak_at_least'] = r['temp'] + rep['state_bytes']['params'] + rep['state_bytes']['opt_state']
   rep.update(compiler_refused=r, fits=False, headroom_bytes=rep['hbm_per_device'] - r['peak_at_least'])
-  text = plan.format_report(rep, 'pico')
+  text = planner.format_report(rep, 'pico')
   assert 'refused by the compiler, temporaries 103.90 GiB' in text and 'verdict: DOES NOT FIT: peak >= ' in text
 
 
 def test_search_batch_finds_largest_fit():
   config = small_config(**{'mesh.data': 2})
-  target = plan.get_target('cpu:2', chip='h100')
+  target = planner.get_target('cpu:2', chip='h100')
   config.train.batch_size = 6  # per-device batch 3 on 2 batch shards
-  three = plan.compile_step(config, plan.make_mesh(config, target)).memory['peak']
+  three = planner.compile_step(config, planner.make_mesh(config, target)).memory['peak']
   import dataclasses
   target.chip = dataclasses.replace(target.chip, hbm_bytes=three - 1)  # just below: 3 must not fit
   logs = []
-  res = plan.search_batch(config, target, max_per_device=3, log=logs.append)
+  res = planner.search_batch(config, target, max_per_device=3, log=logs.append)
   assert res['per_device_batch'] == 2 and res['global_batch'] == 4, logs
   assert res['peak_bytes'] <= three - 1 and len(logs) == 3  # tried 1, 2, 3
 
 
 def test_flagship_counts_and_reduced_widths():
-  flag = configs.load_config(os.path.join(ROOT, 'experiments/flagship.py'))
-  p = flops.param_counts(flag.model)
+  flag = load.load_config(os.path.join(ROOT, 'experiments/flagship.py'))
+  p = accounting.param_counts(flag.model)
   assert 500e9 <= p['total'] <= 540e9, p['total']
   assert 30e9 <= p['active'] <= 36e9, p['active']
-  small = configs.load_config(os.path.join(ROOT, 'experiments/flagship.py:layers=2,experts=8,top_k=2'))
+  small = load.load_config(os.path.join(ROOT, 'experiments/flagship.py:layers=2,experts=8,top_k=2'))
   for k in ('d_model', 'n_heads', 'n_kv_heads', 'head_dim', 'vocab_size'):
     assert small.model[k] == flag.model[k]
   assert small.model.moe.expert_d_ff == 2048 and small.model.n_layers == 2
@@ -176,26 +175,26 @@ def test_flagship_counts_and_reduced_widths():
 def test_flagship_routes_as_v3_and_its_decode_cache_is_the_latent():
   """DeepSeek-V3's routing constants in the flagship, and the KV cache per token and layer: 512 + 64 = 576 latent
   values against 64 x (192 + 128) expanded and 2 x 64 x 128 for multi-head attention of the same heads."""
-  flag = configs.load_config(os.path.join(ROOT, 'experiments/flagship.py'))
+  flag = load.load_config(os.path.join(ROOT, 'experiments/flagship.py'))
   moe = flag.model.moe
   assert (moe.n_group, moe.topk_group, moe.routed_scaling_factor, flag.model.mla.latent_norm_eps) == (8, 4, 2.5, 1e-6)
-  assert flops.kv_cache_per_token(flag.model) == dict(cached=576, expanded=20480, mha=16384, layers=61)
-  assert flops.routing_groups(flag.model) == dict(n_group=8, topk_group=4, top_k=8, experts_per_group=24)
-  gqa = configs.load_config(os.path.join(ROOT, 'experiments/flagship.py'), {'model.attention': 'gqa'})
-  assert flops.kv_cache_per_token(gqa.model)['cached'] == 2 * 8 * 128
-  off = configs.load_config(os.path.join(ROOT, 'experiments/flagship.py:groups=1'))
-  assert flops.routing_groups(off.model) is None
+  assert accounting.kv_cache_per_token(flag.model) == dict(cached=576, expanded=20480, mha=16384, layers=61)
+  assert accounting.routing_groups(flag.model) == dict(n_group=8, topk_group=4, top_k=8, experts_per_group=24)
+  gqa = load.load_config(os.path.join(ROOT, 'experiments/flagship.py'), {'model.attention': 'gqa'})
+  assert accounting.kv_cache_per_token(gqa.model)['cached'] == 2 * 8 * 128
+  off = load.load_config(os.path.join(ROOT, 'experiments/flagship.py:groups=1'))
+  assert accounting.routing_groups(off.model) is None
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu absent (pip install 'jax[tpu]==0.10.2')")
 def test_reduced_flagship_compiles_for_v5p():
-  config = configs.load_config(os.path.join(
+  config = load.load_config(os.path.join(
       ROOT, 'experiments/flagship.py:layers=2,experts=8,top_k=2,fsdp=2,expert=2,batch=4,seq_len=1024,ep_buffer=1'))
-  target = plan.get_target('v5p:2x2x1')
+  target = planner.get_target('v5p:2x2x1')
   assert len(target.devices) == 4 and target.chip.name == 'v5p'
-  rep = plan.plan(config, target)
-  assert rep['fits'] and 0 < rep['memory']['peak'] < 95 * plan.GiB
+  rep = planner.plan(config, target)
+  assert rep['fits'] and 0 < rep['memory']['peak'] < 95 * planner.GiB
   # The platform's kernel, compiled ahead of time by libtpu on this CPU host: Mosaic splash attention with
   # segment ids, forward and both backward kernels.
   assert [k.split('_segmented')[0] for k in rep['fused_kernels']] == [
@@ -248,7 +247,7 @@ def test_cli_cpu_sets_device_count(tmp_path):
 
 def test_mesh_matches_sharding_helper():
   config = small_config(**{'mesh.data': -1, 'mesh.expert': 2})
-  mesh = plan.make_mesh(config, plan.get_target('cpu:8'))
+  mesh = planner.make_mesh(config, planner.get_target('cpu:8'))
   assert dict(zip(mesh.axis_names, mesh.devices.shape, strict=True)) == dict(data=4, fsdp=1, expert=2, context=1,
                                                                            tensor=1)
   assert sharding.batch_axis_size(mesh, sharding.logical_rules(config)) == 8

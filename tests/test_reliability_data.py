@@ -6,13 +6,13 @@ import os
 
 import pytest
 
-from sktlm.config import schema as base_config
+from sktlm.config import schema
 from sktlm.data import sources
 from sktlm.errors import UserError
 
 
 def _cfg(data_dir, **kw):
-  cfg = base_config.get_config().data
+  cfg = schema.get_config().data
   cfg.update(dict(data_dir=str(data_dir), seq_len=32, name='text_files', **kw))
   return cfg
 

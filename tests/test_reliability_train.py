@@ -20,8 +20,7 @@ from conftest import ROOT, run_cli, train_config
 
 from sktlm import data
 from sktlm.errors import UserError
-from sktlm.train import loop
-from sktlm.train import step as train
+from sktlm.train import loop, step
 from sktlm.train.checkpoint import Checkpointer
 
 QUIET = {'train.log_every': 1, 'metrics.peak_flops': 1e11, 'train.eval_batches': 1}
@@ -48,12 +47,12 @@ def snapshot(folder):
   return out
 
 
-def all_tensors(workdir, step, config):
-  train.resolve_vocab(config, data.get_tokenizer(config.data))
+def all_tensors(workdir, at_step, config):
+  step.resolve_vocab(config, data.get_tokenizer(config.data))
   from sktlm import sharding
-  setup = train.build(config, sharding.make_mesh(config.mesh))
+  setup = step.build(config, sharding.make_mesh(config.mesh))
   ck = Checkpointer(os.path.join(workdir, 'checkpoints'), read_only=True, async_save=False)
-  state, _ = ck.restore(step, setup.abstract_state)
+  state, _ = ck.restore(at_step, setup.abstract_state)
   ck.close()
   return [np.asarray(x) for x in jax.tree.leaves(state)]
 
@@ -150,7 +149,7 @@ def _poisoned_cross_entropy(monkeypatch, config, bad_step, mode):
   for _ in range(bad_step - 1):
     next(it)
   bad_targets = jnp.asarray(next(it)['targets'])
-  orig = train.cross_entropy
+  orig = step.cross_entropy
 
   @jax.custom_vjp
   def nan_grad(x, flag):
@@ -173,7 +172,7 @@ def _poisoned_cross_entropy(monkeypatch, config, bad_step, mode):
     ce, z = orig(logits, targets, weights)
     return ce * (1.0 + 99.0 * flag), z
 
-  monkeypatch.setattr(train, 'cross_entropy', cross_entropy)
+  monkeypatch.setattr(step, 'cross_entropy', cross_entropy)
 
 
 def test_nan_in_the_backward_pass_never_reaches_a_checkpoint(data_dir, tmp_path, monkeypatch):

@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 from scipy import optimize
 
-from sktlm.config import accounting as flops
-from sktlm.config import schema
+from sktlm.config import accounting, schema
 from sktlm.scaling import analysis, compute, io, report
 from sktlm.scaling import fit as fitlib
 
@@ -32,7 +31,7 @@ def shapes():
   for s in SIZES:
     mc = schema.get_config(s).model
     mc.vocab_size = V
-    out.append((flops.param_counts(mc)['non_embedding'], flops.flops_per_token(mc, T)))
+    out.append((accounting.param_counts(mc)['non_embedding'], accounting.flops_per_token(mc, T)))
   return out
 
 

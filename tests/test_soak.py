@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 
 from sktlm import sharding
-from sktlm.config import load as configs
-from sktlm.train import step as train
+from sktlm.config import load
+from sktlm.train import step
 from sktlm.train.checkpoint import Checkpointer
 from sktlm.train.metrics import summary_problems
 from tests.conftest import ROOT
@@ -86,8 +86,8 @@ def _done(run_dir):
 
 def _final_state(run_dir):
   mc = json.load(open(os.path.join(run_dir, 'config.json')))['model']
-  config = configs.load_config(BASE, {'model.vocab_size': mc['vocab_size']})
-  setup = train.build(config, sharding.make_mesh(config.mesh, devices=jax.devices()[:1]))
+  config = load.load_config(BASE, {'model.vocab_size': mc['vocab_size']})
+  setup = step.build(config, sharding.make_mesh(config.mesh, devices=jax.devices()[:1]))
   ck = Checkpointer(os.path.join(run_dir, 'checkpoints'), read_only=True, async_save=False)
   state, data_state = ck.restore(STEPS, setup.abstract_state)
   ck.close()

@@ -9,11 +9,9 @@ import time
 
 import pytest
 
-from sktlm.config import accounting as flops
-from sktlm.config import schema, sizes
+from sktlm.config import accounting, schema, sizes
 from sktlm.errors import UserError
-from sktlm.sweep import locks, planners, spec
-from sktlm.sweep import schedule as plan
+from sktlm.sweep import locks, planners, schedule, spec
 from sktlm.sweep import zip as szip
 from sktlm.sweep.spec import product, run_name, sweep
 from tests.conftest import ROOT
@@ -73,14 +71,14 @@ def test_load_sweep_file_and_resolve(tmp_path):
                       "  return product([sweep('arg.size', ['pico', 'nano']),\n"
                       "                  sweep('config.train.steps', [7])])\n")
   sd = spec.load_sweep_file(path)
-  runs = plan.resolve(sd)
+  runs = schedule.resolve(sd)
   assert [r.name for r in runs] == ['size-pico_steps-7', 'size-nano_steps-7']
   r = runs[1]
   assert r.config.endswith('lm.py:runlocal,size=nano')
   assert r.overrides == {'train.batch_size': 8, 'train.steps': 7}
   # Counts come from sktlm.config.accounting on the resolved config (byte tokenizer: 259 -> padded to 384).
-  assert r.params['non_embedding'] == flops.param_counts(_mc('nano'))['non_embedding']
-  assert r.tokens == 7 * 8 * 64 and r.flops['6N'] == r.tokens * 6 * flops.matmul_params(_mc('nano'))
+  assert r.params['non_embedding'] == accounting.param_counts(_mc('nano'))['non_embedding']
+  assert r.tokens == 7 * 8 * 64 and r.flops['6N'] == r.tokens * 6 * accounting.matmul_params(_mc('nano'))
   args = r.train_args('/w/x')
   assert args[:2] == [f'--config={LM}:runlocal,size=nano', '--workdir=/w/x']
   assert '--config.train.steps=7' in args and '--config.train.batch_size=8' in args
@@ -98,13 +96,13 @@ def test_bad_sweeps_are_one_line_errors(tmp_path):
     spec.load_sweep_file(dup)
   badkey = _write_sweep(tmp_path, "def get_sweep(arg):\n  return [{'config.optim.nope': 1}]\n", 'b.py')
   with pytest.raises(UserError, match="unknown config key 'optim.nope'"):
-    plan.resolve(spec.load_sweep_file(badkey))
+    schedule.resolve(spec.load_sweep_file(badkey))
   with pytest.raises(UserError, match='not found'):
     spec.load_sweep_file(str(tmp_path / 'missing.py'))
 
 
 def _n_and_step(size, batch=4, seq=64):
-  return flops.param_counts(_mc(size))['non_embedding'], batch * seq
+  return accounting.param_counts(_mc(size))['non_embedding'], batch * seq
 
 
 def test_size_ladder_steps_follow_tokens_per_param():
@@ -127,7 +125,7 @@ def test_isoflop_budgets_and_spread():
     c = float(r.name.split('_')[0][2:])
     size = r.settings['arg.size']
     mc = _mc(size)
-    per_tok = flops.flops_per_token(mc, 256)['exact']  # budgets in model FLOPs, as `sktlm scaling` reports
+    per_tok = accounting.flops_per_token(mc, 256)['exact']  # budgets in model FLOPs, as `sktlm scaling` reports
     steps = r.settings['config.train.steps']
     assert abs(steps * 16 * 256 * per_tok - c) <= 0.5 * 16 * 256 * per_tok  # rounded to a whole step
   # The middle size of each budget is the one closest to 20 tokens per parameter.
@@ -136,7 +134,7 @@ def test_isoflop_budgets_and_spread():
     assert len(group) == 3
     ratios = []
     for r in group:
-      n = flops.param_counts(_mc(r.settings['arg.size']))['non_embedding']
+      n = accounting.param_counts(_mc(r.settings['arg.size']))['non_embedding']
       ratios.append(r.settings['config.train.steps'] * 16 * 256 / n)
     assert ratios[0] > ratios[1] > ratios[2]  # larger models see fewer tokens per parameter
 
@@ -158,8 +156,8 @@ def test_planner_common_is_what_the_runs_train_with(tmp_path):
   sd = spec.load_sweep_file(_ladder_file(tmp_path, 'issue.py', None,
                                          {'config.train.batch_size': 8, 'config.data.seq_len': 128}))
   assert sd.common == {}
-  (r,) = plan.resolve(sd)
-  n = flops.param_counts(_mc('micro'))['non_embedding']
+  (r,) = schedule.resolve(sd)
+  n = accounting.param_counts(_mc('micro'))['non_embedding']
   assert r.batch_size * r.seq_len == 1024 and r.steps == math.ceil(n / 1024)
   assert r.tokens == r.steps * 1024 and abs(r.tokens / n - 1) < 1024 / n   # planned D/N = trained D/N
   args = r.train_args(str(tmp_path / 'run'))
@@ -172,16 +170,16 @@ def test_planner_common_is_what_the_runs_train_with(tmp_path):
   # A planner given no common= while COMMON changes the tokens per step: refused when resolved.
   forgot = _ladder_file(tmp_path, 'forgot.py', {'config.train.batch_size': 8})
   with pytest.raises(UserError, match=r'planned at 4,096 tokens per step but its config trains 2,048'):
-    plan.resolve(spec.load_sweep_file(forgot))
+    schedule.resolve(spec.load_sweep_file(forgot))
   # ... and so is one whose COMMON changes N behind the planner's back.
   wider = _ladder_file(tmp_path, 'wider.py', {'config.model.d_ff': 64})
   with pytest.raises(UserError, match=r'planned for [0-9,]+ non_embedding parameters but its config has'):
-    plan.resolve(spec.load_sweep_file(wider))
+    schedule.resolve(spec.load_sweep_file(wider))
   # Agreeing settings (the repository's sweeps pass common=COMMON) are fine.
   same = {'config.train.batch_size': 8}
-  assert plan.resolve(spec.load_sweep_file(_ladder_file(tmp_path, 'same.py', same, same)))[0].batch_size == 8
+  assert schedule.resolve(spec.load_sweep_file(_ladder_file(tmp_path, 'same.py', same, same)))[0].batch_size == 8
   for f in ('model_sizes.py', 'isoflop.py', 'wsd.py'):
-    runs = plan.resolve(spec.load_sweep_file(str(ROOT / 'sweeps' / f)))
+    runs = schedule.resolve(spec.load_sweep_file(str(ROOT / 'sweeps' / f)))
     assert runs and all(r.tokens == r.steps * r.batch_size * r.seq_len for r in runs)
 
 
@@ -201,7 +199,7 @@ def test_wsd_branches_start_at_parent_checkpoints():
       assert k < long.settings['config.optim.decay_start']  # branches leave the long run's stable phase
       assert b.settings['config.train.steps'] == round(k / 0.75)
   sd = spec.SweepDef('x', '', LM, {'config.train.batch_size': 4, 'config.data.seq_len': 64}, runs, {})
-  planned = plan.resolve(sd)
+  planned = schedule.resolve(sd)
   b = next(r for r in planned if r.parent)
   assert b.new_tokens == (b.steps - b.parent_step) * 4 * 64 and b.tokens == b.steps * 4 * 64
   args = b.train_args('/s/' + b.name, '/s/' + b.parent)
@@ -269,7 +267,7 @@ def test_cli_user_errors(tmp_path):
 def test_resources_from_the_run_config(tmp_path):
   path = _write_sweep(tmp_path, "RESOURCES = lambda c: {'CPU': 2, 'GPU': c.train.batch_size // 4}\n"
                       "def get_sweep(arg):\n  return sweep('config.train.batch_size', [4, 8])\n")
-  runs = plan.resolve(spec.load_sweep_file(path))
+  runs = schedule.resolve(spec.load_sweep_file(path))
   assert [r.resources for r in runs] == [{'CPU': 2, 'GPU': 1}, {'CPU': 2, 'GPU': 2}]
   from sktlm.sweep.ray_backend import RayBackend
   assert RayBackend._options({'CPU': 2, 'GPU': 1, 'TPU': 4}) == dict(num_cpus=2, num_gpus=1,

@@ -10,9 +10,8 @@ import sys
 import ml_collections
 import pytest
 
-from sktlm.config import accounting as flops
-from sktlm.sweep import schedule as plan
-from sktlm.sweep import spec
+from sktlm.config import accounting
+from sktlm.sweep import schedule, spec
 from tests.conftest import ROOT
 
 BASE = str(ROOT / 'experiments' / 'lm.py') + ':size=pico,runlocal'
@@ -54,7 +53,7 @@ def test_real_sweep_results_failure_and_rerun(tmp_path):
   assert ok['status'] == 'done' and ok['exit_code'] == '0'
   summary = json.load(open(w / 'seed-1' / 'summary.json'))
   # Columns come from the run's summary.json, and agree with the planner's accounting of the same config.
-  planned = plan.resolve(spec.load_sweep_file(s))[0]
+  planned = schedule.resolve(spec.load_sweep_file(s))[0]
   assert int(ok['n_params_total']) == summary['params']['total'] == planned.params['total']
   assert int(ok['n_params_non_embedding']) == planned.params['non_embedding']
   assert int(ok['tokens']) == 6 * 4 * 64 == planned.tokens
@@ -118,5 +117,5 @@ def test_ray_backend_real_train(tmp_path):
   rows = rows_of(w)
   assert [r['status'] for r in rows.values()] == ['done', 'done']
   mc = json.load(open(w / 'seed-1' / 'config.json'))['model']
-  n = flops.param_counts(ml_collections.ConfigDict(mc))
+  n = accounting.param_counts(ml_collections.ConfigDict(mc))
   assert int(rows['seed-1']['n_params_total']) == n['total']

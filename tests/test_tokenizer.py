@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from sktlm import data
-from sktlm.config import schema as base_config
+from sktlm.config import schema
 from sktlm.data import sources, tokenizers
 from sktlm.errors import UserError
 
@@ -76,7 +76,7 @@ def test_pipeline_with_sentencepiece(sp_model, tmp_path):
   code = _corpus()[0]
   for i in range(30):  # small documents, so whole ones fit in the rows read below
     (corpus / f'{i}.py').write_text(code[i * 400:(i + 1) * 400 + i])
-  cfg = base_config.get_config().data
+  cfg = schema.get_config().data
   cfg.update(dict(name='text_files', path=str(corpus), data_dir=str(tmp_path / 'tfds'), seq_len=32,
                   tokenizer=sp_model.path))
   assert data.get_tokenizer(cfg).fingerprint == sp_model.fingerprint

@@ -18,8 +18,8 @@ USAGE = 'usage: sktlm data prepare [NAME] [--config=...] [--data_dir=...] | sktl
 
 
 def _data_config(name: str | None):
-  from sktlm.config import schema as base_config
-  data_cfg = base_config.get_config().data if _CONFIG.value is None else _CONFIG.value.data
+  from sktlm.config import schema
+  data_cfg = schema.get_config().data if _CONFIG.value is None else _CONFIG.value.data
   data_cfg = data_cfg.copy_and_resolve_references()
   if name:
     data_cfg.name = name

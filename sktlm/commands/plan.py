@@ -54,28 +54,28 @@ def main(argv):
     raise UserError(f"--devices must be cpu:N, got '{spec}' (TPU slices go in --topology)")
   _prepare_host_devices(int(m.group(1)) if m else 1)
 
-  from sktlm.plan import planner as plan
+  from sktlm.plan import planner
   config = _CONFIG.value
   config_name = flags.FLAGS['config'].serialize().split('=', 1)[-1]
-  target = plan.get_target(spec, _CHIP.value, _HBM.value)
+  target = planner.get_target(spec, _CHIP.value, _HBM.value)
   if _SEARCH.value == 'batch':
     if not target.chip:
       raise UserError('--search needs a memory limit: use a TPU topology or --chip (e.g. --chip=h100)')
     print(f'searching the largest per-device batch that fits {target.name} '
-          f'({target.hbm_per_device / plan.GiB:.2f} GiB per device) ...', flush=True)
+          f'({target.hbm_per_device / planner.GiB:.2f} GiB per device) ...', flush=True)
     with config.unlocked():
-      res = plan.search_batch(config, target, max_per_device=_SEARCH_MAX.value, log=lambda s: print(s, flush=True))
+      res = planner.search_batch(config, target, max_per_device=_SEARCH_MAX.value, log=lambda s: print(s, flush=True))
     if res['per_device_batch'] == 0:
       print(f'even a per-device batch of 1 does not fit {target.name}: use more devices, a larger '
             'fsdp/expert axis, remat, or a smaller model')
       return 1
     print(f"largest per-device batch that fits: {res['per_device_batch']} "
           f"(global {res['global_batch']} sequences over {res['batch_shards']} batch shards, peak "
-          f"{res['peak_bytes'] / plan.GiB:.2f} GiB of {res['hbm_per_device'] / plan.GiB:.2f} GiB)")
+          f"{res['peak_bytes'] / planner.GiB:.2f} GiB of {res['hbm_per_device'] / planner.GiB:.2f} GiB)")
     _write_json(res)
     return 0
-  rep = plan.plan(config, target, mfu=_MFU.value, compile=not _NO_COMPILE.value)
-  print(plan.format_report(rep, config_name))
+  rep = planner.plan(config, target, mfu=_MFU.value, compile=not _NO_COMPILE.value)
+  print(planner.format_report(rep, config_name))
   _write_json(rep)
   return 0 if rep.get('fits', True) else 1
 

@@ -38,17 +38,16 @@ _STATUS = flags.DEFINE_bool('status', False, 'print the status table of --sweep_
 
 def main(argv):
   from sktlm.errors import UserError
-  from sktlm.sweep import schedule as plan
-  from sktlm.sweep import spec
+  from sktlm.sweep import schedule, spec
   if len(argv) != 2:
     raise UserError('give one sweep file, e.g. `sktlm sweep sweeps/model_sizes.py --sweep_dir=runs/sizes`'
                     + (f' (got: {" ".join(argv[1:])})' if len(argv) > 2 else ''))
   sd = spec.load_sweep_file(argv[1])
-  runs = plan.resolve(sd)
+  runs = schedule.resolve(sd)
   if _DRY_RUN.value:
-    rate, source = plan.throughput(_SWEEP_DIR.value, _FLOPS_PER_S.value)
+    rate, source = schedule.throughput(_SWEEP_DIR.value, _FLOPS_PER_S.value)
     print(f'sweep {argv[1]}: base config {sd.base}' + (f', common {sd.common}' if sd.common else ''))
-    print(plan.plan_table(runs, rate, source, max(1, _PARALLEL.value), _FLOPS.value))
+    print(schedule.plan_table(runs, rate, source, max(1, _PARALLEL.value), _FLOPS.value))
     return 0
   if not _SWEEP_DIR.value:
     raise UserError('--sweep_dir is required (or --dry_run)')

@@ -35,8 +35,8 @@ def main(argv):
   if not _OUT.value:
     raise UserError('--out=PATH.model is required')
   from sktlm import data
-  from sktlm.config import schema as base_config
-  data_cfg = base_config.get_config().data if _CONFIG.value is None else _CONFIG.value.data
+  from sktlm.config import schema
+  data_cfg = schema.get_config().data if _CONFIG.value is None else _CONFIG.value.data
   import time
   t0 = time.perf_counter()
   tok = tokenizers.train_sentencepiece(data.iter_texts(data_cfg, 'train', max_docs=_MAX_DOCS.value),

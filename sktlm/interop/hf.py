@@ -285,7 +285,7 @@ def init_state(config, setup):
   import jax
   import jax.numpy as jnp
 
-  from sktlm.train import step as train
+  from sktlm.train import step
   path = config.train.init_from_hf
   if config.train.init_from:
     raise UserError('set train.init_from or train.init_from_hf, not both')
@@ -304,7 +304,7 @@ def init_state(config, setup):
                                                     lambda idx, x=x, a=a: x[idx].astype(a.dtype))
   params = jax.tree.map(place, params, abstract.params)
   model_state = jax.tree.map(place, model_state, abstract.model_state)
-  make = jax.jit(lambda p, s: train.TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=setup.tx.init(p),
+  make = jax.jit(lambda p, s: step.TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=setup.tx.init(p),
                                                model_state=s),
                  out_shardings=setup.state_shardings)
   return make(params, model_state)

@@ -22,8 +22,9 @@ dropless_ep, which is plain dropless without an expert mesh axis > 1):
 
 Balancing (`moe.balance`): 'aux_loss' adds the Switch loss (aux_loss_coef); 'aux_free' is DeepSeek-V3's
 auxiliary-loss-free balancing: a per-expert bias (collection BIAS_COLLECTION, not a param) is added to the
-scores for choosing the top-k only, and train.py moves it by bias_update_rate * sign(mean load - load)
-after every step (update_bias). seq_aux_loss_coef adds the sequence-wise balance loss in either mode.
+scores for choosing the top-k only, and the train step (train/step.py) moves it by
+bias_update_rate * sign(mean load - load) after every step (update_bias). seq_aux_loss_coef adds the
+sequence-wise balance loss in either mode.
 
 Auxiliary outputs (float32, same keys and shapes for every MoE layer so nn.scan can stack them):
 aux_loss (Switch load balancing E * sum_e f_e P_e, 1 at perfect balance, unscaled), seq_aux_loss (the same
@@ -187,7 +188,7 @@ class MoEFeedForward(nn.Module):
 
     bias_E = None
     if moe.balance == 'aux_free':
-      # Not a param: train.py updates it after each step from the load sown below (update_bias).
+      # Not a param: the train step (train/step.py) updates it after each step from the load sown below (update_bias).
       if self.is_initializing() or self.has_variable(BIAS_COLLECTION, 'bias'):
         bias_E = self.variable(BIAS_COLLECTION, 'bias', jnp.zeros, (E,), jnp.float32).value
       else:  # applied with params alone (e.g. an exported model): route without the bias

@@ -1,6 +1,6 @@
 """Parametrisations: standard (`sp`, today's GPT-style model) and maximal update (`mup`, Yang et al. 2022,
 Tensor Programs V), selected by `model.parametrization` with `model.base_width`. All the rules live here;
-layers.py, model.py and optim.py call them.
+model/layers.py, model/transformer.py and train/optim.py call them.
 
 muP, for Adam, relative to a base model (this config with d_model = base_width; same layers and heads; every
 hidden width, d_ff and head_dim included, is assumed to grow with d_model by m = d_model / base_width):

@@ -18,12 +18,12 @@ from sktlm.chips import GiB
 from sktlm.errors import UserError
 from sktlm.plan.counters import jaxpr_all_to_all_bytes, jaxpr_matmul_flops
 from sktlm.plan.targets import Target, make_mesh
-from sktlm.train import step as train
+from sktlm.train import step
 
 
 @dataclasses.dataclass
 class Compiled:
-  setup: train.Setup
+  setup: step.Setup
   memory: dict        # per device, bytes
   xla_flops: float    # per device, cost_analysis (while bodies once)
   traced_flops: float  # global, jaxpr matmuls (conds: the costlier branch)
@@ -35,8 +35,8 @@ class Compiled:
 
 
 def compile_step(config, mesh) -> Compiled:
-  setup = train.build(config, mesh)
-  batch = train.abstract_batch(config, setup)
+  setup = step.build(config, mesh)
+  batch = step.abstract_batch(config, setup)
   t0 = time.perf_counter()
   # One trace gives both the jaxpr (FLOP count) and the lowering; train.build sets the mesh and the
   # logical rules while tracing, so the compiled program is the one training runs.
@@ -79,7 +79,7 @@ def search_batch(config, target: Target, max_per_device: int = 4096, log=print) 
   """Largest per-device batch (sequences per batch shard, grad_accum=1) whose compiled step fits."""
   if not target.chip:
     raise UserError('search needs a memory limit: use a TPU topology or --chip (e.g. --chip=h100)')
-  train.resolve_vocab(config)
+  step.resolve_vocab(config)
   mesh = make_mesh(config, target)
   shards = sharding.batch_axis_size(mesh, sharding.logical_rules(config))
   cache = {}

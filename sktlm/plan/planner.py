@@ -14,24 +14,24 @@ from __future__ import annotations
 
 import jax
 
-from sktlm.config import accounting as flops
+from sktlm.config import accounting
 from sktlm.plan.aot import Compiled, compile_step, compiler_refusal, fused_kernels, search_batch  # noqa: F401
 from sktlm.plan.counters import jaxpr_all_to_all_bytes, jaxpr_matmul_flops, per_device_bytes, state_bytes  # noqa: F401
 from sktlm.plan.report import format_report  # noqa: F401
 from sktlm.plan.targets import GiB, Target, get_target, make_mesh, parse_cpu  # noqa: F401
-from sktlm.train import step as train
+from sktlm.train import step
 
 
 def plan(config, target: Target, mfu: float = 0.4, compile: bool = True) -> dict:
   """The full report as a JSON-friendly dict (see format_report)."""
-  train.resolve_vocab(config)
+  step.resolve_vocab(config)
   mc = config.model
   mesh = make_mesh(config, target)
-  train.resolve_platform(config, mesh)  # as training does: the kernels of the target's platform
+  step.resolve_platform(config, mesh)  # as training does: the kernels of the target's platform
   n_dev = len(target.devices)
   seq, batch = config.data.seq_len, config.train.batch_size
   tokens = seq * batch
-  fpt = flops.flops_per_token(mc, seq)
+  fpt = accounting.flops_per_token(mc, seq)
   rep = dict(
       target=target.name, platform=target.platform, n_devices=n_dev,
       chip=target.chip.name if target.chip else None, devices_per_chip=target.devices_per_chip,
@@ -40,8 +40,8 @@ def plan(config, target: Target, mfu: float = 0.4, compile: bool = True) -> dict
       seq_len=seq, batch_size=batch, grad_accum=config.train.grad_accum, tokens_per_step=tokens,
       dtype=mc.dtype, param_dtype=mc.param_dtype, remat=mc.remat,
       kernels=dict(kernels=mc.kernels, attention_impl=mc.attention_impl, scan_unroll=mc.scan_unroll),
-      params=flops.param_counts(mc), flops_per_token=fpt, kv_cache=flops.kv_cache_per_token(mc),
-      routing_groups=flops.routing_groups(mc),
+      params=accounting.param_counts(mc), flops_per_token=fpt, kv_cache=accounting.kv_cache_per_token(mc),
+      routing_groups=accounting.routing_groups(mc),
       analytic_flops_per_device=fpt['exact'] * tokens / n_dev,
   )
   refused = None
@@ -61,7 +61,7 @@ def plan(config, target: Target, mfu: float = 0.4, compile: bool = True) -> dict
                all_to_all_bytes_min_per_device=c.all_to_all_bytes_min / n_dev,
                fused_kernels=c.fused_kernels)
   else:
-    setup = train.build(config, mesh)
+    setup = step.build(config, mesh)
     rep['state_bytes'] = state_bytes(setup.abstract_state)
   peak_bytes = rep['memory']['peak'] if 'memory' in rep else None
   if refused:  # the arguments (params, optimizer state) live beside the temporaries: a lower bound

@@ -6,7 +6,7 @@ step-time estimate).
 from __future__ import annotations
 
 from sktlm.chips import GiB
-from sktlm.config import accounting as flops
+from sktlm.config import accounting
 
 
 def _gib(b):
@@ -14,7 +14,7 @@ def _gib(b):
 
 
 def _h(n):
-  return f'{n / 1e15:.3g}P' if abs(n) >= 1e15 else flops.human(n)
+  return f'{n / 1e15:.3g}P' if abs(n) >= 1e15 else accounting.human(n)
 
 
 def _traced(rep: dict) -> str:

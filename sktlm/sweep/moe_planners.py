@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import math
 
-from sktlm.config import accounting as flops
-from sktlm.config import sizes
+from sktlm.config import accounting, sizes
 from sktlm.errors import UserError
-from sktlm.sweep import schedule as plan
-from sktlm.sweep import spec
+from sktlm.sweep import schedule, spec
 
 MOE = 'config.model.moe.'
 
@@ -57,8 +55,8 @@ def _counts(base: str, common: dict | None, settings: dict):
   config = spec.load_run_config(base, {**(common or {}), **settings})
   mc = config.model
   with mc.unlocked():
-    mc.vocab_size = plan.vocab_size(config)
-  return flops.param_counts(mc), flops.flops_per_token(mc, config.data.seq_len), \
+    mc.vocab_size = schedule.vocab_size(config)
+  return accounting.param_counts(mc), accounting.flops_per_token(mc, config.data.seq_len), \
       config.train.batch_size * config.data.seq_len
 
 

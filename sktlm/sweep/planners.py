@@ -17,11 +17,9 @@ from __future__ import annotations
 
 import math
 
-from sktlm.config import accounting as flops
-from sktlm.config import sizes
+from sktlm.config import accounting, sizes
 from sktlm.errors import UserError
-from sktlm.sweep import schedule as plan
-from sktlm.sweep import spec
+from sktlm.sweep import schedule, spec
 
 
 def _counts(base: str, common: dict | None, size: str, param_kind: str = 'non_embedding'):
@@ -29,12 +27,12 @@ def _counts(base: str, common: dict | None, size: str, param_kind: str = 'non_em
   config = spec.load_run_config(base, {**(common or {}), 'arg.size': size})
   mc = config.model
   with mc.unlocked():
-    mc.vocab_size = plan.vocab_size(config)
-  counts = flops.param_counts(mc)
+    mc.vocab_size = schedule.vocab_size(config)
+  counts = accounting.param_counts(mc)
   if param_kind not in counts:
     raise UserError(f"param_kind '{param_kind}' is not one of {sorted(counts)}")
   tokens_per_step = config.train.batch_size * config.data.seq_len
-  return counts[param_kind], flops.flops_per_token(mc, config.data.seq_len), tokens_per_step
+  return counts[param_kind], accounting.flops_per_token(mc, config.data.seq_len), tokens_per_step
 
 
 def _check_sizes(names):

@@ -10,8 +10,7 @@ import json
 import os
 from typing import Any
 
-from sktlm.config import accounting as flops
-from sktlm.config import layout
+from sktlm.config import accounting, layout
 from sktlm.errors import UserError
 from sktlm.sweep import spec
 
@@ -85,8 +84,8 @@ def resolve_run(sd: spec.SweepDef, run: spec.Run) -> PlannedRun:
     mc.vocab_size = vocab_size(config)
   steps, batch, seq = int(config.train.steps), int(config.train.batch_size), int(config.data.seq_len)
   tokens = steps * batch * seq
-  fpt = flops.flops_per_token(mc, seq)
-  params = flops.param_counts(mc)
+  fpt = accounting.flops_per_token(mc, seq)
+  params = accounting.param_counts(mc)
   _check_planned(run, batch * seq, params)
   # RESOURCES of the sweep file: a dict, or a function of the run's config (e.g. GPUs = mesh size).
   resources = dict((sd.resources(config) if callable(sd.resources) else sd.resources) or {'CPU': 1})
@@ -185,7 +184,7 @@ def plan_table(runs: list[PlannedRun], flops_per_s: float, source: str, parallel
     total += t
     n = r.params['non_embedding']
     rows.append([r.name + (f'  (from {r.parent}@{r.parent_step})' if r.parent else ''), r.size,
-                 flops.human(n), flops.human(r.params['total']), flops.human(r.tokens),
+                 accounting.human(n), accounting.human(r.params['total']), accounting.human(r.tokens),
                  f'{r.tokens / max(n, 1):.1f}', f'{r.flops[key]:.3g}', str(r.steps), fmt_time(t)])
   widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
   line = lambda cells: '  '.join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in
@@ -194,7 +193,7 @@ def plan_table(runs: list[PlannedRun], flops_per_s: float, source: str, parallel
   c = sum(r.new_tokens * r.flops_per_token[key] for r in runs)
   out.append('')
   out.append(f'C = training FLOPs, {CONVENTION_NAMES[key]}')
-  out.append(f'{len(runs)} runs, {flops.human(sum(r.new_tokens for r in runs))} tokens trained, C = {c:.3g} FLOPs')
+  out.append(f'{len(runs)} runs, {accounting.human(sum(r.new_tokens for r in runs))} tokens trained, C = {c:.3g} FLOPs')
   out.append(f'estimated time on this machine: {fmt_time(total)} run one at a time'
              + (f', ~{fmt_time(total / parallel)} with --parallel={parallel} if the hardware scales'
                 if parallel > 1 else ''))

@@ -23,7 +23,7 @@ import os
 import re
 from typing import Any
 
-from sktlm.config import load as configs
+from sktlm.config import load
 from sktlm.config.validate import validate
 from sktlm.errors import UserError
 
@@ -160,7 +160,7 @@ class SweepDef:
 def load_sweep_file(spec: str) -> SweepDef:
   """Loads 'sweeps/x.py[:arg]' and normalises its runs (names checked unique)."""
   path, _, arg = spec.partition(':')
-  module = configs._import_file(path)  # noqa: SLF001 - the shared file importer (UserError if missing)
+  module = load._import_file(path)  # noqa: SLF001 - the shared file importer (UserError if missing)
   for attr in ('BASE', 'get_sweep'):
     if not hasattr(module, attr):
       raise UserError(f'sweep file {path} defines no {attr} (see docs/sweeps.md)')
@@ -254,6 +254,6 @@ def override_flag(key: str, value: Any) -> str:
 def load_run_config(base: str, settings: dict[str, Any]):
   """The resolved ConfigDict of one run (no jax): base config + arg.* arguments + config.* overrides."""
   args, overrides = split_settings(settings)
-  config = configs.load_config(config_spec(base, args), overrides)
+  config = load.load_config(config_spec(base, args), overrides)
   validate(config)  # the dry run refuses what `sktlm train` would
   return config

@@ -22,7 +22,7 @@ import numpy as np
 
 from sktlm import data, sharding
 from sktlm.errors import UserError
-from sktlm.train import step as train
+from sktlm.train import step
 
 
 @dataclasses.dataclass
@@ -103,7 +103,7 @@ def run(config, widths, steps: int, parametrizations=('sp', 'mup'), base_width: 
   base_width = base_width or widths[0]
   data.prepare(config.data)
   with config.unlocked():
-    train.resolve_vocab(config)
+    step.resolve_vocab(config)
   mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])  # small models: one device
   rms: dict[str, dict[str, np.ndarray]] = {}
   losses: dict[str, np.ndarray] = {}
@@ -111,13 +111,13 @@ def run(config, widths, steps: int, parametrizations=('sp', 'mup'), base_width: 
     per_width, loss_rows = [], []
     for w in widths:
       c = width_config(config, w, p, base_width)
-      setup = train.build(c, mesh)
+      setup = step.build(c, mesh)
       stats = _stats_fn(setup)
       it = data.make_train_iter(c.data, batch_size=c.train.batch_size, seed=c.seed)
       state = setup.init_state(jax.random.PRNGKey(c.seed))
       rows, losses_w = [], []
       for t in range(steps + 1):
-        batch = train.device_batch(next(it), setup, c.train.batch_size)
+        batch = step.device_batch(next(it), setup, c.train.batch_size)
         rows.append({k: float(v) for k, v in stats(state.params, batch).items()})
         if t < steps:
           state, m = setup.train_step(state, batch)

@@ -48,7 +48,7 @@ def record_name(data_cfg) -> str:
 def evaluate(run, data_cfg, *, split: str = 'validation', max_batches: int = 0, progress=None) -> dict:
   """Loss / ppl / bpb of `run` (sktlm.tools.runs.LoadedRun) on one pass over data_cfg's split."""
   from sktlm import data
-  from sktlm.train import step as train
+  from sktlm.train import step
   if split not in SPLITS:
     raise UserError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
   B = run.config.train.batch_size
@@ -59,7 +59,7 @@ def evaluate(run, data_cfg, *, split: str = 'validation', max_batches: int = 0, 
   pending = None
   for k, batch in enumerate(batches):
     n_bytes += float(np.sum(batch['weights'] * nbytes_of[batch['targets']]))
-    out = run.setup.eval_step(run.state, train.device_batch(batch, run.setup, B))
+    out = run.setup.eval_step(run.state, step.device_batch(batch, run.setup, B))
     if pending is not None:  # fetch the previous batch's sums while this one runs
       loss_sum, weight_sum = loss_sum + float(pending['loss_sum']), weight_sum + float(pending['weight_sum'])
     pending = out

@@ -12,8 +12,8 @@ from typing import Any
 
 import ml_collections
 
-from sktlm.config import load as configs
 from sktlm.config import schema
+from sktlm.config.load import flatten
 from sktlm.config.validate import validate
 from sktlm.errors import UserError
 
@@ -47,7 +47,7 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
   except (OSError, json.JSONDecodeError) as e:
     raise UserError(f'{workdir} is not a run directory: cannot read {path} ({e})') from None
   config = schema.get_config()
-  for key, value in configs.flatten(_tuples(raw)).items():
+  for key, value in flatten(_tuples(raw)).items():
     if key in schema.BY_KEY:
       *parents, leaf = key.split('.')
       node = config
@@ -72,7 +72,7 @@ def _reader(workdir: str):
     logging.set_verbosity(old)
 
 
-def checkpoint_step(workdir: str, step: int | None) -> int:
+def checkpoint_step(workdir: str, at_step: int | None) -> int:
   if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
     raise UserError(f'{workdir}: no checkpoints/ folder (train the run first)')
   ckpt = _reader(workdir)
@@ -80,23 +80,23 @@ def checkpoint_step(workdir: str, step: int | None) -> int:
   ckpt.close()
   if not steps:
     raise UserError(f'{workdir}: no checkpoint saved yet')
-  if step is None or step < 0:
+  if at_step is None or at_step < 0:
     return steps[-1]
-  if step not in steps:
-    raise UserError(f'{workdir}: no checkpoint at step {step} (has {steps})')
-  return step
+  if at_step not in steps:
+    raise UserError(f'{workdir}: no checkpoint at step {at_step} (has {steps})')
+  return at_step
 
 
-def load(workdir: str, step: int | None = None, mesh_cfg: dict | None = None, devices=None,
+def load(workdir: str, at_step: int | None = None, mesh_cfg: dict | None = None, devices=None,
          batch_size: int | None = None) -> LoadedRun:
-  """Restores params of checkpoint `step` (None: latest) onto a mesh (default: the run's config.mesh);
+  """Restores params of checkpoint `at_step` (None: latest) onto a mesh (default: the run's config.mesh);
   `batch_size` (default: the run's) is what setup.eval_step is fed."""
   import jax
 
   from sktlm import data, sharding
-  from sktlm.train import step as train
+  from sktlm.train import step
   config = read_config(workdir)
-  step = checkpoint_step(workdir, step)
+  at_step = checkpoint_step(workdir, at_step)
   tokenizer = data.get_tokenizer(config.data)
   if mesh_cfg is not None:
     with config.unlocked():
@@ -113,12 +113,12 @@ def load(workdir: str, step: int | None = None, mesh_cfg: dict | None = None, de
     elif config.train.batch_size % shards:
       config.train.batch_size = shards
     config.train.grad_accum = 1
-  setup = train.build(config, mesh)
+  setup = step.build(config, mesh)
   ckpt = _reader(workdir)
-  state, _ = ckpt.restore(step, setup.abstract_state)
+  state, _ = ckpt.restore(at_step, setup.abstract_state)
   ckpt.close()
   return LoadedRun(workdir=workdir, config=config, tokenizer=tokenizer, setup=setup, params=state.params,
-                   step=step, state=state)
+                   step=at_step, state=state)
 
 
 def single_device_mesh() -> dict:

@@ -17,10 +17,9 @@ import time
 import jax
 
 from sktlm import chips, files, timeline
-from sktlm.config import accounting as flops
+from sktlm.config import accounting
 from sktlm.errors import UserError
-from sktlm.train import compile_cache
-from sktlm.train import step as train
+from sktlm.train import compile_cache, step
 from sktlm.train.checkpoint import Checkpointer, io_error, last_good
 from sktlm.train.metrics import MetricsWriter, RunStats
 from sktlm.train.start import Prepared, prepare, restore_or_init, write_run_files
@@ -54,9 +53,6 @@ def peak_flops_total(config, devices) -> tuple[float, str]:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Before anything is written: the config, the workdir's earlier run, the model, the data.
-
-# ---------------------------------------------------------------------------------------------------
 # The step loop.
 
 class _StopFlag:
@@ -83,16 +79,16 @@ class Trainer:
   """Runs steps from `step` to train.steps. Step n+1 is dispatched before step n's metrics are fetched (the
   only host sync); a step's metrics are always checked before its state is saved or evaluated."""
 
-  def __init__(self, p: Prepared, ckpt: Checkpointer, writer: MetricsWriter, stats: RunStats, state, step: int):
+  def __init__(self, p: Prepared, ckpt: Checkpointer, writer: MetricsWriter, stats: RunStats, state, start_step: int):
     self.p, self.t, self.ckpt, self.writer, self.stats = p, p.config.train, ckpt, writer, stats
-    self.state, self.step, self.saved_step = state, step, step
+    self.state, self.step, self.saved_step = state, start_step, start_step
     self.compiled = None
     self.compile_s = 0.0
     self.rollbacks = 0
 
   def compile(self) -> None:
     t0 = time.time()
-    batch = train.abstract_batch(self.p.config, self.p.setup)
+    batch = step.abstract_batch(self.p.config, self.p.setup)
     self.compiled = self.p.setup.train_step.lower(self.state, batch).compile()
     self.compile_s = time.time() - t0
     timeline.mark('train compile')
@@ -101,7 +97,7 @@ class Trainer:
   def train(self, stop: _StopFlag) -> None:
     t, pending = self.t, None
     while self.step < t.steps and stop.signum is None:
-      batch = train.device_batch(next(self.p.it), self.p.setup, t.batch_size)
+      batch = step.device_batch(next(self.p.it), self.p.setup, t.batch_size)
       self.state, metrics = self.compiled(self.state, batch)
       self.step += 1
       try:
@@ -138,21 +134,21 @@ class Trainer:
       self._evaluate()
     return ''
 
-  def _check(self, step: int, metrics) -> None:
+  def _check(self, n: int, metrics) -> None:
     """Fetches step `step`'s metrics: non-finite -> Diverged, loss spike -> Spike, else logged."""
     m = jax.device_get(metrics)
     loss = float(m['loss'])
     if not math.isfinite(loss):
-      raise Diverged(f'loss is not finite ({loss}) at step {step}')
+      raise Diverged(f'loss is not finite ({loss}) at step {n}')
     if not bool(m.get('finite', True)):
-      raise Diverged(f'gradient norm or updated parameters are not finite at step {step} (loss {loss:.4f}, '
+      raise Diverged(f'gradient norm or updated parameters are not finite at step {n} (loss {loss:.4f}, '
                      f'grad norm {float(m["grad_norm"])})')
     mean = self.stats.window_mean_loss()
     if self.t.spike_factor > 0 and mean is not None and loss > self.t.spike_factor * mean:
-      raise Spike(step, loss, mean)
-    self.stats.observe(step, m)
-    if step % self.t.log_every == 0 or step == self.t.steps:
-      self.writer.write(self.stats.train_record(step))
+      raise Spike(n, loss, mean)
+    self.stats.observe(n, m)
+    if n % self.t.log_every == 0 or n == self.t.steps:
+      self.writer.write(self.stats.train_record(n))
 
   def _save(self, force: bool = False) -> None:
     self.ckpt.save(self.step, self.state, self.p.it.get_state(), force=force)
@@ -243,9 +239,9 @@ def _run(config, workdir: str, malloc: str) -> int:
   ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), keep=t.keep_checkpoints, async_save=t.async_checkpoint)
   state, start, origin = restore_or_init(p, ckpt)
   timeline.mark('state')
-  counts, fpt = flops.param_counts(config.model), flops.flops_per_token(config.model, T)
+  counts, fpt = accounting.param_counts(config.model), accounting.flops_per_token(config.model, T)
   if p.leader:
-    print(f'{origin}; mesh {dict(p.mesh.shape)}; {flops.human(counts["total"])} params; '
+    print(f'{origin}; mesh {dict(p.mesh.shape)}; {accounting.human(counts["total"])} params; '
           f'host malloc {malloc}')
   peak, peak_src = peak_flops_total(config, p.mesh.devices.flat)
   timeline.mark('peak')

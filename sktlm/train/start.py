@@ -14,10 +14,10 @@ from typing import Any
 import jax
 
 from sktlm import data, files, sharding, timeline
-from sktlm.config import load as configs
+from sktlm.config import load
 from sktlm.config.validate import validate
 from sktlm.errors import UserError
-from sktlm.train import step as train
+from sktlm.train import step
 from sktlm.train.checkpoint import Checkpointer, steps_on_disk
 from sktlm.train.metrics import summary_problems
 from sktlm.train.step import resolve_vocab
@@ -35,7 +35,7 @@ def _check_workdir_config(workdir: str, config) -> list[str]:
       old = json.load(f)
   except (OSError, json.JSONDecodeError) as e:
     raise UserError(f'{path} is unreadable ({e}); move it away or use another --workdir') from e
-  breaking, harmless = configs.diff_configs(old, configs.to_dict(config))
+  breaking, harmless = load.diff_configs(old, load.to_dict(config))
   if breaking:
     raise UserError(f'{workdir} holds a run with an incompatible config; changed: {"; ".join(breaking)} '
                     '(use a new --workdir, or revert these keys)')
@@ -74,7 +74,7 @@ class Prepared:
   tokenizer_info: dict
   harmless: list[str]
   mesh: Any
-  setup: train.Setup | None  # None: the run is finished (nothing is built)
+  setup: step.Setup | None  # None: the run is finished (nothing is built)
   it: data.DataIterator | None
   eval_batches: list | None
   leader: bool
@@ -91,7 +91,7 @@ def prepare(config, workdir: str) -> Prepared:
   tokenizer = data.get_tokenizer(config.data)
   resolve_vocab(config, tokenizer)
   mesh = sharding.make_mesh(config.mesh)
-  train.resolve_platform(config, mesh)  # the kernels, attention and unrolling config.json records
+  step.resolve_platform(config, mesh)  # the kernels, attention and unrolling config.json records
   harmless = _check_workdir_config(workdir, config)
   tokenizer_info = _check_tokenizer(workdir, tokenizer)
   _check_resume_step(workdir, config.train)
@@ -99,13 +99,13 @@ def prepare(config, workdir: str) -> Prepared:
   timeline.mark('validate')
   if _finished(workdir, config.train.steps) and not _resume_pending(workdir, config.train):  # nothing built yet
     return Prepared(config, workdir, tokenizer, tokenizer_info, harmless, mesh, None, None, None, leader)
-  setup = train.build(config, mesh)
+  setup = step.build(config, mesh)
   timeline.mark('build')
   B, pidx, pcount = config.train.batch_size, jax.process_index(), jax.process_count()
   it = data.make_train_iter(config.data, batch_size=B, seed=config.seed, process_index=pidx, process_count=pcount)
   eval_batches = None
   if config.train.eval_batches > 0:
-    eval_batches = [train.device_batch(b, setup, B) for b in data.make_eval_batches(
+    eval_batches = [step.device_batch(b, setup, B) for b in data.make_eval_batches(
         config.data, batch_size=B, num_batches=config.train.eval_batches, process_index=pidx,
         process_count=pcount)]
   timeline.mark('data')
@@ -135,7 +135,7 @@ def write_run_files(p: Prepared) -> None:
     print(f'config changed since the last start (allowed): {"; ".join(p.harmless)}')
   if not os.path.exists(os.path.join(p.workdir, 'tokenizer.json')):
     files.write_json(os.path.join(p.workdir, 'tokenizer.json'), p.tokenizer_info)
-  files.write_json(os.path.join(p.workdir, 'config.json'), configs.to_dict(p.config))
+  files.write_json(os.path.join(p.workdir, 'config.json'), load.to_dict(p.config))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -147,12 +147,12 @@ def restore_or_init(p: Prepared, ckpt: Checkpointer):
   upto = _resume_step(p, ckpt)
   found = ckpt.restore_newest(setup.abstract_state, upto)
   if found is not None:
-    state, data_state, step, bad = found
+    state, data_state, start_step, bad = found
     p.it.set_state(data_state)
     if bad and p.leader:
       for b, err, where in bad:
-        print(f'checkpoint step {b} is corrupt ({err[:160]}); moved to {where}; resuming from step {step}')
-    return state, step, f'resumed from step {step}'
+        print(f'checkpoint step {b} is corrupt ({err[:160]}); moved to {where}; resuming from step {start_step}')
+    return state, start_step, f'resumed from step {start_step}'
   if config.train.init_from_hf:  # weights from a Hugging Face Llama folder (interop/hf.py); step 0, fresh optimizer
     from sktlm.interop import hf
     return hf.init_state(config, setup), 0, f'initialised from Hugging Face weights {config.train.init_from_hf}'
@@ -184,10 +184,10 @@ def _init_from_run(p: Prepared):
   _check_workdir_config(src, config)
   src_ckpt = Checkpointer(src_ckpt_dir, read_only=True, async_save=False)
   steps = src_ckpt.all_steps()
-  step = config.train.init_step if config.train.init_step >= 0 else (steps[-1] if steps else None)
-  if step is None or step not in steps:
+  start_step = config.train.init_step if config.train.init_step >= 0 else (steps[-1] if steps else None)
+  if start_step is None or start_step not in steps:
     raise UserError(f'train.init_from={src}: no checkpoint at step {config.train.init_step} (has {steps})')
-  state, data_state = src_ckpt.restore(step, p.setup.abstract_state)
+  state, data_state = src_ckpt.restore(start_step, p.setup.abstract_state)
   src_ckpt.close()
   p.it.set_state(data_state)
-  return state, step, f'initialised from {src} step {step}'
+  return state, start_step, f'initialised from {src} step {start_step}'
