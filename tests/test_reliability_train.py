@@ -216,13 +216,13 @@ def _train_args(data_dir, workdir, steps):
 
 KILL_BEFORE_SUMMARY = r'''
 import os, signal, sys
-from sktlm.train import loop
-orig = loop.write_summary
+from sktlm import runfiles
+orig = runfiles.write_summary
 def write_summary(workdir, summary):
   if summary.get('status') == 'done':
     os.kill(os.getpid(), signal.SIGKILL)  # the instant after the final checkpoint, before the summary
   orig(workdir, summary)
-loop.write_summary = write_summary
+runfiles.write_summary = write_summary
 from sktlm import cli
 cli.main(['sktlm'] + sys.argv[1:])
 '''

@@ -21,9 +21,9 @@ import pytest
 
 from sktlm import sharding
 from sktlm.config import load
+from sktlm.runfiles import summary_problems
 from sktlm.train import step
 from sktlm.train.checkpoint import Checkpointer
-from sktlm.train.metrics import summary_problems
 from tests.conftest import ROOT
 
 STEPS = 24
