@@ -18,7 +18,7 @@ from sktlm.data import tokenizers
 from sktlm.errors import UserError  # noqa: E402
 from sktlm.interop import hf
 from sktlm.tools import runs
-from sktlm.train import loop, step
+from sktlm.train import init_hf, loop, step
 
 
 def test_init_from_hf_round_trip_is_bit_exact_on_a_mesh(tmp_path):
@@ -32,13 +32,13 @@ def test_init_from_hf_round_trip_is_bit_exact_on_a_mesh(tmp_path):
   folder = str(tmp_path / 'hf')
   hf.write_folder(folder, config.model, params, max_position_embeddings=64, tokenizer=tokenizers.ByteTokenizer())
   config.train.init_from_hf = folder
-  state2 = hf.init_state(config, setup)
+  state2 = init_hf.init_state(config, setup)
   assert int(state2.step) == 0
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, np.asarray(b)), params, state2.params)
   assert jax.tree.map(lambda x: x.sharding, state2.params) == setup.state_shardings.params
   config.model.d_ff = 256  # a different shape: refused with the key named
   with pytest.raises(UserError, match='d_ff: checkpoint 192, config 256'):
-    hf.init_state(config, step.build(config, sharding.make_mesh(config.mesh)))
+    init_hf.init_state(config, step.build(config, sharding.make_mesh(config.mesh)))
 
 
 @pytest.mark.slow

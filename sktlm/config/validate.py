@@ -99,6 +99,8 @@ def _cross_rules(config) -> None:
     raise UserError(f'train.spike_factor must be 0 (off) or > 1, got {t.spike_factor}')
   if t.batch_size % t.grad_accum:
     raise UserError(f'train.batch_size={t.batch_size} must be a multiple of train.grad_accum={t.grad_accum}')
+  if t.init_from and t.init_from_hf:
+    raise UserError('set train.init_from or train.init_from_hf, not both')
 
 
 def _mesh_rules(config, axis_sizes: dict) -> None:
