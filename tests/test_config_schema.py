@@ -155,6 +155,46 @@ def test_mesh_rules():
     validate(config, Mesh())
 
 
+# The rules that the optimizer, the model, the data pipeline and interop checked while running, now written
+# once in validate: each bad value is one line from validate, before anything is built (mesh: its axis sizes).
+MOVED_RULES = [
+    ({'optim.schedule': 'step'}, None, "optim.schedule must be one of 'cosine', 'wsd', 'constant', got 'step'"),
+    ({'optim.schedule': 'wsd', 'optim.decay_shape': 'exp'}, None,
+     "optim.decay_shape must be one of 'linear', 'cosine', '1-sqrt', got 'exp'"),
+    ({'model.rope_scaling.type': 'ntk'}, None, "model.rope_scaling.type must be one of 'none', 'yarn', got 'ntk'"),
+    ({'model.rope_scaling.type': 'yarn', 'model.rope_scaling.factor': 0.5}, None,
+     'model.rope_scaling.factor must be >= 1, got 0.5'),
+    ({'model.rope_scaling.type': 'yarn', 'model.rope_scaling.original_max_position': 0}, None,
+     'model.rope_scaling.original_max_position must be >= 1, got 0'),
+    ({'data.seq_len': 1}, None, 'data.seq_len must be >= 2, got 1'),
+    ({'data.seq_len': 18}, {'data': 2, 'context': 4},
+     r'data.seq_len=18 does not divide the context mesh axis \(4 devices\)'),
+    ({'sharding_rules': (('batch', 'data'), ('length', None))}, {'data': 2, 'context': 4},
+     r"mesh.context=4 needs the sharding rule \('length', 'context'\), got \('length', None\)"),
+    ({'data.name': 'text_files', 'data.path': ''}, None,
+     "data.name='text_files' needs --config.data.path=FOLDER\\|GLOB\\|FILE.txt\\|FILE.jsonl"),
+    ({'train.init_from': '/runs/a', 'train.init_from_hf': '/hf/b'}, None,
+     'set train.init_from or train.init_from_hf, not both'),
+]
+
+
+@pytest.mark.parametrize('over, axes, message', MOVED_RULES)
+def test_rules_once_in_validate(over, axes, message):
+  class Mesh:
+    shape = {'data': 1, 'fsdp': 1, 'expert': 1, 'context': 1, 'tensor': 1, **(axes or {})}
+  config = schema.get_config('pico')
+  for key, value in over.items():
+    *parents, leaf = key.split('.')
+    node = config
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  with pytest.raises(UserError, match=f'^{message}$'):
+    validate(config, Mesh() if axes else None)
+  if axes:
+    validate(config)  # a mesh rule: only the mesh makes the value wrong
+
+
 def test_unknown_key_is_refused():
   config = schema.get_config('pico')
   config.train.stepz = 10

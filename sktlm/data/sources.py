@@ -120,9 +120,7 @@ def _stdlib(ddir: str) -> Source:
 def _text_files(data_cfg, ddir: str) -> Source:
   _quiet_tfds()
   from sktlm.data import builders
-  path = data_cfg.path
-  if not path:
-    raise UserError("data.name='text_files' needs --config.data.path=FOLDER|GLOB|FILE.txt|FILE.jsonl")
+  path = data_cfg.path  # not empty (validate)
   expanded = os.path.expanduser(path)
   if not any(c in path for c in '*?[') and not os.path.exists(expanded):
     raise UserError(f'data path not found: {path}')
