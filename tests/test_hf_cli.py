@@ -18,7 +18,7 @@ from sktlm.data import tokenizers
 from sktlm.errors import UserError  # noqa: E402
 from sktlm.interop import hf
 from sktlm.tools import runs
-from sktlm.train import init_hf, loop, step
+from sktlm.train import init_hf, loop, resolve, step
 
 
 def test_init_from_hf_round_trip_is_bit_exact_on_a_mesh(tmp_path):
@@ -26,7 +26,9 @@ def test_init_from_hf_round_trip_is_bit_exact_on_a_mesh(tmp_path):
   config = schema.get_config('pico')
   config.model.update(n_kv_heads=2, vocab_size=384, init_std=0.1)
   config.mesh.update(data=2, fsdp=2, tensor=2)
-  setup = step.build(config, sharding.make_mesh(config.mesh))
+  mesh = sharding.make_mesh(config.mesh)
+  resolve.resolve(config, mesh)
+  setup = step.build(config, mesh)
   state = setup.init_state(jax.random.PRNGKey(0))
   params = jax.device_get(state.params)
   folder = str(tmp_path / 'hf')
@@ -38,7 +40,7 @@ def test_init_from_hf_round_trip_is_bit_exact_on_a_mesh(tmp_path):
   assert jax.tree.map(lambda x: x.sharding, state2.params) == setup.state_shardings.params
   config.model.d_ff = 256  # a different shape: refused with the key named
   with pytest.raises(UserError, match='d_ff: checkpoint 192, config 256'):
-    init_hf.init_state(config, step.build(config, sharding.make_mesh(config.mesh)))
+    init_hf.init_state(config, step.build(config, mesh))
 
 
 @pytest.mark.slow

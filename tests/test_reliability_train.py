@@ -20,7 +20,7 @@ from conftest import ROOT, run_cli, train_config
 
 from sktlm import data
 from sktlm.errors import UserError
-from sktlm.train import loop, step
+from sktlm.train import loop, resolve, step
 from sktlm.train.checkpoint import Checkpointer
 
 QUIET = {'train.log_every': 1, 'metrics.peak_flops': 1e11, 'train.eval_batches': 1}
@@ -48,9 +48,10 @@ def snapshot(folder):
 
 
 def all_tensors(workdir, at_step, config):
-  step.resolve_vocab(config, data.get_tokenizer(config.data))
   from sktlm import sharding
-  setup = step.build(config, sharding.make_mesh(config.mesh))
+  mesh = sharding.make_mesh(config.mesh)
+  resolve.resolve(config, mesh, data.get_tokenizer(config.data))
+  setup = step.build(config, mesh)
   ck = Checkpointer(os.path.join(workdir, 'checkpoints'), read_only=True, async_save=False)
   state, _ = ck.restore(at_step, setup.abstract_state)
   ck.close()

@@ -17,9 +17,8 @@ from sktlm import data, files, runfiles, sharding, timeline
 from sktlm.config import load
 from sktlm.config.validate import validate
 from sktlm.errors import UserError
-from sktlm.train import step
+from sktlm.train import resolve, step
 from sktlm.train.checkpoint import Checkpointer
-from sktlm.train.step import resolve_vocab
 
 
 def _check_workdir_config(workdir: str, config) -> list[str]:
@@ -81,13 +80,14 @@ class Prepared:
 
 
 def prepare(config, workdir: str) -> Prepared:
-  """Every check a user's input can fail, before the workdir is touched (a failed start leaves it as it was)."""
+  """Every check a user's input can fail, before the workdir is touched (a failed start leaves it as it was):
+  the config is validated once, on its mesh, then resolved once (vocab, kernels, attention, unrolling: what
+  config.json records)."""
   files.check_workdir(workdir)
-  validate(config)
-  tokenizer = data.get_tokenizer(config.data)
-  resolve_vocab(config, tokenizer)
   mesh = sharding.make_mesh(config.mesh)
-  step.resolve_platform(config, mesh)  # the kernels, attention and unrolling config.json records
+  validate(config, mesh)
+  tokenizer = data.get_tokenizer(config.data)
+  resolve.resolve(config, mesh, tokenizer)
   harmless = _check_workdir_config(workdir, config)
   tokenizer_info = _check_tokenizer(workdir, tokenizer)
   _check_resume_step(workdir, config.train)
