@@ -213,6 +213,21 @@ def test_resolve_platform_reads_the_mesh_devices():
   assert config.model.kernels == 'tpu' and config.model.scan_unroll == 1
 
 
+def test_build_takes_a_resolved_config_only():
+  """Resolve once: build checks the choices were made (kernels, attention, unrolling, vocab) instead of making
+  them again; after train.resolve the same config builds."""
+  config = model_config(vocab_size=0)
+  mesh = sharding.make_mesh(config.mesh, jax.devices()[:2])
+  with pytest.raises(UserError, match=r'^model.vocab_size is not resolved'):
+    step.build(config, mesh)
+  config.model.vocab_size = 384
+  with pytest.raises(UserError, match=r'^model.kernels, model.attention_impl, model.scan_unroll not resolved'):
+    step.build(config, mesh)
+  resolve.resolve(config, mesh)
+  assert (config.model.kernels, config.model.attention_impl, config.model.scan_unroll) == ('cpu', 'blocked', 2)
+  step.build(config, mesh)
+
+
 def test_resolved_kernels_land_in_config_json(data_dir, tmp_path):
   config = train_config(data_dir, **{'train.steps': 2, 'train.eval_batches': 0, 'model.dtype': 'bfloat16'})
   assert config.model.kernels == 'auto' and config.model.attention_impl == 'auto' and config.model.scan_unroll == 0
