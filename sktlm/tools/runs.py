@@ -94,7 +94,7 @@ def load(workdir: str, at_step: int | None = None, mesh_cfg: dict | None = None,
   import jax
 
   from sktlm import data, sharding
-  from sktlm.train import step
+  from sktlm.train import resolve, step
   config = read_config(workdir)
   at_step = checkpoint_step(workdir, at_step)
   tokenizer = data.get_tokenizer(config.data)
@@ -113,6 +113,7 @@ def load(workdir: str, at_step: int | None = None, mesh_cfg: dict | None = None,
     elif config.train.batch_size % shards:
       config.train.batch_size = shards
     config.train.grad_accum = 1
+    resolve.resolve(config, mesh, tokenizer)  # config.json records resolved values; older runs' 'auto' here
   setup = step.build(config, mesh)
   ckpt = _reader(workdir)
   state, _ = ckpt.restore(at_step, setup.abstract_state)
