@@ -21,6 +21,7 @@ import os
 import shutil
 import sys
 
+from sktlm import files
 from sktlm.errors import UserError
 
 TMP_MARK = '.orbax-checkpoint-tmp'
@@ -35,7 +36,7 @@ def _echo(exc) -> bool:
     return False
   text = str(exc)
   return (text == 'Event loop is closed' or text.startswith('Encountered error while reading array')
-          or io_error(exc) is not None)
+          or files.storage_fault(exc) is not None)
 
 
 class _Echoes(logging.Filter):
@@ -184,14 +185,16 @@ class Checkpointer:
     try:
       yield
     except Exception as e:  # noqa: BLE001 - only I/O errors are translated; the rest is re-raised
-      io = io_error(e)
-      if io is None:
+      fault = files.storage_fault(e)
+      if fault is None:
         raise
       import jax
       if jax.process_index() == 0:
         remove_tmp_folders(self.directory)
       what = f'checkpoint step {step}' if step is not None else 'a checkpoint'
-      raise UserError(f'cannot write {what} to {self.directory}: {io}; {last_good(self.directory, step)}') from None
+      # the directory, not the failing file: which file fails first depends on timing (files.storage_fault)
+      raise UserError(f'cannot write {what} to {self.directory}: {fault[1]}; '
+                      f'{last_good(self.directory, step)}') from None
 
   def restore(self, step: int, abstract_state) -> tuple[object, dict]:
     """Restores `step` into the shapes/dtypes/shardings of `abstract_state` (resharding as needed)."""
@@ -260,16 +263,10 @@ def last_good(directory: str, below: int | None = None) -> str:
   return f'{kept} (free space and rerun the same command to resume)'
 
 
-def io_error(e: BaseException) -> str | None:
-  """'path: [Errno N] reason' if `e` (or what caused it) is an OSError, or a TensorStore error that says
-  the disk is full or a write failed; else None."""
-  seen = 0
-  while e is not None and seen < 10:
-    if isinstance(e, OSError) and e.errno is not None:
-      return f'{e.filename + ": " if e.filename else ""}[Errno {e.errno}] {e.strerror}'
-    text = str(e)
-    for mark in ('No space left on device', 'Disk quota exceeded', 'Read-only file system', 'Input/output error'):
-      if mark in text:
-        return mark
-    e, seen = e.__cause__ or e.__context__, seen + 1
-  return None
+def io_error(e: BaseException, fallback_path: str) -> str | None:
+  """'path: reason' of a storage fault in `e` (files.storage_fault; `fallback_path` when the error names no
+  file), else None."""
+  fault = files.storage_fault(e)
+  if fault is None:
+    return None
+  return f'{fault[0] or fallback_path}: {fault[1]}'
