@@ -7,7 +7,8 @@ iterator's JSON state), so a restart continues the exact token stream. A save ki
 
 Storage faults: a checkpoint that does not restore (truncated files: a failing disk, a bad copy) is moved to
 `W/checkpoints.quarantine/<step>.corrupt` once an older one has restored (so a config mismatch, which fails
-every step alike, never moves anything); `verify` reads every array of a step (`sktlm doctor --deep`). An
+every step alike, never moves anything); `verify` reads every array of a step (`sktlm doctor --deep`); either
+says which file is unreadable, or how the checkpoint differs from the model (checkpoint_faults.py). An
 I/O error during a save (ENOSPC) removes the save's temp folder and raises one UserError naming the path and
 the last good checkpoint; older checkpoints are untouched (Orbax prunes only after a save commits).
 """
@@ -23,6 +24,7 @@ import sys
 
 from sktlm import files
 from sktlm.errors import UserError
+from sktlm.train import checkpoint_faults
 
 TMP_MARK = '.orbax-checkpoint-tmp'
 QUARANTINE = 'checkpoints.quarantine'  # beside the checkpoints folder: Orbax never lists or prunes it
@@ -82,12 +84,6 @@ def _quiet_failed_reads():
     absl_log.setLevel(level)
 
 
-def one_line(e: BaseException, limit: int = 300) -> str:
-  """`Type: first words` of an exception, on one line (TensorStore messages run to kilobytes)."""
-  text = str(e).split('. See full TensorStore details')[0]
-  return f'{type(e).__name__}: {" ".join(text.split())[:limit]}'
-
-
 def quarantine_dir(directory: str) -> str:
   return os.path.join(os.path.dirname(os.path.abspath(directory)), QUARANTINE)
 
@@ -104,22 +100,27 @@ def quarantine(directory: str, step: int, why: str) -> str:
 
 
 def verify(step_dir: str) -> str:
-  """'' if every array of a checkpoint step reads back in full (and its data item is JSON), else what failed.
-  Reads into host numpy arrays, so it needs no mesh and no config (`sktlm doctor --deep`)."""
+  """'' if every array of a checkpoint step reads back in full (and its data item is JSON), else which file is
+  unreadable (checkpoint_faults.describe). Reads into host numpy arrays, so it needs no mesh and no config
+  (`sktlm doctor --deep`)."""
   import jax
   import numpy as np
   import orbax.checkpoint as ocp
+  from etils import epath
   state = os.path.join(step_dir, 'state')
   _silence_echoes()
   with _quiet_failed_reads():
     try:
-      ck = ocp.PyTreeCheckpointer()
-      tree = ck.metadata(state).item_metadata.tree
+      handler = ocp.PyTreeCheckpointHandler()  # not Checkpointer.metadata, which hides why metadata fails
+      try:
+        tree = handler.metadata(epath.Path(state)).tree
+      finally:
+        handler.close()
       args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-      ck.restore(state, args=ocp.args.PyTreeRestore(restore_args=args))
+      ocp.PyTreeCheckpointer().restore(state, args=ocp.args.PyTreeRestore(restore_args=args))
       ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(os.path.join(step_dir, 'data'))
     except Exception as e:  # noqa: BLE001 - whatever fails to read is the finding
-      return one_line(e)
+      return checkpoint_faults.describe(step_dir, e)
   return ''
 
 
@@ -201,7 +202,8 @@ class Checkpointer:
     try:
       return self._restore(step, abstract_state)
     except Exception as e:  # noqa: BLE001 - any failure here is a bad/incompatible checkpoint for the user
-      raise UserError(f'cannot restore checkpoint step {step} from {self.directory}: {one_line(e)} (the '
+      why = checkpoint_faults.describe(os.path.join(self.directory, str(step)), e)
+      raise UserError(f'cannot restore checkpoint step {step} from {self.directory}: {why} (the '
                       'checkpoint is corrupt or does not match this config; `sktlm doctor --deep` checks '
                       'every checkpoint of a run)') from None
 
@@ -222,7 +224,7 @@ class Checkpointer:
       try:
         state, data_state = self._restore(step, abstract_state)
       except Exception as e:  # noqa: BLE001 - judged below, once an older step did or did not restore
-        bad.append((step, one_line(e)))
+        bad.append((step, checkpoint_faults.describe(os.path.join(self.directory, str(step)), e)))
         continue
       import jax
       lead = jax.process_index() == 0  # one mover on a shared filesystem
