@@ -19,7 +19,7 @@ COMMANDS = {
     'tokenizer': 'train or inspect a SentencePiece tokenizer',
     'coord-check': 'activation size against width under SP and muP (a muP sanity check)',
     'doctor': 'list (and --fix) inconsistencies in a run or sweep folder',
-    'export': 'write a checkpoint as a Hugging Face Llama folder',
+    'export': 'write a checkpoint as a Hugging Face folder (Llama or DeepSeek-V3)',
     'sample': 'generate text from a checkpoint (KV-cached decoding)',
     'eval': 'loss, perplexity and bits per byte of a checkpoint on a dataset',
 }

@@ -7,6 +7,7 @@ SIGKILL at any instant) sees the old file or the new one, never half of one, and
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -24,6 +25,28 @@ def jsonable(v):
   if isinstance(v, float) and not math.isfinite(v):
     return str(v)
   return v
+
+
+# Storage faults as the kernel words them (os.strerror): TensorStore reports the same faults as text.
+STORAGE_FAULTS = tuple(os.strerror(n) for n in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO))
+
+
+def storage_fault(e: BaseException | None) -> tuple[str | None, str] | None:
+  """(path or None, reason) if `e`, or what caused it, is a storage fault; else None.
+
+  One wording whichever layer raised it: the reason is the kernel's strerror text ('No space left on device'),
+  whether a Python write raised an OSError or TensorStore raised its own error with that text inside. Which
+  of the two fails first during an async checkpoint save depends on timing, so the message must not."""
+  seen = 0
+  while e is not None and seen < 10:
+    if isinstance(e, OSError) and e.errno is not None:
+      return e.filename or None, e.strerror or os.strerror(e.errno)
+    text = str(e)
+    for reason in STORAGE_FAULTS:
+      if reason in text:
+        return None, reason
+    e, seen = e.__cause__ or e.__context__, seen + 1
+  return None
 
 
 def read_json(path: str):

@@ -18,7 +18,7 @@ transformers = pytest.importorskip('transformers')
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from sktlm.config import schema  # noqa: E402
+from sktlm.config import layout, schema  # noqa: E402
 from sktlm.data import tokenizers  # noqa: E402
 from sktlm.errors import UserError  # noqa: E402
 from sktlm.interop import hf  # noqa: E402
@@ -90,7 +90,7 @@ def test_logit_parity_with_transformers(tmp_path, variant, shard):
   assert sum(f.endswith('.safetensors') for f in files) > (3 if shard else 0)
   m = hf_model(folder)
   assert type(m).__name__ == 'LlamaForCausalLM'
-  assert m.config.tie_word_embeddings == mc.tie_embeddings and m.config.head_dim == hf.head_dim(mc)
+  assert m.config.tie_word_embeddings == mc.tie_embeddings and m.config.head_dim == layout.head_dim(mc)
   rng = np.random.default_rng(1)
   T = 3 * mc.attention_block + 5  # several attention blocks
   tokens = rng.integers(3, 259, (2, T))
@@ -174,9 +174,8 @@ def test_refusals():
   mc.moe.num_experts = 4
   with pytest.raises(UserError, match='MoE'):
     hf.check_exportable(mc)
-  with pytest.raises(UserError, match='logit_multiplier'):
-    hf.check_exportable(dict(small_model().to_dict(), logit_multiplier=2.0))
-  hf.check_exportable(dict(small_model().to_dict(), logit_multiplier=1.0, use_bias=False))  # features left off
+  with pytest.raises(UserError, match='model.logit_multiplier is not a key of this sktlm version'):
+    hf.check_exportable(dict(small_model().to_dict(), logit_multiplier=1.0))  # unknown: no rule says it maps
   hf.check_exportable(small_model(parametrization='mup', base_width=32))  # write_folder folds its multipliers
   with pytest.raises(UserError, match="parametrization='mup' with tied embeddings"):
     hf.check_exportable(small_model(parametrization='mup', base_width=32, tie_embeddings=True))
@@ -185,10 +184,10 @@ def test_refusals():
   # MLA exports as DeepseekV3ForCausalLM (tests/test_hf_deepseek.py), whose latent norms need V3's epsilon.
   with pytest.raises(UserError, match='latent_norm_eps=1e-6'):
     hf.check_exportable(small_model(attention='mla'))
-  with pytest.raises(UserError, match='rope_scaling'):
-    hf.check_exportable(small_model(rope_scaling=dict(small_model().rope_scaling.to_dict(), type='yarn')))
-  with pytest.raises(UserError, match='use_bias=True'):
-    hf.check_exportable(dict(small_model().to_dict(), use_bias=True))
+  yarn = dict(small_model().rope_scaling.to_dict(), type='yarn', factor=4.0)  # mscale_all_dim=1: softmax scaled
+  with pytest.raises(UserError, match=r"mscale_all_dim=1.0 as LlamaForCausalLM: Llama's YaRN does not scale"):
+    hf.check_exportable(small_model(rope_scaling=yarn))
+  hf.check_exportable(small_model(rope_scaling=dict(yarn, mscale_all_dim=0.0)))  # exports (tests/test_hf_rope.py)
   cfg = hf.hf_config(small_model(), max_position_embeddings=64, tokenizer_vocab_size=259)
   with pytest.raises(UserError, match='n_kv_heads: checkpoint 2, config 4'):
     hf.check_importable(small_model(n_kv_heads=4), cfg)
@@ -196,6 +195,35 @@ def test_refusals():
     hf.check_importable(small_model(rope_theta=10000.0), cfg)
   with pytest.raises(UserError, match='attention_bias'):
     hf.check_importable(small_model(), dict(cfg, attention_bias=True))
+
+
+def test_a_new_model_key_at_its_default_leaves_llama_export_working(tmp_path, monkeypatch):
+  """A string model key whose default is no 'off' word (a future model.activation='swiglu'), added to the schema
+  with no export rule: a Llama model leaving it at its default exports and imports back with transformers'
+  logits; another value is refused in one line (the rule comes from the schema, sktlm/interop/rules.py)."""
+  key = schema.Key('model.activation', 'swiglu', ('swiglu', 'gelu'), schema.BREAKS, 'MLP activation')
+  monkeypatch.setattr(schema, 'KEYS', schema.KEYS + (key,))
+  monkeypatch.setitem(schema.BY_KEY, key.key, key)
+  mc = small_model()
+  assert mc.activation == 'swiglu'
+  params = random_params(mc)
+  folder = export(tmp_path, 'm', mc, params)
+  cfg, tensors = hf.read_folder(folder)
+  hf.check_importable(mc, cfg)
+  back = hf.from_hf_tensors(mc, tensors)
+  tokens = np.random.default_rng(4).integers(3, 259, (2, 2 * mc.attention_block + 3))
+  theirs = hf_logits(hf_model(folder), tokens)
+  for p in (params, back):
+    assert np.abs(sktlm_logits(mc, p, tokens) - theirs).max() < TOL
+  with pytest.raises(UserError, match="model.activation='gelu' is a feature LlamaForCausalLM does not compute") as e:
+    hf.check_exportable(small_model(activation='gelu'))
+  assert '\n' not in str(e.value)
+
+
+def test_every_model_key_states_a_known_export_rule():
+  for k in schema.KEYS:
+    assert {k.export.llama, k.export.deepseek_v3} <= set(schema.EXPORT_RULES), k.key
+    assert k.key.startswith('model.') or k.export == schema.DEFAULT_ONLY, k.key  # a rule only where export reads
 
 
 SAMPLES = ['hello world', '  two  spaces\n\ttab\r\n', 'naïve café 日本語 🙂', '', ' leading', 'ß\x00\x01\x7f',

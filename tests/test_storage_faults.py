@@ -150,7 +150,7 @@ def test_full_disk_during_a_record_write_is_one_line(trained, data_dir, tmp_path
   with pytest.raises(UserError) as e:
     loop.run(cfg(data_dir, **{'train.steps': 6}), wd)
   msg = str(e.value)
-  assert msg.startswith(f'cannot write {wd}/metrics.jsonl: [Errno 28] No space left on device; '
+  assert msg.startswith(f'cannot write {wd}/metrics.jsonl: No space left on device; '
                         f'last good checkpoint: step 4 in {wd}/checkpoints'), msg
   assert steps_on_disk(os.path.join(wd, 'checkpoints')) == [2, 4]
   assert not [p for p in os.listdir(os.path.join(wd, 'checkpoints')) if TMP_MARK in p]
@@ -164,7 +164,7 @@ def test_full_disk_during_a_results_write_keeps_the_earlier_results(tmp_path):
   before = {n: open(os.path.join(sweep, n)).read() for n in ('results.json', 'results.csv')}
   path = os.path.join(sweep, 'results.json')
   os.symlink('/dev/full', f'{path}{files.TMP_MARK}{os.getpid()}.{threading.get_ident()}')
-  with pytest.raises(UserError, match=rf'cannot write {path}: \[Errno 28\] No space left on device; the earlier '):
+  with pytest.raises(UserError, match=rf'cannot write {path}: No space left on device; the earlier '):
     results.write(old + [{'name': 'b', 'status': 'done'}], sweep)
   assert {n: open(os.path.join(sweep, n)).read() for n in ('results.json', 'results.csv')} == before
   assert sorted(os.listdir(sweep)) == ['results.csv', 'results.json']  # the temp file went
@@ -195,6 +195,57 @@ def _mount_namespace() -> list[str]:
     except (OSError, subprocess.TimeoutExpired):
       pass
   pytest.skip('no mount namespace for a small tmpfs (needs root or unprivileged user namespaces)')
+
+
+ONE_WORDING = r'''
+set -u
+mount -t tmpfs -o size=1m tmpfs "$FS" || exit 90
+"$PY" - "$FS" "$CKPT" <<'PYEOF'
+import sys
+import numpy as np
+import tensorstore as ts
+from sktlm.errors import UserError
+from sktlm.train.checkpoint import Checkpointer
+
+ckpt = Checkpointer(sys.argv[2], async_save=False)
+
+
+def tensorstore_write():  # TensorStore's own error text: a zarr write that overfills the 1 MB tmpfs
+  t = ts.open({'driver': 'zarr', 'kvstore': {'driver': 'file', 'path': sys.argv[1] + '/a'}}, create=True,
+              dtype=ts.float32, shape=[1 << 20]).result()
+  t.write(np.random.default_rng(0).random(1 << 20, np.float32)).result()
+
+
+def python_write():  # a Python OSError with a file name: the kernel's ENOSPC from /dev/full
+  with open('/dev/full', 'w') as f:
+    f.write('x' * 4096)
+
+
+for write in (tensorstore_write, python_write):
+  try:
+    with ckpt._storage_errors(6):
+      write()
+  except UserError as e:
+    print(e)
+PYEOF
+'''
+
+
+def test_a_full_disk_reads_the_same_whichever_layer_raised_it(tmp_path):
+  """During an async save either a Python write or TensorStore hits ENOSPC first (timing decides), and their
+  errors word it differently ("[Errno 28] No space left on device: path" / "... [os_error_code='28']"): the
+  user's line must not depend on which. Both real errors go through the save's error path here."""
+  ns = _mount_namespace()
+  fs = tmp_path / 'fs'
+  fs.mkdir()
+  env = dict(os.environ, FS=str(fs), CKPT=str(tmp_path / 'ckpt'), PY=sys.executable)
+  r = subprocess.run([*ns, 'bash', '-c', ONE_WORDING], cwd=ROOT, env=env, capture_output=True, text=True,
+                     timeout=300)
+  lines = r.stdout.splitlines()
+  assert r.returncode == 0 and len(lines) == 2, (r.stdout, r.stderr[-3000:])
+  want = (f'cannot write checkpoint step 6 to {tmp_path}/ckpt: No space left on device; no checkpoint was saved '
+          'before (free space and rerun the same command to resume)')
+  assert lines == [want, want]
 
 
 def test_full_disk_during_a_checkpoint_save(trained, data_dir, tmp_path):

@@ -4,7 +4,7 @@ Writes a Hugging Face model folder that `transformers.AutoModelForCausalLM.from_
 LlamaForCausalLM (dense GQA models) or DeepseekV3ForCausalLM (MLA and MLA + MoE models, with the aux-free routing
 bias as e_score_correction_bias), float32 safetensors (sharded with an index above --max_shard_gib),
 generation_config.json and the tokenizer (AutoTokenizer). Anything the target cannot compute exactly is refused
-in one line. See sktlm/interop/hf.py and sktlm/interop/deepseek.py.
+in one line. See sktlm/interop/hf.py (the folder), llama.py, deepseek.py and rope.py.
 """
 
 from absl import flags

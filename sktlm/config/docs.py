@@ -41,15 +41,29 @@ def config_md() -> str:
            "a config has, with its default (`get_config(size)`; *size table*: from the size's row in",
            'sktlm/config/sizes.py), the values `sktlm.config.validate` accepts, whether changing it refuses a',
            'restart of an existing run (docs/run_files.md) and its doc. Rules across keys (e.g. n_kv_heads divides',
-           'n_heads, the batch splits over the mesh) are in sktlm/config/validate.py.', '']
+           'n_heads, the batch splits over the mesh) are in sktlm/config/validate.py. Model keys also say how',
+           '`sktlm export` and `train.init_from_hf` treat them (sktlm/interop), per format (Llama, DeepSeek-V3):',
+           '*mapped* (converted; a value the format cannot represent is refused), *neutral* (changes neither the',
+           'function nor the parameter layout) or *default only* (a feature the format does not compute: refused',
+           'unless at its default).', '']
   for section, doc in schema.SECTIONS.items():
     keys = [k for k in schema.KEYS if k.key.rpartition('.')[0] == section]
+    model = section.startswith('model')
     lines += [f"## {section or 'top level'}", '', doc[0].upper() + doc[1:] + '.', '',
-              '| key | default | allowed | restart | doc |', '|---|---|---|---|---|']
+              '| key | default | allowed | restart |' + (' export |' if model else '') + ' doc |',
+              '|---|---|---|---|' + ('---|' if model else '') + '---|']
     lines += [f"| `{k.key}` | {_default(k)} | {_allowed(k)} | {'refused' if k.breaks else 'allowed'} | "
-              f"{k.doc.replace('|', chr(92) + '|')} |" for k in keys]
+              + (f'{_export(k)} | ' if model else '') + f"{k.doc.replace('|', chr(92) + '|')} |" for k in keys]
     lines.append('')
   return '\n'.join(lines)
+
+
+def _export(k: schema.Key) -> str:
+  name = {'mapped': 'mapped', 'neutral': 'neutral', 'default': 'default only'}
+  e = k.export
+  if e.llama == e.deepseek_v3:
+    return name[e.llama]
+  return f'Llama: {name[e.llama]}; DeepSeek-V3: {name[e.deepseek_v3]}'
 
 
 def restart_rules() -> str:

@@ -5,12 +5,15 @@
 docs/run_files.md are generated from it (`python -m sktlm.config.docs`, checked by tests/test_config_schema.py).
 Adding a key = one line here + the code that reads it (then regenerate the docs).
 
-A line is K(key, default, allowed, restart, doc):
+A line is K(key, default, allowed, restart, doc[, export]):
 - default: its type is the key's type (an int default takes ints only, a float one ints or floats); SIZE (an
   int) and SIZE_NAME: from the size table (sktlm.config.sizes) of get_config(size).
 - allowed: None (any value of the type), a tuple of values, or a range: '>=0', '>0', '<1', '[0, 1]', '[0, 1)'.
 - restart: BREAKS if changing it makes a run's checkpoint or data position meaningless (a restart with a new
   value is refused), OK if a run may continue with a new value.
+- export (model keys, optional): how `sktlm export` and train.init_from_hf (sktlm/interop) treat the key, per
+  Hugging Face format (`Export`); left out, the key is a feature no format computes: export refused unless it is
+  at its default, so a new key never breaks exporting the models that leave it alone.
 Experiments (`experiments/*.py`) start from `get_config()` and override what they change. A leaf (no jax).
 """
 
@@ -36,12 +39,33 @@ FLOATS = ('float32', 'bfloat16', 'float16')
 
 
 @dataclasses.dataclass(frozen=True)
+class Export:
+  """A model key's export rule for each Hugging Face format (sktlm/interop), one of
+  - 'mapped': the format's converter reads the key and refuses, in one line, a value it cannot represent;
+  - 'neutral': the key changes neither the function nor the parameter layout (dtypes, kernels, training-only
+    losses), so every value exports;
+  - 'default': a feature the format does not compute; export is refused unless the key is at its default."""
+  llama: str        # LlamaForCausalLM (dense grouped-query models)
+  deepseek_v3: str  # DeepseekV3ForCausalLM (MLA, MLA + MoE)
+
+  def rule(self, fmt: str) -> str:
+    return getattr(self, fmt)
+
+
+EXPORT_RULES = ('mapped', 'neutral', 'default')
+MAPPED, NEUTRAL, DEFAULT_ONLY = Export('mapped', 'mapped'), Export('neutral', 'neutral'), Export('default', 'default')
+LLAMA_MAPPED = Export(llama='mapped', deepseek_v3='neutral')  # read by the grouped-query (Llama) model only
+V3_MAPPED = Export(llama='neutral', deepseek_v3='mapped')     # read by MLA / MoE (DeepSeek-V3) models only
+
+
+@dataclasses.dataclass(frozen=True)
 class Key:
   key: str
   default: Any
   allowed: tuple | str | None
   breaks: bool
   doc: str
+  export: Export = DEFAULT_ONLY  # model keys only (sktlm/interop)
 
   @property
   def type(self) -> type:
@@ -75,112 +99,129 @@ KEYS = (
         ('act_vocab', 'tensor')),                None,         OK,     'logical axis -> mesh axes (sktlm/sharding.py); '
                                                                        'unlisted logical axes are replicated'),
     # model
-    K('model.size',               SIZE_NAME,    None,         OK,     'the size-table row the shapes came from'),
-    K('model.n_layers',           SIZE,         '>=1',        BREAKS, 'transformer blocks'),
-    K('model.d_model',            SIZE,         '>=1',        BREAKS, 'residual stream width'),
-    K('model.n_heads',            SIZE,         '>=1',        BREAKS, 'query heads'),
-    K('model.n_kv_heads',         SIZE,         '>=1',        BREAKS, 'key/value heads (GQA); must divide n_heads'),
-    K('model.head_dim',           0,            '>=0',        BREAKS, '0: d_model // n_heads; must be even (RoPE)'),
-    K('model.d_ff',               SIZE,         '>=1',        BREAKS, 'SwiGLU hidden width of the dense MLP'),
+    K('model.size',               SIZE_NAME,    None,         OK,     'the size-table row the shapes came from',
+                                                                      NEUTRAL),
+    K('model.n_layers',           SIZE,         '>=1',        BREAKS, 'transformer blocks', MAPPED),
+    K('model.d_model',            SIZE,         '>=1',        BREAKS, 'residual stream width', MAPPED),
+    K('model.n_heads',            SIZE,         '>=1',        BREAKS, 'query heads', MAPPED),
+    K('model.n_kv_heads',         SIZE,         '>=1',        BREAKS, 'key/value heads (GQA); must divide '
+                                                                      'n_heads', LLAMA_MAPPED),
+    K('model.head_dim',           0,            '>=0',        BREAKS, '0: d_model // n_heads; must be even '
+                                                                      '(RoPE)', LLAMA_MAPPED),
+    K('model.d_ff',               SIZE,         '>=1',        BREAKS, 'SwiGLU hidden width of the dense MLP', MAPPED),
     K('model.vocab_size',         0,            '>=0',        BREAKS, '0: from the tokenizer, padded to a multiple '
-                                                                      'of vocab_multiple'),
+                                                                      'of vocab_multiple', MAPPED),
     K('model.vocab_multiple',     128,          '>=1',        BREAKS, 'vocab_size 0 pads the tokenizer vocabulary '
-                                                                      'to a multiple of this'),
-    K('model.rope_theta',         10_000.0,     '>0',         BREAKS, 'RoPE base frequency'),
+                                                                      'to a multiple of this', NEUTRAL),
+    K('model.rope_theta',         10_000.0,     '>0',         BREAKS, 'RoPE base frequency', MAPPED),
     K('model.rope_scaling.type',  'none',       ('none', 'yarn'), BREAKS, 'RoPE context extension: none | yarn '
-                                                                      "(DeepSeek-V3's YaRN, model/layers.py)"),
+                                                                      "(DeepSeek-V3's YaRN, model/layers.py)", MAPPED),
     K('model.rope_scaling.factor', 1.0,         '>=1',        BREAKS, 'yarn: context multiplier, new / original '
-                                                                      'context (>= 1; DeepSeek-V3: 40)'),
+                                                                      'context (>= 1; DeepSeek-V3: 40)', MAPPED),
     K('model.rope_scaling.original_max_position', 4096, '>=1', BREAKS, 'yarn: the pretraining context the ramp is '
-                                                                      'measured against'),
+                                                                      'measured against', MAPPED),
     K('model.rope_scaling.beta_fast', 32.0,     '>0',         BREAKS, 'yarn: dims rotating more often than this in '
-                                                                      'it keep their frequency'),
+                                                                      'it keep their frequency', MAPPED),
     K('model.rope_scaling.beta_slow', 1.0,      '>0',         BREAKS, 'yarn: dims rotating less often are '
-                                                                      'interpolated by 1/factor'),
+                                                                      'interpolated by 1/factor', MAPPED),
     K('model.rope_scaling.mscale', 1.0,         '>=0',        BREAKS, 'yarn: cos/sin x mscale(factor, mscale) / '
-                                                                      'mscale(factor, mscale_all_dim)'),
+                                                                      'mscale(factor, mscale_all_dim)', MAPPED),
     K('model.rope_scaling.mscale_all_dim', 1.0, '>=0',        BREAKS, 'yarn: softmax scale x mscale(factor, '
-                                                                      'mscale_all_dim)^2 (0: not scaled)'),
-    K('model.norm_eps',           1e-5,         '>0',         BREAKS, 'RMSNorm epsilon'),
-    K('model.tie_embeddings',     False,        None,         BREAKS, 'output head = the transposed token table'),
-    K('model.init_std',           0.02,         '>=0',        BREAKS, 'normal init std (muP scales it per class)'),
+                                                                      'mscale_all_dim)^2 (0: not scaled)', MAPPED),
+    K('model.norm_eps',           1e-5,         '>0',         BREAKS, 'RMSNorm epsilon', MAPPED),
+    K('model.tie_embeddings',     False,        None,         BREAKS, 'output head = the transposed token '
+                                                                      'table', MAPPED),
+    K('model.init_std',           0.02,         '>=0',        BREAKS, 'normal init std (muP scales it per '
+                                                                      'class)', NEUTRAL),
     K('model.parametrization',    'sp',         ('sp', 'mup'), BREAKS, 'sp | mup (maximal update: init, Adam LR '
-                                                                      'and output multipliers per sktlm/model/mup.py)'),
+                                                                      'and output multipliers per '
+                                                                      'sktlm/model/mup.py)', MAPPED),
     K('model.base_width',         0,            '>=0',        BREAKS, 'mup: the d_model whose LR transfers (> 0 '
-                                                                      'under mup; at d_model = base_width muP is SP)'),
+                                                                      'under mup; at d_model = base_width muP is '
+                                                                      'SP)', LLAMA_MAPPED),
     K('model.z_loss',             0.0,          '>=0',        BREAKS, 'coefficient of log(Z)^2 in the loss (PaLM '
-                                                                      'uses 1e-4)'),
-    K('model.dtype',              'float32',    FLOATS,       OK,     'compute dtype; params are always param_dtype'),
-    K('model.param_dtype',        'float32',    FLOATS,       BREAKS, 'dtype of the parameters and optimizer state'),
+                                                                      'uses 1e-4)', NEUTRAL),
+    K('model.dtype',              'float32',    FLOATS,       OK,     'compute dtype; params are always '
+                                                                      'param_dtype', NEUTRAL),
+    K('model.param_dtype',        'float32',    FLOATS,       BREAKS, 'dtype of the parameters and optimizer '
+                                                                      'state', NEUTRAL),
     K('model.scan_layers',        True,         None,         BREAKS, 'nn.scan over the block stack: compile time '
-                                                                      'independent of depth'),
+                                                                      'independent of depth', NEUTRAL),
     K('model.kernels',            'auto',       ('auto', 'plain', 'cpu', 'tpu', 'gpu'),
                                                               OK,     'platform kernel set (sktlm/model/kernels); '
                                                                       "auto: the mesh's platform, resolved by "
-                                                                      'train/resolve.py, recorded in config.json'),
+                                                                      'train/resolve.py, recorded in config.json',
+                                                                      NEUTRAL),
     K('model.scan_unroll',        0,            '>=0',        OK,     'layers per scan iteration; 0 (auto): all on '
-                                                                      'CPU (faster step), 1 on TPU/GPU'),
+                                                                      'CPU (faster step), 1 on TPU/GPU', NEUTRAL),
     K('model.remat',              'none',       ('none', 'full', 'dots', 'dots_no_batch'),
                                                               OK,     'recompute in the backward pass: none | full '
-                                                                      '| dots (save matmul outputs) | dots_no_batch'),
+                                                                      '| dots (save matmul outputs) | '
+                                                                      'dots_no_batch', NEUTRAL),
     K('model.attention_dtype',    '',           ('',) + FLOATS, OK,   "q, k, v and the probabilities as matmul "
                                                                       "operands ('': the compute dtype); scores, "
-                                                                      'softmax and accumulation are float32'),
+                                                                      'softmax and accumulation are float32', NEUTRAL),
     K('model.attention_impl',     'auto',       ('auto', 'dense', 'blocked', 'blocked_vjp', 'splash', 'flash'),
                                                               OK,     'attention kernel (sktlm/model/kernels); auto: '
                                                                       'cpu blocked_vjp (16-bit) or blocked, tpu '
-                                                                      'splash, gpu flash, else blocked'),
+                                                                      'splash, gpu flash, else blocked', NEUTRAL),
     K('model.attention_block',    64,           '>=0',        OK,     'queries per block (0: one block); keys past a '
-                                                                      "block's end are never computed"),
+                                                                      "block's end are never computed", NEUTRAL),
     K('model.attention',          'gqa',        ('gqa', 'mla'), BREAKS, 'gqa (grouped-query, n_kv_heads) | mla '
-                                                                      '(multi-head latent attention, model.mla)'),
+                                                                      '(multi-head latent attention, '
+                                                                      'model.mla)', MAPPED),
     K('model.mla.q_lora_rank',    1536,         '>=0',        BREAKS, 'query low-rank bottleneck; 0: a direct D -> '
-                                                                      'heads projection (V2-Lite)'),
+                                                                      'heads projection (V2-Lite)', V3_MAPPED),
     K('model.mla.kv_lora_rank',   512,          '>0',         BREAKS, 'the shared key/value latent (what an MLA KV '
-                                                                      'cache stores, with the rope key)'),
+                                                                      'cache stores, with the rope key)', V3_MAPPED),
     K('model.mla.qk_nope_head_dim', 128,        '>0',         BREAKS, 'per-head query/key dims without RoPE '
-                                                                      '(up-projected from the latents)'),
+                                                                      '(up-projected from the latents)', V3_MAPPED),
     K('model.mla.qk_rope_head_dim', 64,         '>0',         BREAKS, 'decoupled RoPE dims (even): per-head on '
-                                                                      'queries, one key shared by all heads'),
-    K('model.mla.v_head_dim',     128,          '>0',         BREAKS, 'per-head value dim'),
+                                                                      'queries, one key shared by all heads',
+                                                                      V3_MAPPED),
+    K('model.mla.v_head_dim',     128,          '>0',         BREAKS, 'per-head value dim', V3_MAPPED),
     K('model.mla.latent_norm_eps', 0.0,         '>=0',        BREAKS, 'epsilon of the q/kv latent RMSNorms; 0: '
-                                                                      'model.norm_eps (DeepSeek-V3: 1e-6)'),
-    K('model.moe.num_experts',    0,            '>=0',        BREAKS, 'routed experts; 0: dense model'),
-    K('model.moe.top_k',          2,            '>=1',        BREAKS, 'experts per token (<= num_experts)'),
-    K('model.moe.num_shared_experts', 0,        '>=0',        BREAKS, 'experts every token passes through'),
-    K('model.moe.expert_d_ff',    0,            '>=0',        BREAKS, "an expert's SwiGLU width; 0: d_ff"),
-    K('model.moe.n_dense_layers', 0,            '>=0',        BREAKS, 'the first n layers keep a dense MLP'),
-    K('model.moe.gate',           'softmax',    ('softmax', 'sigmoid'), BREAKS, 'router scores'),
+                                                                      'model.norm_eps (DeepSeek-V3: 1e-6)', V3_MAPPED),
+    K('model.moe.num_experts',    0,            '>=0',        BREAKS, 'routed experts; 0: dense model', MAPPED),
+    K('model.moe.top_k',          2,            '>=1',        BREAKS, 'experts per token (<= num_experts)', V3_MAPPED),
+    K('model.moe.num_shared_experts', 0,        '>=0',        BREAKS, 'experts every token passes through', V3_MAPPED),
+    K('model.moe.expert_d_ff',    0,            '>=0',        BREAKS, "an expert's SwiGLU width; 0: d_ff", V3_MAPPED),
+    K('model.moe.n_dense_layers', 0,            '>=0',        BREAKS, 'the first n layers keep a dense MLP', V3_MAPPED),
+    K('model.moe.gate',           'softmax',    ('softmax', 'sigmoid'), BREAKS, 'router scores', V3_MAPPED),
     K('model.moe.renormalize',    True,         None,         BREAKS, 'renormalise the top-k gate weights to sum '
-                                                                      'to 1'),
+                                                                      'to 1', V3_MAPPED),
     K('model.moe.routed_scaling_factor', 1.0,   '>0',         BREAKS, "routed experts' gate weights x this, after "
-                                                                      'renormalising (DeepSeek-V3: 2.5)'),
+                                                                      'renormalising (DeepSeek-V3: 2.5)', V3_MAPPED),
     K('model.moe.n_group',        1,            '>=1',        BREAKS, 'group-limited routing: experts in n_group '
-                                                                      'equal groups of contiguous ids; 1: off (V3: 8)'),
+                                                                      'equal groups of contiguous ids; 1: off '
+                                                                      '(V3: 8)', V3_MAPPED),
     K('model.moe.topk_group',     1,            '>=1',        BREAKS, "a token's experts come from its topk_group "
-                                                                      'best groups (sum of 2 best scores; V3: 4)'),
+                                                                      'best groups (sum of 2 best scores; V3: '
+                                                                      '4)', V3_MAPPED),
     K('model.moe.balance',        'aux_loss',   ('aux_loss', 'aux_free'), BREAKS, 'aux_loss: Switch loss '
                                                                       '(aux_loss_coef) | aux_free: DeepSeek-V3 '
-                                                                      'routing bias'),
+                                                                      'routing bias', V3_MAPPED),
     K('model.moe.aux_loss_coef',  0.01,         '>=0',        BREAKS, 'load-balancing loss (Switch/GShard form); '
-                                                                      'balance=aux_loss only'),
+                                                                      'balance=aux_loss only', NEUTRAL),
     K('model.moe.bias_update_rate', 1e-3,       '>=0',        BREAKS, 'aux_free: bias += rate * sign(mean load - '
-                                                                      'load) per expert after each step'),
+                                                                      'load) per expert after each step', NEUTRAL),
     K('model.moe.seq_aux_loss_coef', 0.0,       '>=0',        BREAKS, 'DeepSeek-V3 sequence-wise balance loss (V3 '
-                                                                      'uses 1e-4), either balance mode'),
-    K('model.moe.router_z_loss_coef', 0.001,    '>=0',        BREAKS, "coefficient of the router logits' log(Z)^2"),
+                                                                      'uses 1e-4), either balance mode', NEUTRAL),
+    K('model.moe.router_z_loss_coef', 0.001,    '>=0',        BREAKS, "coefficient of the router logits' "
+                                                                      'log(Z)^2', NEUTRAL),
     K('model.moe.capacity_factor', 0.0,         '>=0',        BREAKS, '0: dropless; > 0: per-expert capacity, '
-                                                                      'overflow tokens dropped'),
+                                                                      'overflow tokens dropped', NEUTRAL),
     K('model.moe.dispatch',       'auto',       ('auto', 'capacity', 'dropless', 'dropless_ep'),
                                                               BREAKS, 'auto: capacity if capacity_factor > 0, else '
                                                                       'dropless_ep (expert-parallel under an expert '
-                                                                      'axis > 1); capacity needs capacity_factor > 0'),
+                                                                      'axis > 1); capacity needs capacity_factor '
+                                                                      '> 0', NEUTRAL),
     K('model.moe.ep_buffer_factor', 0.0,        '>=0',        BREAKS, 'dropless_ep: 0: one worst-case buffer; f > 0: '
                                                                       'f x the balanced load per device pair, '
-                                                                      'overflow as ep_overflow says'),
+                                                                      'overflow as ep_overflow says', NEUTRAL),
     K('model.moe.ep_overflow',    'exchange',   ('exchange', 'drop'), BREAKS, 'exchange: a second exchange, only '
                                                                       'when some pair overflows (dropless) | drop: '
-                                                                      'overflow slots dropped'),
+                                                                      'overflow slots dropped', NEUTRAL),
     # data
     K('data.name',                'stdlib',     None,         BREAKS, 'stdlib | text_files | any TFDS catalog name '
                                                                       '(e.g. lm1b, tiny_shakespeare)'),
@@ -221,8 +262,9 @@ KEYS = (
     K('train.compile_cache',      '',           None,         OK,     'JAX persistent compilation cache folder, '
                                                                       "shared by all runs ('' -> $SKTLM_COMPILE_CACHE"
                                                                       " or ~/.cache/sktlm/jax; 'off': none)"),
-    K('train.init_from_hf',       '',           None,         OK,     'Hugging Face Llama folder: start from its '
-                                                                      'weights with a fresh optimizer (interop/hf.py)'),
+    K('train.init_from_hf',       '',           None,         OK,     'Hugging Face Llama or DeepSeek-V3 folder: '
+                                                                      'start from its weights with a fresh optimizer '
+                                                                      '(interop/hf.py)'),
     # optim
     K('optim.peak_lr',            3e-3,         '>=0',        OK,     'peak learning rate (muP: of the base width)'),
     K('optim.schedule',           'cosine',     ('cosine', 'wsd', 'constant'), OK, 'learning-rate schedule after '

@@ -1,4 +1,4 @@
-"""Hugging Face interop for MLA (and MLA + MoE) models: sktlm params <-> a `DeepseekV3ForCausalLM` folder.
+"""MLA (and MLA + MoE) models <-> a `DeepseekV3ForCausalLM` folder's config.json and tensors.
 
 numpy only (sktlm/interop/hf.py writes and reads the folder). Mapping, per layer (torch Linear weights are
 [out, in], so every matrix is reshaped to 2-D and transposed):
@@ -12,28 +12,23 @@ numpy only (sktlm/interop/hf.py writes and reads the folder). Mapping, per layer
   gate.e_score_correction_bias = the aux-free routing bias from the train state (zeros for aux_loss models),
   experts.{e}.{gate,up,down}_proj (DeepSeek's per-expert layout; transformers fuses them on load),
   shared_experts = the shared SwiGLU (moe_intermediate_size x n_shared_experts wide).
-- n_group / topk_group / routed_scaling_factor / norm_topk_prob / YaRN (rope_parameters) map one to one.
+- n_group / topk_group / routed_scaling_factor / norm_topk_prob / YaRN (interop/rope.py) map one to one.
 
 Refused (one line): softmax gates (V3 routes with sigmoid scores), MoE without a shared expert, latent norm
-epsilons other than V3's 1e-6 (transformers hard-codes it for q_a/kv_a_layernorm), muP, GQA attention.
+epsilons other than V3's 1e-6 (transformers hard-codes it for q_a/kv_a_layernorm), muP, GQA attention, a model
+key whose schema rule says so. `mc` is config.model (ConfigDict or dict).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from sktlm.config import layout
 from sktlm.errors import UserError
+from sktlm.interop import rope, rules
 
+FORMAT = 'deepseek_v3'
 LATENT_EPS = 1e-6  # transformers' DeepseekV3RMSNorm default, used for q_a_layernorm and kv_a_layernorm
-# config.model keys that change neither the function nor the layout (or are checked on their own below).
-NEUTRAL_KEYS = frozenset(('size', 'vocab_multiple', 'init_std', 'z_loss', 'dtype', 'param_dtype', 'scan_layers',
-                          'scan_unroll', 'remat', 'attention_dtype', 'attention_impl', 'attention_block', 'kernels',
-                          'base_width', 'parametrization', 'n_kv_heads', 'head_dim', 'attention'))
-MAPPED_KEYS = frozenset(('n_layers', 'd_model', 'n_heads', 'd_ff', 'vocab_size', 'rope_theta', 'rope_scaling',
-                         'norm_eps', 'tie_embeddings', 'mla', 'moe'))
-# MoE keys that only matter for training (losses, balancing updates, how tokens are dispatched).
-MOE_TRAINING_KEYS = ('balance', 'aux_loss_coef', 'bias_update_rate', 'seq_aux_loss_coef', 'router_z_loss_coef',
-                     'capacity_factor', 'dispatch', 'ep_buffer_factor', 'ep_overflow')
 
 
 def rope_perm(R: int) -> np.ndarray:
@@ -41,100 +36,73 @@ def rope_perm(R: int) -> np.ndarray:
   return np.concatenate([np.arange(0, R, 2), np.arange(1, R, 2)])
 
 
-def is_mla(mc) -> bool:
-  return mc.get('attention', 'gqa') == 'mla'
-
-
-def _moe(mc):
-  moe = mc.get('moe') or {}
-  return moe if moe.get('num_experts', 0) > 0 else None
-
-
 def check_exportable(mc) -> None:
-  """UserError naming what DeepseekV3ForCausalLM cannot compute exactly; `mc` is config.model as a dict."""
-  if not is_mla(mc):
+  """UserError naming what DeepseekV3ForCausalLM cannot compute exactly."""
+  mc = rules.model_config(mc)
+  if not layout.is_mla(mc):
     raise UserError('cannot export a MoE model with grouped-query attention: only MLA models map to '
                     'DeepseekV3ForCausalLM (and dense GQA models to LlamaForCausalLM)')
-  if mc.get('parametrization', 'sp') != 'sp':
-    raise UserError(f"cannot export model.parametrization={mc['parametrization']!r} as DeepseekV3ForCausalLM "
+  if mc.parametrization != 'sp':
+    raise UserError(f'cannot export model.parametrization={mc.parametrization!r} as DeepseekV3ForCausalLM '
                     '(its attention scale and logit multiplier are not folded for MLA); only sp')
-  eps = mc['mla'].get('latent_norm_eps', 0.0) or mc['norm_eps']
+  eps = mc.mla.latent_norm_eps or mc.norm_eps
   if abs(eps - LATENT_EPS) > 1e-12:
     raise UserError(f'cannot export: the MLA latent norms use epsilon {eps:g}; DeepseekV3ForCausalLM hard-codes '
                     f'{LATENT_EPS:g} (set model.mla.latent_norm_eps=1e-6)')
-  moe = _moe(mc)
+  moe = layout.moe_of(mc)
   if moe:
-    if moe['gate'] != 'sigmoid':
-      raise UserError(f"cannot export moe.gate={moe['gate']!r}: DeepseekV3ForCausalLM routes with sigmoid scores")
-    if moe['num_shared_experts'] < 1:
+    if moe.gate != 'sigmoid':
+      raise UserError(f'cannot export moe.gate={moe.gate!r}: DeepseekV3ForCausalLM routes with sigmoid scores')
+    if moe.num_shared_experts < 1:
       raise UserError('cannot export a MoE model without a shared expert (DeepseekV3ForCausalLM always has one)')
-    if moe.get('n_group', 1) > 1 and moe['num_experts'] // moe['n_group'] < 2:
+    if moe.n_group > 1 and moe.num_experts // moe.n_group < 2:
       raise UserError('cannot export: DeepSeek-V3 group scores need >= 2 experts per group')
-  ys = mc.get('rope_scaling') or {}
-  if ys.get('type', 'none') not in ('none', 'yarn'):
-    raise UserError(f"cannot export model.rope_scaling.type={ys['type']!r}")
-  from sktlm.interop import hf  # the shared "unknown key left at its default" rule
-  for key in sorted(set(mc) - NEUTRAL_KEYS - MAPPED_KEYS):
-    value = mc[key]
-    items = [(f'{key}.{k}', v) for k, v in value.items()] if isinstance(value, dict) else [(key, value)]
-    for name, v in items:
-      if not isinstance(v, (dict, list, tuple)) and not hf.is_off(v):
-        raise UserError(f'cannot export: model.{name}={v!r} is a feature DeepseekV3ForCausalLM does not compute')
-
-
-def _rope_parameters(mc) -> dict:
-  ys = mc.get('rope_scaling') or {}
-  out = {'rope_type': 'default', 'rope_theta': float(mc['rope_theta'])}
-  if ys.get('type', 'none') == 'yarn':
-    out.update(rope_type='yarn', factor=float(ys['factor']),
-               original_max_position_embeddings=int(ys['original_max_position']),
-               beta_fast=float(ys['beta_fast']), beta_slow=float(ys['beta_slow']), mscale=float(ys['mscale']),
-               mscale_all_dim=float(ys['mscale_all_dim']))
-  return out
+  rope.check_exportable(mc, FORMAT)
+  rules.check(mc, FORMAT)
 
 
 def hf_config(mc, *, max_position_embeddings: int) -> dict:
   """The DeepseekV3ForCausalLM config.json fields that describe sktlm's model `mc` (hf.hf_config adds ids)."""
   check_exportable(mc)
-  a, moe = mc['mla'], _moe(mc)
-  ys = mc.get('rope_scaling') or {}
-  if ys.get('type', 'none') == 'yarn':  # transformers derives yarn's factor from these two
-    max_position_embeddings = max(max_position_embeddings, int(ys['original_max_position'] * ys['factor']))
+  mc = rules.model_config(mc)
+  a, moe = mc.mla, layout.moe_of(mc)
+  params = rope.hf_rope_parameters(mc, FORMAT)
+  if params['rope_type'] == 'yarn':  # transformers checks yarn's factor against these two
+    max_position_embeddings = max(max_position_embeddings,
+                                  int(params['original_max_position_embeddings'] * params['factor']))
   cfg = {
       'architectures': ['DeepseekV3ForCausalLM'],
       'model_type': 'deepseek_v3',
-      'vocab_size': int(mc['vocab_size']),
-      'hidden_size': int(mc['d_model']),
-      'intermediate_size': int(mc['d_ff']),
-      'num_hidden_layers': int(mc['n_layers']),
-      'num_attention_heads': int(mc['n_heads']),
-      'num_key_value_heads': int(mc['n_heads']),
-      'q_lora_rank': int(a['q_lora_rank']) or None,
-      'kv_lora_rank': int(a['kv_lora_rank']),
-      'qk_nope_head_dim': int(a['qk_nope_head_dim']),
-      'qk_rope_head_dim': int(a['qk_rope_head_dim']),
-      'v_head_dim': int(a['v_head_dim']),
+      'vocab_size': int(mc.vocab_size),
+      'hidden_size': int(mc.d_model),
+      'intermediate_size': int(mc.d_ff),
+      'num_hidden_layers': int(mc.n_layers),
+      'num_attention_heads': int(mc.n_heads),
+      'num_key_value_heads': int(mc.n_heads),
+      'q_lora_rank': int(a.q_lora_rank) or None,
+      'kv_lora_rank': int(a.kv_lora_rank),
+      'qk_nope_head_dim': int(a.qk_nope_head_dim),
+      'qk_rope_head_dim': int(a.qk_rope_head_dim),
+      'v_head_dim': int(a.v_head_dim),
       'rope_interleave': True,
-      'rope_parameters': _rope_parameters(mc),
-      'rms_norm_eps': float(mc['norm_eps']),
+      'rope_parameters': params,
+      'rms_norm_eps': float(mc.norm_eps),
       'max_position_embeddings': int(max_position_embeddings),
-      'tie_word_embeddings': bool(mc['tie_embeddings']),
+      'tie_word_embeddings': bool(mc.tie_embeddings),
       'hidden_act': 'silu',
       'attention_bias': False,
       'attention_dropout': 0.0,
       'num_nextn_predict_layers': 0,  # no multi-token-prediction module (sktlm does not train one)
   }
   if moe:
-    cfg.update(n_routed_experts=int(moe['num_experts']), num_experts_per_tok=int(moe['top_k']),
-               moe_intermediate_size=int(moe['expert_d_ff'] or mc['d_ff']),
-               n_shared_experts=int(moe['num_shared_experts']),
-               first_k_dense_replace=int(min(moe['n_dense_layers'], mc['n_layers'])),
-               n_group=int(moe.get('n_group', 1)), topk_group=int(moe.get('topk_group', 1)),
-               routed_scaling_factor=float(moe.get('routed_scaling_factor', 1.0)),
-               norm_topk_prob=bool(moe['renormalize']))
+    cfg.update(n_routed_experts=int(moe.num_experts), num_experts_per_tok=int(moe.top_k),
+               moe_intermediate_size=int(moe.expert_d_ff or mc.d_ff), n_shared_experts=int(moe.num_shared_experts),
+               first_k_dense_replace=int(min(moe.n_dense_layers, mc.n_layers)), n_group=int(moe.n_group),
+               topk_group=int(moe.topk_group), routed_scaling_factor=float(moe.routed_scaling_factor),
+               norm_topk_prob=bool(moe.renormalize))
   else:  # every layer dense
     cfg.update(n_routed_experts=2, num_experts_per_tok=1, moe_intermediate_size=1, n_shared_experts=1,
-               first_k_dense_replace=int(mc['n_layers']), n_group=1, topk_group=1, routed_scaling_factor=1.0,
+               first_k_dense_replace=int(mc.n_layers), n_group=1, topk_group=1, routed_scaling_factor=1.0,
                norm_topk_prob=True)
   return cfg
 
@@ -152,29 +120,22 @@ def _index(tree, i):
   return {k: _index(v, i) if isinstance(v, dict) else np.asarray(v)[i] for k, v in tree.items()}
 
 
-def _groups(mc) -> list[tuple[str, int, bool]]:
-  moe = _moe(mc)
-  if not moe:
-    return [('layers', mc['n_layers'], False)]
-  n_dense = min(moe['n_dense_layers'], mc['n_layers'])
-  return [g for g in (('dense_layers', n_dense, False), ('moe_layers', mc['n_layers'] - n_dense, True)) if g[1]]
-
-
 def to_hf_tensors(mc, params, model_state=None) -> dict[str, np.ndarray]:
   """HF tensor name -> float32 array, from sktlm params and the train state's model_state (routing biases)."""
   check_exportable(mc)
-  a = mc['mla']
-  D, H = mc['d_model'], mc['n_heads']
-  N, R, V, Lq, Lkv = a['qk_nope_head_dim'], a['qk_rope_head_dim'], a['v_head_dim'], a['q_lora_rank'], a['kv_lora_rank']
+  mc = rules.model_config(mc)
+  a = mc.mla
+  D, H = mc.d_model, mc.n_heads
+  N, R, V, Lq, Lkv = a.qk_nope_head_dim, a.qk_rope_head_dim, a.v_head_dim, a.q_lora_rank, a.kv_lora_rank
   inv = np.argsort(rope_perm(R))  # hf[..., i] = sk[..., inv[i]]
   f32 = lambda x: np.ascontiguousarray(np.asarray(x, np.float32))  # noqa: E731
   scanned = 'layers' in params or any(g in params for g in ('dense_layers', 'moe_layers'))
   biases = (model_state or {}).get('moe_bias', {})
   out = {'model.embed_tokens.weight': f32(params['embedding']), 'model.norm.weight': f32(params['final_norm']['scale'])}
-  if not mc['tie_embeddings']:
+  if not mc.tie_embeddings:
     out['lm_head.weight'] = f32(np.asarray(params['head']).T)
   i = 0
-  for name, n, use_moe in _groups(mc):
+  for name, n, use_moe in layout.layer_groups(mc):
     layer_biases = _group_layers(biases, name, n, scanned) if use_moe and biases else [None] * n
     for p, bias in zip(_group_layers(params, name, n, scanned), layer_biases, strict=True):
       at, pre = p['attn'], f'model.layers.{i}.'
@@ -217,29 +178,26 @@ def to_hf_tensors(mc, params, model_state=None) -> dict[str, np.ndarray]:
 
 def check_importable(mc, cfg: dict) -> None:
   """UserError unless the HF DeepSeek-V3 config describes exactly sktlm's model `mc`."""
+  mc = rules.model_config(mc)
   for key, bad in (('hidden_act', lambda v: v not in (None, 'silu')), ('attention_bias', bool),
                    ('rope_interleave', lambda v: v is False)):
     if bad(cfg.get(key)):
       raise UserError(f'HF config {key}={cfg.get(key)!r} is not supported')
   try:
-    ours = hf_config(dict(mc), max_position_embeddings=cfg.get('max_position_embeddings', 0))
+    ours = hf_config(mc, max_position_embeddings=cfg.get('max_position_embeddings', 0))
   except UserError as e:
     raise UserError(f'config.model cannot hold a DeepSeek-V3 checkpoint: {e}') from None
-  rope = cfg.get('rope_parameters') or {'rope_type': 'default', 'rope_theta': cfg.get('rope_theta', 10000.0)}
   keys = ['vocab_size', 'hidden_size', 'intermediate_size', 'num_hidden_layers', 'num_attention_heads',
           'q_lora_rank', 'kv_lora_rank', 'qk_nope_head_dim', 'qk_rope_head_dim', 'v_head_dim', 'rms_norm_eps',
           'tie_word_embeddings']
-  if _moe(mc):
+  if layout.moe_of(mc):
     keys += ['n_routed_experts', 'num_experts_per_tok', 'moe_intermediate_size', 'n_shared_experts',
              'first_k_dense_replace', 'n_group', 'topk_group', 'routed_scaling_factor', 'norm_topk_prob']
   elif cfg.get('first_k_dense_replace', 0) < cfg['num_hidden_layers']:
     raise UserError('HF checkpoint has MoE layers; config.model is a dense MLA model (set model.moe.*)')
   theirs = dict(cfg, tie_word_embeddings=bool(cfg.get('tie_word_embeddings', False)))
   diff = [f'{k}: checkpoint {theirs.get(k)!r}, config {ours[k]!r}' for k in keys if theirs.get(k) != ours[k]]
-  for k, v in _rope_parameters(mc).items():
-    if k in ('rope_type', 'rope_theta') or rope.get('rope_type') == 'yarn':
-      if rope.get(k, 'default' if k == 'rope_type' else None) != v:
-        diff.append(f'rope_parameters.{k}: checkpoint {rope.get(k)!r}, config {v!r}')
+  diff += rope.diffs(mc, cfg, FORMAT)
   if diff:
     raise UserError('HF checkpoint does not match config.model (set these keys to match): ' + '; '.join(diff))
 
@@ -247,12 +205,13 @@ def check_importable(mc, cfg: dict) -> None:
 def from_hf_tensors(mc, tensors: dict[str, np.ndarray]) -> tuple[dict, dict]:
   """(params, model_state) in sktlm's layout (model.scan_layers) from DeepSeek-V3 tensors; names and shapes
   checked against to_hf_tensors of the same model."""
-  a = mc['mla']
-  D, H = mc['d_model'], mc['n_heads']
-  N, R, V, Lq, Lkv = a['qk_nope_head_dim'], a['qk_rope_head_dim'], a['v_head_dim'], a['q_lora_rank'], a['kv_lora_rank']
+  mc = rules.model_config(mc)
+  a = mc.mla
+  D, H = mc.d_model, mc.n_heads
+  N, R, V, Lq, Lkv = a.qk_nope_head_dim, a.qk_rope_head_dim, a.v_head_dim, a.q_lora_rank, a.kv_lora_rank
   perm = rope_perm(R)
   missing, unexpected = _expected_names(mc) - set(tensors), set(tensors) - _expected_names(mc) - {'lm_head.weight'}
-  unexpected = {k for k in unexpected if not k.startswith(f"model.layers.{mc['n_layers']}.")}  # MTP module: skipped
+  unexpected = {k for k in unexpected if not k.startswith(f'model.layers.{mc.n_layers}.')}  # MTP module: skipped
   if missing or unexpected:
     raise UserError(f'HF weights do not match the model: missing {sorted(missing)[:3]}, unexpected '
                     f'{sorted(unexpected)[:3]}')
@@ -265,12 +224,13 @@ def from_hf_tensors(mc, tensors: dict[str, np.ndarray]) -> tuple[dict, dict]:
     return np.ascontiguousarray(arr).reshape(shape)
 
   params = {'embedding': t('model.embed_tokens.weight'), 'final_norm': {'scale': t('model.norm.weight')}}
-  if not mc['tie_embeddings']:
+  if not mc.tie_embeddings:
     params['head'] = np.ascontiguousarray(t('lm_head.weight').T)
   state = {}
   i = 0
-  scanned = mc.get('scan_layers', True)
-  for name, n, use_moe in _groups(mc):
+  scanned = mc.scan_layers
+  aux_free = layout.moe_of(mc) is not None and mc.moe.balance == 'aux_free'
+  for name, n, use_moe in layout.layer_groups(mc):
     group, group_bias = [], []
     for _ in range(n):
       pre = f'model.layers.{i}.'
@@ -293,13 +253,13 @@ def from_hf_tensors(mc, tensors: dict[str, np.ndarray]) -> tuple[dict, dict]:
       mlp = lambda pfx: {k: np.ascontiguousarray(t(f'{pfx}{hk}.weight').T)  # noqa: E731
                          for k, hk in (('wi_gate', 'gate_proj'), ('wi_up', 'up_proj'), ('wo', 'down_proj'))}
       if use_moe:
-        E = mc['moe']['num_experts']
+        E = mc.moe.num_experts
         experts = [mlp(f'{pre}mlp.experts.{e}.') for e in range(E)]
         layer['moe'] = {'router': np.ascontiguousarray(t(pre + 'mlp.gate.weight').T),
                         'shared': mlp(pre + 'mlp.shared_experts.'),
                         **{k: np.stack([x[k] for x in experts]) for k in ('wi_gate', 'wi_up', 'wo')}}
         bias = t(pre + 'mlp.gate.e_score_correction_bias')
-        if mc['moe'].get('balance') != 'aux_free' and np.any(bias != 0):
+        if not aux_free and np.any(bias != 0):
           raise UserError(f'{pre}mlp.gate.e_score_correction_bias is non-zero: set model.moe.balance=aux_free to '
                           'route with it')
         group_bias.append({'moe': {'bias': bias}})
@@ -309,11 +269,11 @@ def from_hf_tensors(mc, tensors: dict[str, np.ndarray]) -> tuple[dict, dict]:
       i += 1
     if scanned:
       params[name] = _stack(group)
-      if group_bias and mc['moe'].get('balance') == 'aux_free':
+      if group_bias and aux_free:
         state[name] = _stack(group_bias)
     else:
       params.update({f'{name}_{j}': p for j, p in enumerate(group)})
-      if group_bias and mc['moe'].get('balance') == 'aux_free':
+      if group_bias and aux_free:
         state.update({f'{name}_{j}': b for j, b in enumerate(group_bias)})
   return params, ({'moe_bias': state} if state else {})
 
@@ -325,23 +285,23 @@ def _stack(trees):
 
 
 def _expected_names(mc) -> set[str]:
-  a = mc['mla']
+  a = mc.mla
   names = {'model.embed_tokens.weight', 'model.norm.weight'}
-  if not mc['tie_embeddings']:
+  if not mc.tie_embeddings:
     names.add('lm_head.weight')
   i = 0
-  for _, n, use_moe in _groups(mc):
+  for _, n, use_moe in layout.layer_groups(mc):
     for _ in range(n):
       pre = f'model.layers.{i}.'
       names |= {pre + s for s in ('input_layernorm.weight', 'post_attention_layernorm.weight',
                                   'self_attn.kv_a_proj_with_mqa.weight', 'self_attn.kv_a_layernorm.weight',
                                   'self_attn.kv_b_proj.weight', 'self_attn.o_proj.weight')}
       names |= ({pre + 'self_attn.q_a_proj.weight', pre + 'self_attn.q_a_layernorm.weight',
-                 pre + 'self_attn.q_b_proj.weight'} if a['q_lora_rank'] else {pre + 'self_attn.q_proj.weight'})
+                 pre + 'self_attn.q_b_proj.weight'} if a.q_lora_rank else {pre + 'self_attn.q_proj.weight'})
       proj = ('gate_proj', 'up_proj', 'down_proj')
       if use_moe:
         names |= {pre + 'mlp.gate.weight', pre + 'mlp.gate.e_score_correction_bias'}
-        names |= {f'{pre}mlp.experts.{e}.{p}.weight' for e in range(mc['moe']['num_experts']) for p in proj}
+        names |= {f'{pre}mlp.experts.{e}.{p}.weight' for e in range(mc.moe.num_experts) for p in proj}
         names |= {f'{pre}mlp.shared_experts.{p}.weight' for p in proj}
       else:
         names |= {f'{pre}mlp.{p}.weight' for p in proj}

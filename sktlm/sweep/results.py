@@ -84,7 +84,7 @@ def write(rows: list[dict], sweep_dir: str):
     try:
       files.write_text(path, content)
     except OSError as e:
-      raise UserError(f'cannot write {path}: [Errno {e.errno}] {e.strerror}; the earlier {name} and every '
+      raise UserError(f'cannot write {path}: {e.strerror}; the earlier {name} and every '
                       "run's own files are intact (free space and rerun the sweep: it rewrites both)") from None
 
 

@@ -7,7 +7,8 @@ iterator's JSON state), so a restart continues the exact token stream. A save ki
 
 Storage faults: a checkpoint that does not restore (truncated files: a failing disk, a bad copy) is moved to
 `W/checkpoints.quarantine/<step>.corrupt` once an older one has restored (so a config mismatch, which fails
-every step alike, never moves anything); `verify` reads every array of a step (`sktlm doctor --deep`). An
+every step alike, never moves anything); `verify` reads every array of a step (`sktlm doctor --deep`); either
+says which file is unreadable, or how the checkpoint differs from the model (checkpoint_faults.py). An
 I/O error during a save (ENOSPC) removes the save's temp folder and raises one UserError naming the path and
 the last good checkpoint; older checkpoints are untouched (Orbax prunes only after a save commits). The
 folder's names, its temp folders and the quarantine are sktlm.runfiles' (read without Orbax).
@@ -21,8 +22,9 @@ import logging
 import os
 import sys
 
-from sktlm import runfiles
+from sktlm import files, runfiles
 from sktlm.errors import UserError
+from sktlm.train import checkpoint_faults
 
 
 def _echo(exc) -> bool:
@@ -33,7 +35,7 @@ def _echo(exc) -> bool:
     return False
   text = str(exc)
   return (text == 'Event loop is closed' or text.startswith('Encountered error while reading array')
-          or io_error(exc) is not None)
+          or files.storage_fault(exc) is not None)
 
 
 class _Echoes(logging.Filter):
@@ -79,29 +81,30 @@ def _quiet_failed_reads():
     absl_log.setLevel(level)
 
 
-def one_line(e: BaseException, limit: int = 300) -> str:
-  """`Type: first words` of an exception, on one line (TensorStore messages run to kilobytes)."""
-  text = str(e).split('. See full TensorStore details')[0]
-  return f'{type(e).__name__}: {" ".join(text.split())[:limit]}'
 
 
 def verify(step_dir: str) -> str:
-  """'' if every array of a checkpoint step reads back in full (and its data item is JSON), else what failed.
-  Reads into host numpy arrays, so it needs no mesh and no config (`sktlm doctor --deep`)."""
+  """'' if every array of a checkpoint step reads back in full (and its data item is JSON), else which file is
+  unreadable (checkpoint_faults.describe). Reads into host numpy arrays, so it needs no mesh and no config
+  (`sktlm doctor --deep`)."""
   import jax
   import numpy as np
   import orbax.checkpoint as ocp
+  from etils import epath
   state = os.path.join(step_dir, 'state')
   _silence_echoes()
   with _quiet_failed_reads():
     try:
-      ck = ocp.PyTreeCheckpointer()
-      tree = ck.metadata(state).item_metadata.tree
+      handler = ocp.PyTreeCheckpointHandler()  # not Checkpointer.metadata, which hides why metadata fails
+      try:
+        tree = handler.metadata(epath.Path(state)).tree
+      finally:
+        handler.close()
       args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-      ck.restore(state, args=ocp.args.PyTreeRestore(restore_args=args))
+      ocp.PyTreeCheckpointer().restore(state, args=ocp.args.PyTreeRestore(restore_args=args))
       ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(os.path.join(step_dir, 'data'))
     except Exception as e:  # noqa: BLE001 - whatever fails to read is the finding
-      return one_line(e)
+      return checkpoint_faults.describe(step_dir, e)
   return ''
 
 
@@ -144,21 +147,24 @@ class Checkpointer:
     try:
       yield
     except Exception as e:  # noqa: BLE001 - only I/O errors are translated; the rest is re-raised
-      io = io_error(e)
-      if io is None:
+      fault = files.storage_fault(e)
+      if fault is None:
         raise
       import jax
       if jax.process_index() == 0:
         runfiles.remove_checkpoint_tmp_folders(self.directory)
       what = f'checkpoint step {step}' if step is not None else 'a checkpoint'
-      raise UserError(f'cannot write {what} to {self.directory}: {io}; {last_good(self.directory, step)}') from None
+      # the directory, not the failing file: which file fails first depends on timing (files.storage_fault)
+      raise UserError(f'cannot write {what} to {self.directory}: {fault[1]}; '
+                      f'{last_good(self.directory, step)}') from None
 
   def restore(self, step: int, abstract_state) -> tuple[object, dict]:
     """Restores `step` into the shapes/dtypes/shardings of `abstract_state` (resharding as needed)."""
     try:
       return self._restore(step, abstract_state)
     except Exception as e:  # noqa: BLE001 - any failure here is a bad/incompatible checkpoint for the user
-      raise UserError(f'cannot restore checkpoint step {step} from {self.directory}: {one_line(e)} (the '
+      why = checkpoint_faults.describe(os.path.join(self.directory, str(step)), e)
+      raise UserError(f'cannot restore checkpoint step {step} from {self.directory}: {why} (the '
                       'checkpoint is corrupt or does not match this config; `sktlm doctor --deep` checks '
                       'every checkpoint of a run)') from None
 
@@ -179,7 +185,7 @@ class Checkpointer:
       try:
         state, data_state = self._restore(step, abstract_state)
       except Exception as e:  # noqa: BLE001 - judged below, once an older step did or did not restore
-        bad.append((step, one_line(e)))
+        bad.append((step, checkpoint_faults.describe(os.path.join(self.directory, str(step)), e)))
         continue
       import jax
       lead = jax.process_index() == 0  # one mover on a shared filesystem
@@ -220,16 +226,10 @@ def last_good(directory: str, below: int | None = None) -> str:
   return f'{kept} (free space and rerun the same command to resume)'
 
 
-def io_error(e: BaseException) -> str | None:
-  """'path: [Errno N] reason' if `e` (or what caused it) is an OSError, or a TensorStore error that says
-  the disk is full or a write failed; else None."""
-  seen = 0
-  while e is not None and seen < 10:
-    if isinstance(e, OSError) and e.errno is not None:
-      return f'{e.filename + ": " if e.filename else ""}[Errno {e.errno}] {e.strerror}'
-    text = str(e)
-    for mark in ('No space left on device', 'Disk quota exceeded', 'Read-only file system', 'Input/output error'):
-      if mark in text:
-        return mark
-    e, seen = e.__cause__ or e.__context__, seen + 1
-  return None
+def io_error(e: BaseException, fallback_path: str) -> str | None:
+  """'path: reason' of a storage fault in `e` (files.storage_fault; `fallback_path` when the error names no
+  file), else None."""
+  fault = files.storage_fault(e)
+  if fault is None:
+    return None
+  return f'{fault[0] or fallback_path}: {fault[1]}'

@@ -230,7 +230,7 @@ def _run(config, workdir: str, malloc: str) -> int:
   try:
     write_run_files(p)
   except OSError as e:  # a full disk at the start: one line
-    raise UserError(f'cannot write {io_error(e)}; {last_good(runfiles.checkpoints_dir(workdir))}') from None
+    raise UserError(f'cannot write {io_error(e, workdir)}; {last_good(runfiles.checkpoints_dir(workdir))}') from None
   ckpt = Checkpointer(runfiles.checkpoints_dir(workdir), keep=t.keep_checkpoints, async_save=t.async_checkpoint)
   state, start, origin = restore_or_init(p, ckpt)
   timeline.mark('state')
@@ -273,7 +273,7 @@ def _run(config, workdir: str, malloc: str) -> int:
     raise
   except Exception as e:
     summary.update(status=runfiles.FAILED, message=f'{type(e).__name__}: {e}'[:2000])
-    io = io_error(e)
+    io = io_error(e, workdir)
     if io is not None:  # a full disk or a failing one while writing a record: one line, not a traceback
       raise UserError(f'cannot write {io}; {last_good(ckpt.directory)}') from None
     raise
@@ -288,7 +288,7 @@ def _run(config, workdir: str, malloc: str) -> int:
         if p.leader:
           runfiles.write_summary(workdir, summary)
       except OSError as e:
-        raise UserError(f'cannot write {io_error(e)}; {last_good(ckpt.directory)}') from None
+        raise UserError(f'cannot write {io_error(e, workdir)}; {last_good(ckpt.directory)}') from None
     timeline.mark('summary')
   if p.leader:
     nan = float('nan')

@@ -149,7 +149,7 @@ def restore_or_init(p: Prepared, ckpt: Checkpointer):
       for b, err, where in bad:
         print(f'checkpoint step {b} is corrupt ({err[:160]}); moved to {where}; resuming from step {start_step}')
     return state, start_step, f'resumed from step {start_step}'
-  if config.train.init_from_hf:  # weights from a Hugging Face folder; step 0, fresh optimizer
+  if config.train.init_from_hf:  # a Hugging Face Llama / DeepSeek-V3 folder (interop/hf.py); step 0, fresh optimizer
     from sktlm.train import init_hf
     return init_hf.init_state(config, setup), 0, f'initialised from Hugging Face weights {config.train.init_from_hf}'
   if config.train.init_from:
