@@ -101,7 +101,9 @@ def test_fix_e_holds_the_asymptote_and_reports_sensitivity(tmp_path):
   assert f.values['E'] == LAW['E'] and np.all(f.boot[:, 0] == LAW['E'])
   for k in ('A', 'B', 'alpha', 'beta'):
     assert f.values[k] == pytest.approx(LAW[k], rel=1e-4), k
-  sens = a.sensitivity['backtest']['rows']
+  (s,) = a.sensitivity['backtest']
+  assert s['law'] == 'L(N,D)'
+  sens = s['rows']
   assert [s['E'] for s in sens] == pytest.approx([0.75 * LAW['E'], LAW['E'], 1.25 * LAW['E']])
   assert sens[1]['objective'] < min(sens[0]['objective'], sens[2]['objective'])  # the true E fits best
   assert len({round(s['predicted'], 6) for s in sens}) == 3                       # and the prediction moves
@@ -130,7 +132,7 @@ def test_cli_predict_another_sweep(tmp_path):
     shift = 0.05 if x['N'] == big[1] else 0.0
     assert x['rel_error'] == pytest.approx(1 / (1 + shift) - 1, abs=3e-3)
     assert x['covered'] is (shift == 0)
-  assert doc['sweeps']['a']['e_sensitivity']['b']['rows'][1]['E'] == LAW['E']
+  assert doc['sweeps']['a']['e_sensitivity']['b'][0]['rows'][1]['E'] == LAW['E']
   assert any(line.startswith('predict b from a: L(N,D) worst error -4.') for line in r.stdout.splitlines()), r.stdout
   md = (out / 'report.md').read_text()
   assert '## Predicted versus actual' in md and 'E is fixed at 1.6' in md and 'E sensitivity (a' in md
