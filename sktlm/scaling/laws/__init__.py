@@ -8,6 +8,7 @@ import importlib
 MODULES = (
     'power',        # L(N), L(C): Kaplan et al. 2020
     'chinchilla',   # L(N,D): Hoffmann et al. 2022
+    'muennighoff',  # L(N,D,U): Muennighoff et al. 2023, repeated data
 )
 
 LAWS = tuple(law for m in MODULES for law in importlib.import_module(f'{__name__}.{m}').LAWS)
