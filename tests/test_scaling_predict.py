@@ -132,8 +132,13 @@ def test_cli_predict_another_sweep(tmp_path):
     shift = 0.05 if x['N'] == big[1] else 0.0
     assert x['rel_error'] == pytest.approx(1 / (1 + shift) - 1, abs=3e-3)
     assert x['covered'] is (shift == 0)
+    # beside knowing nothing: a's largest size (SIZES[3], wobbled by -WOBBLE) at the same token budget
+    assert x['copy'] == pytest.approx(law(SIZES[3], x['D']) * (1 - WOBBLE[DS.index(x['D'])]), rel=1e-12)
+    assert np.isfinite(x['ctrend'])
   assert doc['sweeps']['a']['e_sensitivity']['b'][0]['rows'][1]['E'] == LAW['E']
   assert any(line.startswith('predict b from a: L(N,D) worst error -4.') for line in r.stdout.splitlines()), r.stdout
+  assert any(line.startswith('predict b from a: L(N,D) against knowing nothing: worst law error -4.')
+             for line in r.stdout.splitlines()), r.stdout
   md = (out / 'report.md').read_text()
   assert '## Predicted versus actual' in md and 'E is fixed at 1.6' in md and 'E sensitivity (a' in md
   assert 'Why this value: the law the sweeps were drawn from' in md

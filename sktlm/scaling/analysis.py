@@ -139,7 +139,7 @@ def analyze(sweep: io.Sweep, opts: Options) -> SweepAnalysis:
     a.warnings += warns
     if tg is None:
       continue
-    rows = a.predicted[target.label] = predictlib.compare(a.fits, g, tg)
+    rows = a.predicted[target.label] = predictlib.compare(a.fits, g, tg, opts.delta)
     if opts.fix_E is not None:
       a.sensitivity[target.label] = _sensitivity(a, a.fits, every, rows, tg)
   a.predictions = predictions(a)

@@ -9,8 +9,10 @@ Every law of the registry (sktlm.scaling.laws) that was fitted on all points is 
 ones (its own point selection and asymptote policy) and asked for the held-out points it describes (its
 `targets`: e.g. L(N) the best configuration of each held-out size, L(N,D) every held-out configuration). Per
 held-out point and law: the prediction with its bootstrap interval, the actual loss (seed mean, and the seed
-spread when there are several) and the relative error predicted / actual - 1. A law may mark its rows as a
-diagnostic rather than a prediction target, with the reason (`Law.backtest_note`: L(C) on a fixed-budget grid).
+spread when there are several) and the relative error predicted / actual - 1, beside the predictors that know
+nothing about scale (sktlm.scaling.naive: copy the largest fitted size, a pure power law in C), fitted on the
+same runs. A law may mark its rows as a diagnostic rather than a prediction target, with the reason
+(`Law.backtest_note`: L(C) on a fixed-budget grid).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import math
 import numpy as np
 
 from sktlm.scaling import fit as fitlib
-from sktlm.scaling import isoflop, laws
+from sktlm.scaling import isoflop, laws, naive
 
 MIN_TRAIN_UNITS = 3  # a 3-parameter law needs >= 3 distinct sizes (or budgets) to fit on
 
@@ -33,13 +35,16 @@ class Backtest:
   held_out: list[float]              # the held-out N (sizes) or C (budgets)
   train: np.ndarray                  # bool per aggregated point: used for the backtest fits
   fits: dict                         # kind -> Fit or None
-  rows: list[dict]
+  rows: list[dict]                   # per law and held-out point, with the naive predictors' columns (naive.py)
   warnings: list[str] = dataclasses.field(default_factory=list)
+  naive: naive.Naive | None = None
 
   def to_json(self) -> dict:
+    nv = self.naive
     return dict(k=self.k, unit=self.unit, held_out=self.held_out,
                 fits={k: (f.to_json() if f is not None else None) for k, f in self.fits.items()},
-                rows=self.rows, warnings=self.warnings)
+                rows=self.rows, warnings=self.warnings,
+                naive=None if nv is None else dict(copy_N=nv.top_n, ctrend=dict(k=nv.k, a=nv.a)))
 
 
 def units(agg: dict, by_budget: bool, gap: float) -> tuple[np.ndarray, np.ndarray]:
@@ -91,6 +96,7 @@ def run(agg: dict, k: int, *, by_budget: bool, gap: float, n_boot: int, seed: in
     fitlib.try_fit(bt.fits, bt.warnings, law.kind,
                    lambda law=law, idx=idx, fix=fix: law.fit(law.cols(agg, idx), agg['loss'][idx], n_boot=n_boot,
                                                              seed=seed, delta=delta, fix_E=fix), 'backtest ')
+  bt.naive = naive.fit(agg, train_idx, delta)
   for law in laws.LAWS:
     f = bt.fits.get(law.kind)
     if f is None:
@@ -105,7 +111,7 @@ def run(agg: dict, k: int, *, by_budget: bool, gap: float, n_boot: int, seed: in
                           C=float(agg['C'][i]), predicted=pred, ci=(lo, hi), actual=actual,
                           seed_std=float(agg['loss_std'][i]), n_seeds=int(agg['n_seeds'][i]),
                           rel_error=pred / actual - 1, covered=bool(lo <= actual <= hi) if math.isfinite(lo) else None,
-                          target=note is None, note=note))
+                          target=note is None, note=note, **bt.naive.columns(d[i], agg['C'][i], actual)))
   return bt
 
 
@@ -135,6 +141,9 @@ def headline(label: str, bt: Backtest) -> list[str]:
       cov_txt = f', {cov}' if cov else ''
       out.append(f"backtest {label}: {kind} on all {len(rows)} held-out points: worst error "
                  f"{100 * worst['rel_error']:+.2f}% ({worst['run']}){cov_txt}")
+    judged = naive.verdict(rows)
+    if judged:
+      out.append(f'backtest {label}: {kind} against knowing nothing: {judged[0]}')
   return out
 
 

@@ -29,6 +29,11 @@ def covered(r) -> str:
   return '-' if r.get('covered') is None else ('yes' if r['covered'] else 'NO')
 
 
+def _naive(r, key: str) -> str:
+  v = r.get(key, math.nan)
+  return '-' if not math.isfinite(v) else f"{g(v)} ({100 * r[key + '_error']:+.2f}%)"
+
+
 def _join(names: list[str]) -> str:
   return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
 
@@ -142,14 +147,17 @@ def _backtest_lines(analyses) -> list[str]:
       lines.append(f"- **{a.label}**: laws fitted without the {bt.k} largest {bt.unit}(s) "
                    f"({'N' if bt.unit == 'size' else 'C'} = {held}), then asked for the held-out runs:")
       lines += [f'  - {line}' for line in backtestlib.headline(a.label, bt)]
-  lines += ['', '| sweep | law | held-out run | N | D | C | predicted loss [95% CI] | actual loss '
-            '(seed sd) | error | covered |', '|---|---|---|---|---|---|---|---|---|---|']
+  lines += ['', 'copy: the loss of the largest fitted size at the nearest token budget; C-trend: a pure power law in C '
+            'fitted on the fitted runs\' compute frontier (predictors that know nothing about scale; error: '
+            'predicted / actual - 1).', '',
+            '| sweep | law | held-out run | N | D | C | predicted loss [95% CI] | actual loss '
+            '(seed sd) | error | covered | copy (error) | C-trend (error) |', '|' + '---|' * 12]
   for a, r in rows:
     spread = f" ({g(r['seed_std'], 2)}, {r['n_seeds']} seeds)" if r['n_seeds'] > 1 else ''
     law = r['law'] if r.get('target', True) else f"{r['law']} (diagnostic)"
     lines.append(f"| {a.label} | {law} | {r['run']} | {g(r['N'], 3)} | {g(r['D'], 3)} | {g(r['C'], 3)} | "
                  f"{with_ci(r['predicted'], r['ci'])} | {g(r['actual'])}{spread} | "
-                 f"{100 * r['rel_error']:+.2f}% | {covered(r)} |")
+                 f"{100 * r['rel_error']:+.2f}% | {covered(r)} | {_naive(r, 'copy')} | {_naive(r, 'ctrend')} |")
   lines += _sensitivity_lines(analyses, 'backtest')
   return lines
 
@@ -159,15 +167,18 @@ def _predict_lines(analyses) -> list[str]:
   for a in analyses:
     for target, rows in a.predicted.items():
       lines += [f'Laws fitted on **{a.label}** (all its runs) predict every configuration of **{target}**; '
-                'N x and C x: the extrapolation factor over the largest N and C fitted.', '']
+                'N x and C x: the extrapolation factor over the largest N and C fitted; copy: the loss of the largest '
+                f'size of {a.label} at the nearest token budget; C-trend: a pure power law in C fitted on its compute '
+                'frontier.', '']
       lines += [f'- {line}' for line in predictlib.summary_lines(a.label, target, rows)] + ['']
       lines += ['| law | run | N | D | C | N x | C x | predicted loss [95% CI] | actual (seed sd) | error | '
-                'covered |', '|---|---|---|---|---|---|---|---|---|---|---|']
+                'covered | copy (error) | C-trend (error) |', '|' + '---|' * 13]
       for r in rows:
         spread = f" ({g(r['seed_std'], 2)}, {r['n_seeds']} seeds)" if r['n_seeds'] > 1 else ''
         lines.append(f"| {r['law']} | {r['run']} | {g(r['N'], 3)} | {g(r['D'], 3)} | {g(r['C'], 3)} | "
                      f"{g(r['n_factor'], 3)} | {g(r['c_factor'], 3)} | {with_ci(r['predicted'], r['ci'])} | "
-                     f"{g(r['actual'])}{spread} | {100 * r['rel_error']:+.2f}% | {covered(r)} |")
+                     f"{g(r['actual'])}{spread} | {100 * r['rel_error']:+.2f}% | {covered(r)} | "
+                     f"{_naive(r, 'copy')} | {_naive(r, 'ctrend')} |")
       lines += _sensitivity_lines([a], target) + ['']
   return lines
 

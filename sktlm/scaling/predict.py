@@ -20,7 +20,7 @@ import numpy as np
 
 from sktlm.scaling import backtest as backtestlib
 from sktlm.scaling import fit as fitlib
-from sktlm.scaling import io, laws, points
+from sktlm.scaling import io, laws, naive, points
 
 
 def target_points(sweep: io.Sweep, n_key: str, loss_key: str, flops_key: str) -> tuple[dict | None, list[str]]:
@@ -30,8 +30,9 @@ def target_points(sweep: io.Sweep, n_key: str, loss_key: str, flops_key: str) ->
   return points.aggregate(points.with_row_columns(data, sweep.rows, laws.ROW_COLUMNS), sweep.rows), warnings
 
 
-def row(law, f: fitlib.Fit, target: dict, i: int, n_max: float, c_max: float) -> dict:
-  """One predicted-vs-actual row: law `law` (fitted as `f`) at configuration i of `target`."""
+def row(law, f: fitlib.Fit, target: dict, i: int, n_max: float, c_max: float, nv: naive.Naive) -> dict:
+  """One predicted-vs-actual row: law `law` (fitted as `f`) at configuration i of `target`, beside the naive
+  predictors `nv`."""
   n, c, actual = float(target['N'][i]), float(target['C'][i]), float(target['loss'][i])
   cols = law.cols(target, i)
   pred = float(f.predict(cols))
@@ -40,23 +41,24 @@ def row(law, f: fitlib.Fit, target: dict, i: int, n_max: float, c_max: float) ->
   return dict(law=law.kind, run=target['name'][i], N=n, D=float(target['D'][i]), C=c, predicted=pred, ci=(lo, hi),
               actual=actual, seed_std=float(target['loss_std'][i]), n_seeds=int(target['n_seeds'][i]),
               rel_error=pred / actual - 1, covered=covered, n_factor=float(n / n_max),
-              c_factor=float(c / c_max) if c > 0 else math.nan)
+              c_factor=float(c / c_max) if c > 0 else math.nan, **nv.columns(target['D'][i], c, actual))
 
 
-def compare(fits: dict, fit_agg: dict, target: dict) -> list[dict]:
+def compare(fits: dict, fit_agg: dict, target: dict, delta: float = 1e-3) -> list[dict]:
   """Rows for every configuration of `target` (points.aggregate) that a law in `fits` (fitted on the points
   `fit_agg`) describes: each law predicts the points it would be fitted on (its `select`: L(N,D) every
   configuration, L(C) the target's compute frontier, L(N) the best configuration of each size)."""
   n_max = float(np.nanmax(fit_agg['N']))
   c_ok = fit_agg['C'][fit_agg['C'] > 0]
   c_max = float(c_ok.max()) if c_ok.size else math.nan
+  nv = naive.fit(fit_agg, np.arange(len(fit_agg['loss'])), delta)
   out = []
   for law in laws.LAWS:
     f = fits.get(law.kind)
     if f is None or not law.applies(target):
       continue
     for i in law.select(target, np.arange(len(target['loss']))):
-      out.append(row(law, f, target, i, n_max, c_max))
+      out.append(row(law, f, target, i, n_max, c_max, nv))
   return out
 
 
@@ -84,4 +86,7 @@ def summary_lines(label: str, target_label: str, rows: list[dict]) -> list[str]:
     cov_txt = f'; {cov}' if cov else ''
     out.append(f"predict {target_label} from {label}: {law} worst error {100 * worst['rel_error']:+.2f}% "
                f"({worst['run']}, N x{worst['n_factor']:.3g}){cov_txt}")
+    judged = naive.verdict(rs)
+    if judged:
+      out.append(f'predict {target_label} from {label}: {law} against knowing nothing: {judged[0]}')
   return out
