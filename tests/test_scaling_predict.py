@@ -106,7 +106,8 @@ def test_fix_e_holds_the_asymptote_and_reports_sensitivity(tmp_path):
   sens = s['rows']
   assert [s['E'] for s in sens] == pytest.approx([0.75 * LAW['E'], LAW['E'], 1.25 * LAW['E']])
   assert sens[1]['objective'] < min(sens[0]['objective'], sens[2]['objective'])  # the true E fits best
-  assert len({round(s['predicted'], 6) for s in sens}) == 3                       # and the prediction moves
+  assert len({round(s['predicted'][-1], 6) for s in sens}) == 3                   # and the predictions move
+  assert sens[1]['max_move'] == 0 and sens[0]['max_move'] != 0 and sens[2]['max_move'] != 0
   # A wrong fixed E degrades the fit: the free-E L(N,D) objective is ~0, E fixed 10% off is not.
   b = analysis.analyze(io.load_sweep(str(tmp_path / 'a')), analysis.Options(n_boot=0, curves=False,
                                                                              fix_E=1.1 * LAW['E']))

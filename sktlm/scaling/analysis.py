@@ -147,22 +147,33 @@ def analyze(sweep: io.Sweep, opts: Options) -> SweepAnalysis:
 
 
 def _sensitivity(a: SweepAnalysis, fits: dict, train_idx: np.ndarray, rows: list[dict], pts: dict) -> list[dict]:
-  """With E fixed: per law that holds it, its largest predicted point (N, then D) refitted at E x 0.75, 1, 1.25
+  """With E fixed: per law that holds it, refitted at E x 0.75, 1, 1.25, its predictions at every point it
+  predicted (`rows`: a backtest's held-out points or a --predict sweep's) and the largest move among them
   (sktlm.scaling.predict.sensitivity)."""
   o, out = a.opts, []
+  names = list(pts['name'])
   for law in laws.LAWS:
     f = fits.get(law.kind)
     mine = [r for r in rows if r['law'] == law.kind]
     if f is None or f.fixed_E is None or not mine:
       continue
-    r = max(mine, key=lambda r: (r['N'], r['D']))
-    i = list(pts['name']).index(r['run'])
     idx = law.select(a.agg, train_idx)
     cols, loss = law.cols(a.agg, idx), a.agg['loss'][idx]
-    out.append(dict(law=law.kind, run=r['run'], actual=r['actual'], rows=predictlib.sensitivity(
-        lambda e, law=law, cols=cols, loss=loss: law.fit(cols, loss, delta=o.delta, n_boot=0, fix_E=e), o.fix_E,
-        law.cols(pts, i))))
+    at = [(r['run'], law.cols(pts, names.index(r['run']))) for r in mine]
+    out.append(dict(law=law.kind, runs=[r['run'] for r in mine], actual=[r['actual'] for r in mine],
+                    rows=predictlib.sensitivity(lambda e, law=law, cols=cols, loss=loss: law.fit(
+                        cols, loss, delta=o.delta, n_boot=0, fix_E=e), o.fix_E, at)))
   return out
+
+
+def beyond_frontier(agg: dict | None, c: float) -> str:
+  """'' for a budget inside the range of C the compute frontier covers; else the label of the extrapolation,
+  with its factor (an allocation there is the law's, not the runs')."""
+  span = points.frontier_range(agg)
+  if span is None or span[0] * (1 - 1e-9) <= c <= span[1] * (1 + 1e-9):
+    return ''
+  factor, where = (c / span[1], 'beyond the largest') if c > span[1] else (span[0] / c, 'below the smallest')
+  return f' ({factor:.3g}x {where} C on the compute frontier: an extrapolation)'
 
 
 def _pred(law: str, quantity: str, at: dict, value, boot=None, note: str = '') -> dict:
@@ -200,9 +211,10 @@ def predictions(a: SweepAnalysis) -> list[dict]:
       if f is not None and law.allocation_defined(f.values):
         n_opt, d_opt, l_opt = law.optimal(f.values, c_target, a.fpt)
         nb, db, lb = law.optimal(f.boot, c_target, a.fpt)
-        out.append(_pred(law.kind, 'compute-optimal N', at, n_opt, nb))
-        out.append(_pred(law.kind, 'compute-optimal D', at, d_opt, db))
-        out.append(_pred(law.kind, 'compute-optimal loss', at, l_opt, lb))
+        note = beyond_frontier(a.agg, c_target).strip(' ()')
+        out.append(_pred(law.kind, 'compute-optimal N', at, n_opt, nb, note))
+        out.append(_pred(law.kind, 'compute-optimal D', at, d_opt, db, note))
+        out.append(_pred(law.kind, 'compute-optimal loss', at, l_opt, lb, note))
     if iso is not None:
       nb = iso.n_opt_boot(c_target)
       out.append(_pred('IsoFLOP', 'compute-optimal N', at, iso.n_opt(c_target), nb))

@@ -63,11 +63,18 @@ def choose_k(requested: int, n_units: int) -> int:
   return 1 if n_units >= MIN_TRAIN_UNITS + 1 else 0
 
 
+def no_interval(f: fitlib.Fit) -> str:
+  """Why a fit gives no prediction interval ('' when it does). With n_params + 1 points or fewer, most bootstrap
+  resamples hold at most n_params distinct points (4 of 4 all distinct: 4!/4^4 = 9%), so the refits interpolate
+  their resample and the percentile interval measures which points were drawn, not the fit's uncertainty."""
+  if f.n_points < f.n_free + 2:
+    return f'no interval: {f.n_points} points for {f.n_free} parameters'
+  return ''
+
+
 def interval_at(f: fitlib.Fit, cols: dict) -> tuple[float, float]:
-  """The bootstrap interval of a prediction; none from a law with as many parameters as points (it interpolates
-  them: its bootstrap spread means nothing)."""
-  exact_fit = f.n_points <= f.n_free
-  return fitlib.interval(f.predict_boot(cols)) if len(f.boot) and not exact_fit else (math.nan, math.nan)
+  """The bootstrap interval of a prediction; (nan, nan) without a bootstrap or where `no_interval` says why."""
+  return (math.nan, math.nan) if no_interval(f) or not len(f.boot) else fitlib.interval(f.predict_boot(cols))
 
 
 def run(agg: dict, k: int, *, by_budget: bool, gap: float, n_boot: int, seed: int, delta: float,
@@ -111,7 +118,8 @@ def run(agg: dict, k: int, *, by_budget: bool, gap: float, n_boot: int, seed: in
                           C=float(agg['C'][i]), predicted=pred, ci=(lo, hi), actual=actual,
                           seed_std=float(agg['loss_std'][i]), n_seeds=int(agg['n_seeds'][i]),
                           rel_error=pred / actual - 1, covered=bool(lo <= actual <= hi) if math.isfinite(lo) else None,
-                          target=note is None, note=note, **bt.naive.columns(d[i], agg['C'][i], actual)))
+                          target=note is None, note=note, interval_note=no_interval(f),
+                          **bt.naive.columns(d[i], agg['C'][i], actual)))
   return bt
 
 
@@ -132,7 +140,8 @@ def headline(label: str, bt: Backtest) -> list[str]:
                  f"{r['predicted']:.4g} for {r['run']}, actual {r['actual']:.4g} ({100 * r['rel_error']:+.2f}%)")
       continue
     r = max(rows, key=lambda r: (r['C'] if bt.unit == 'budget' else r['N'], -r['actual']))
-    ci = '' if not all(math.isfinite(v) for v in r['ci']) else f" [{r['ci'][0]:.4g}, {r['ci'][1]:.4g}]"
+    ci = (f" [{r['ci'][0]:.4g}, {r['ci'][1]:.4g}]" if all(math.isfinite(v) for v in r['ci'])
+          else f" ({r['interval_note']})" if r.get('interval_note') else '')
     spread = f" +- {r['seed_std']:.2g} over {r['n_seeds']} seeds" if r['n_seeds'] > 1 else ''
     out.append(f"backtest {label}: {kind} fitted {what} predicts {r['run']} (N={r['N']:.3g}) at "
                f"{r['predicted']:.4g}{ci}; actual {r['actual']:.4g}{spread}: error {100 * r['rel_error']:+.2f}%")

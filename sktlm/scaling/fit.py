@@ -13,6 +13,7 @@ Intervals are 95% percentile intervals over the bootstrap refits.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 
@@ -36,6 +37,23 @@ def interval(samples: np.ndarray) -> tuple[float, float]:
   return float(lo), float(hi)
 
 
+# A parameter is not identified by the runs when its 95% interval spans more than this factor (upper / lower, for a
+# positive parameter; lower / upper for a negative one) or crosses 0: the runs do not pin it, and its fitted value is
+# not a measurement (e.g. A of L(N) on the default ladder: [2.2, 4.8e167]).
+MAX_SPAN = 1e2
+
+
+def identified(lo: float, hi: float) -> bool:
+  """Whether an interval pins its parameter (MAX_SPAN); True without an interval (nothing to judge)."""
+  if not (math.isfinite(lo) and math.isfinite(hi)):
+    return True
+  if lo > 0:
+    return hi / lo <= MAX_SPAN
+  if hi < 0:
+    return lo / hi <= MAX_SPAN
+  return lo == hi
+
+
 @dataclasses.dataclass
 class Fit:
   """A fitted law; `values` and `boot` (bootstrap refits) are in `names` order (the law's parameters)."""
@@ -54,6 +72,9 @@ class Fit:
 
   def ci(self, name: str) -> tuple[float, float]:
     return interval(self.boot[:, self.names.index(name)])
+
+  def not_identified(self) -> list[str]:
+    return [n for n in self.names if not identified(*self.ci(n))]
 
   @property
   def n_free(self) -> int:
@@ -83,7 +104,7 @@ class Fit:
     return dict(kind=self.kind, values=self.values, ci={n: self.ci(n) for n in self.names},
                 ci_level=CI_LEVEL, n_points=self.n_points, objective=self.objective, converged=self.converged,
                 n_starts=self.n_starts, n_boot=int(len(self.boot)), n_boot_dropped=self.n_boot_dropped,
-                fixed_E=self.fixed_E, warnings=self.warnings)
+                fixed_E=self.fixed_E, not_identified=self.not_identified(), warnings=self.warnings)
 
 
 def check_points(kind: str, cols: dict[str, np.ndarray], loss: np.ndarray):

@@ -8,8 +8,9 @@ import math
 
 import numpy as np
 
+from sktlm.scaling import analysis, laws, points
 from sktlm.scaling import backtest as backtestlib
-from sktlm.scaling import laws
+from sktlm.scaling import fit as fitlib
 from sktlm.scaling import predict as predictlib
 
 
@@ -23,6 +24,13 @@ def with_ci(v, ci) -> str:
   if ci is None or not all(math.isfinite(x) for x in ci):
     return g(v)
   return f'{g(v)} [{g(ci[0])}, {g(ci[1])}]'
+
+
+def predicted(r) -> str:
+  """A prediction with its interval, or with why it has none."""
+  if all(math.isfinite(x) for x in r['ci']) or not r.get('interval_note'):
+    return with_ci(r['predicted'], r['ci'])
+  return f"{g(r['predicted'])} ({r['interval_note']})"
 
 
 def covered(r) -> str:
@@ -72,6 +80,14 @@ def _formulas(analyses) -> str:
   return ' '.join(out)
 
 
+def param(f, name: str) -> str:
+  """A fitted parameter with its interval, or 'not identified by these runs' with the interval (fitlib.MAX_SPAN)."""
+  lo, hi = f.ci(name)
+  if not fitlib.identified(lo, hi):
+    return f'not identified by these runs [{g(lo)}, {g(hi)}]'
+  return with_ci(f.values[name], (lo, hi))
+
+
 def _fit_table(analyses) -> list[str]:
   fitted = [law for law in laws.LAWS if any(a.fits.get(law.kind) is not None for a in analyses)]
   names = list(dict.fromkeys(n for law in (fitted or laws.LAWS) for n in law.names))
@@ -82,7 +98,7 @@ def _fit_table(analyses) -> list[str]:
       f = a.fits.get(law.kind)
       if f is None:
         continue
-      cells = ' | '.join(with_ci(f.values[n], f.ci(n)) if n in f.names else '' for n in names)
+      cells = ' | '.join(param(f, n) if n in f.names else '' for n in names)
       lines.append(f"| {a.label} | {law.kind} | {cells} | {f.n_points} | {f.objective:.6g} | "
                    f"{'yes' if f.converged else 'NO'} |")
   return lines
@@ -101,9 +117,12 @@ def _optimal_lines(analyses) -> list[str]:
         v = f.values
         s = v['alpha'] + v['beta']
         gg = (v['alpha'] * v['A'] / (v['beta'] * v['B'])) ** (1 / s)
+        span = points.frontier_range(a.agg)
+        where = (f'; measured where the compute frontier runs, C = {g(span[0], 3)} .. {g(span[1], 3)}: beyond, an '
+                 'extrapolation' if span else '')
         lines.append(f"- **{a.label}**, from {law.kind}, closed form (C = {g(k)} N D): N_opt = {g(gg)} "
                      f"(C/{g(k)})^{g(v['beta'] / s)}, D_opt = C/({g(k)} N_opt) = {g(1 / gg)} "
-                     f"(C/{g(k)})^{g(v['alpha'] / s)}")
+                     f"(C/{g(k)})^{g(v['alpha'] / s)}{where}")
       elif f is not None:
         lines.append(f'- **{a.label}**, from {law.kind}, solved numerically along D = C / f(N), f = FLOPs per '
                      f'token of the sizes run ({g(fpt.fpt[0] / fpt.n[0], 3)} N at N = {g(fpt.n[0], 3)} .. '
@@ -111,8 +130,8 @@ def _optimal_lines(analyses) -> list[str]:
         c_max = float(np.nanmax(a.agg['C'])) if a.agg is not None else math.nan
         for c in ([c_max, 10 * c_max, 100 * c_max] if math.isfinite(c_max) else []):
           n_opt, d_opt, l_opt = law.optimal(f.values, c, fpt)
-          lines.append(f'  - C = {g(c, 3)}: N_opt = {g(n_opt, 3)}, D_opt = {g(d_opt, 3)} '
-                       f'(D/N = {g(d_opt / n_opt, 3)}), loss {g(l_opt)}')
+          lines.append(f'  - C = {g(c, 3)}{analysis.beyond_frontier(a.agg, c)}: N_opt = {g(n_opt, 3)}, '
+                       f'D_opt = {g(d_opt, 3)} (D/N = {g(d_opt / n_opt, 3)}), loss {g(l_opt)}')
     if iso is not None:
       d_rule = f'C/({g(k)} N_opt) = {g(1 / (k * iso.k))} C^{g(1 - iso.a)}' if k is not None else 'C / f(N_opt)'
       lines.append(f"- **{a.label}**, IsoFLOP ({len(iso.budgets)} budgets): N_opt = {g(iso.k)} C^"
@@ -129,9 +148,11 @@ def _sensitivity_lines(analyses, key: str) -> list[str]:
     for s in a.sensitivity.get(key) or []:
       if not s['rows']:
         continue
-      parts = '; '.join(f"E = {g(r['E'])}: {g(r['predicted'])} (objective {r['objective']:.3g})" for r in s['rows'])
-      lines += ['', f"E sensitivity ({a.label}, {s['law']} with E fixed; predicted loss of {s['run']}, actual "
-                f"{g(s['actual'])}): {parts}."]
+      parts = '; '.join(f"E = {g(r['E'])}: objective {r['objective']:.3g}"
+                        + (f", predictions move by up to {100 * r['max_move']:+.2f}% ({r['max_move_run']})"
+                           if r['max_move'] and math.isfinite(r['max_move']) else '') for r in s['rows'])
+      lines += ['', f"E sensitivity ({a.label}, {s['law']} refitted with E fixed at each value, over its "
+                f"{len(s['runs'])} predicted point(s); moves relative to its prediction at the E used): {parts}."]
   return lines
 
 
@@ -156,7 +177,7 @@ def _backtest_lines(analyses) -> list[str]:
     spread = f" ({g(r['seed_std'], 2)}, {r['n_seeds']} seeds)" if r['n_seeds'] > 1 else ''
     law = r['law'] if r.get('target', True) else f"{r['law']} (diagnostic)"
     lines.append(f"| {a.label} | {law} | {r['run']} | {g(r['N'], 3)} | {g(r['D'], 3)} | {g(r['C'], 3)} | "
-                 f"{with_ci(r['predicted'], r['ci'])} | {g(r['actual'])}{spread} | "
+                 f"{predicted(r)} | {g(r['actual'])}{spread} | "
                  f"{100 * r['rel_error']:+.2f}% | {covered(r)} | {_naive(r, 'copy')} | {_naive(r, 'ctrend')} |")
   lines += _sensitivity_lines(analyses, 'backtest')
   return lines
@@ -176,7 +197,7 @@ def _predict_lines(analyses) -> list[str]:
       for r in rows:
         spread = f" ({g(r['seed_std'], 2)}, {r['n_seeds']} seeds)" if r['n_seeds'] > 1 else ''
         lines.append(f"| {r['law']} | {r['run']} | {g(r['N'], 3)} | {g(r['D'], 3)} | {g(r['C'], 3)} | "
-                     f"{g(r['n_factor'], 3)} | {g(r['c_factor'], 3)} | {with_ci(r['predicted'], r['ci'])} | "
+                     f"{g(r['n_factor'], 3)} | {g(r['c_factor'], 3)} | {predicted(r)} | "
                      f"{g(r['actual'])}{spread} | {100 * r['rel_error']:+.2f}% | {covered(r)} | "
                      f"{_naive(r, 'copy')} | {_naive(r, 'ctrend')} |")
       lines += _sensitivity_lines([a], target) + ['']
@@ -190,6 +211,9 @@ def analyse_section(analyses, opts):
 
 def render_section(analyses, out: str) -> list[str]:
   md = ['## Fits', '', _formulas(analyses), ''] + _fit_table(analyses) + ['']
+  md += [f'A parameter whose {fitlib.CI_LEVEL:.0%} interval spans more than a factor {fitlib.MAX_SPAN:g} (upper / '
+         'lower for a positive parameter) or crosses 0 is reported as "not identified by these runs", with its '
+         'interval: the runs do not pin it, and its fitted value is not a measurement.', '']
   opt = _optimal_lines(analyses)
   if opt:
     md += ['## Compute-optimal allocation', ''] + opt + ['']

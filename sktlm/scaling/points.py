@@ -101,3 +101,12 @@ def frontier_index(c: np.ndarray, loss: np.ndarray) -> np.ndarray:
 def frontier_points(c: np.ndarray, loss: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   keep = frontier_index(c, loss)
   return c[keep], loss[keep]
+
+
+def frontier_range(agg: dict | None) -> tuple[float, float] | None:
+  """(lowest, highest C) of the compute frontier of aggregated points, or None without compute."""
+  if agg is None or not (agg['C'] > 0).any():
+    return None
+  ok = np.flatnonzero(agg['C'] > 0)
+  c = agg['C'][ok[frontier_index(agg['C'][ok], agg['loss'][ok])]]
+  return float(c.min()), float(c.max())

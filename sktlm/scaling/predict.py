@@ -8,8 +8,8 @@ the actual loss, and how far it extrapolates: N / (largest N of A) and C / (larg
   configuration at its (N, D); L(C) the configurations on B's compute frontier, at their C; L(N) the best
   configuration of each size of B, at its N).
 
-`sensitivity`: with E fixed, the law refitted at E x (1 - r) and E x (1 + r): how the prediction and the
-lack of fit (the Huber objective) move with the assumed asymptote.
+`sensitivity`: with E fixed, the law refitted at E x (1 - r) and E x (1 + r): how every prediction (the largest
+move over the predicted points) and the lack of fit (the Huber objective) move with the assumed asymptote.
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ def row(law, f: fitlib.Fit, target: dict, i: int, n_max: float, c_max: float, nv
   return dict(law=law.kind, run=target['name'][i], N=n, D=float(target['D'][i]), C=c, predicted=pred, ci=(lo, hi),
               actual=actual, seed_std=float(target['loss_std'][i]), n_seeds=int(target['n_seeds'][i]),
               rel_error=pred / actual - 1, covered=covered, n_factor=float(n / n_max),
-              c_factor=float(c / c_max) if c > 0 else math.nan, **nv.columns(target['D'][i], c, actual))
+              c_factor=float(c / c_max) if c > 0 else math.nan, interval_note=backtestlib.no_interval(f),
+              **nv.columns(target['D'][i], c, actual))
 
 
 def compare(fits: dict, fit_agg: dict, target: dict, delta: float = 1e-3) -> list[dict]:
@@ -62,16 +63,23 @@ def compare(fits: dict, fit_agg: dict, target: dict, delta: float = 1e-3) -> lis
   return out
 
 
-def sensitivity(refit, fix_e: float, at: dict, ratio: float = 0.25) -> list[dict]:
-  """refit(E) -> Fit with E held there (no bootstrap). The prediction at `at` and the objective for E x
-  (1 - ratio), E, E x (1 + ratio); a fit the data cannot support at some E is left out."""
+def sensitivity(refit, fix_e: float, points: list[tuple[str, dict]], ratio: float = 0.25) -> list[dict]:
+  """refit(E) -> Fit with E held there (no bootstrap). For E x (1 - ratio), E, E x (1 + ratio): the objective,
+  the prediction at every point (name, columns), and the largest move of any of them from its prediction at E,
+  relative, with the point it moved most; a fit the data cannot support at some E is left out."""
   out = []
   for e in (fix_e * (1 - ratio), fix_e, fix_e * (1 + ratio)):
     try:
       f = refit(e)
     except fitlib.FitError:
       continue
-    out.append(dict(E=float(e), predicted=float(f.predict(at)), objective=float(f.objective)))
+    out.append(dict(E=float(e), objective=float(f.objective), predicted=[float(f.predict(c)) for _, c in points]))
+  base = next((r['predicted'] for r in out if r['E'] == fix_e), None)
+  for r in out:
+    moves = [p / b - 1 for p, b in zip(r['predicted'], base, strict=True)] if base else []
+    i = int(np.argmax(np.abs(moves))) if moves else 0
+    r['max_move'] = float(moves[i]) if moves else math.nan
+    r['max_move_run'] = points[i][0] if moves else ''
   return out
 
 
