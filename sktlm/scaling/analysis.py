@@ -20,29 +20,7 @@ from sktlm.scaling import backtest as backtestlib
 from sktlm.scaling import compute, io, isoflop, laws, points
 from sktlm.scaling import fit as fitlib
 from sktlm.scaling import predict as predictlib
-
-
-@dataclasses.dataclass
-class Options:
-  n_key: str = 'non_embedding'      # non_embedding | total | active
-  loss_key: str = 'best_eval'       # best_eval | final_eval | final_train
-  flops_key: str = 'exact'          # exact | 6n (sktlm.scaling.compute.CONVENTIONS)
-  n_boot: int = 200
-  seed: int = 0
-  delta: float = 1e-3
-  isoflop_gap: float = 1.25
-  target_params: float | None = None
-  target_tokens: float | None = None
-  target_flops: float | None = None
-  curves: bool = True
-  backtest: int = -1                # hold out the K largest sizes / budgets; -1: 1 when >= 4 of them, else 0
-  curve_fit: tuple = ()             # run names: fit the Tissue et al. loss-curve law on their curves
-  curve_predict: tuple = ()         # run names: predict their final train loss with it
-  moe_target: str = ''              # config (experiments/flagship.py) the MoE section predicts
-  curve_skip_steps: int = -1        # loss-curve law: records at or before this step are not fitted; -1: warmup end
-  fix_E: float | None = None        # hold the asymptote E of every law at this value (None: fitted)
-  fix_E_why: str = ''               # the reason for that value, quoted in the report
-  predict: tuple = ()               # sweep paths: fit on the positional sweeps, predict every run of these
+from sktlm.scaling.options import Options
 
 
 @dataclasses.dataclass

@@ -17,7 +17,7 @@ import sys
 import numpy as np
 
 from sktlm.errors import UserError
-from sktlm.scaling import analysis, compute, curve_law, io, law_report, laws, lr_transfer, moe_report, plots
+from sktlm.scaling import analysis, compute, curve_law, io, law_report, laws, lr_transfer, moe_report, options, plots
 from sktlm.scaling import backtest as backtestlib
 from sktlm.scaling import fit as fitlib
 from sktlm.scaling import predict as predictlib
@@ -72,10 +72,7 @@ def _runs_table(a: analysis.SweepAnalysis) -> list[str]:
 def document(analyses: list[analysis.SweepAnalysis], opts: analysis.Options, curve: dict | None = None) -> dict:
   """The fits.json content (JSON-ready: nan -> null)."""
   warnings = [w for a in analyses for w in a.warnings]
-  settings = dict(n=opts.n_key, loss=opts.loss_key, flops=opts.flops_key, bootstrap=opts.n_boot, seed=opts.seed,
-                  huber_delta=opts.delta, ci_level=fitlib.CI_LEVEL, isoflop_gap=opts.isoflop_gap,
-                  target_params=opts.target_params, target_tokens=opts.target_tokens,
-                  target_flops=opts.target_flops, backtest=opts.backtest, fix_E=opts.fix_E)
+  settings = {**options.settings(opts), 'ci_level': fitlib.CI_LEVEL}
   doc = dict(settings=settings, convention=compute.DESCRIPTION[opts.flops_key], warnings=warnings, sweeps={
       a.label: dict(path=a.sweep.path, source=a.sweep.source, n_runs=len(a.sweep.rows), n_used=len(a.data['N']),
                     flops_per_token=a.fpt.to_json() if a.fpt is not None else None,
