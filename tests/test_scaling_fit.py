@@ -239,3 +239,33 @@ def test_parametric_fit_refuses_collinear_n_and_d():
   with pytest.raises(fit.FitError, match='cannot separate N from D'):
     fit_parametric(n, d, loss, n_boot=0)
   assert not chinchilla.LAW.allocation_defined({'alpha': -0.5, 'beta': 0.3})
+
+
+def test_engine_forms_agree_with_the_power_sum_and_their_gradients():
+  """The engine's other forms (sktlm.scaling.forms) against Hoffmann et al.'s analytic objective: the power sum
+  written as log-sum-exp of linear features (LinearLSE) and as a log-model with its Jacobian (LogModel) give the
+  same objective and gradient, for K parameter vectors with bootstrap weights."""
+  from sktlm.scaling import forms
+  rng = np.random.default_rng(2)
+  x = rng.uniform(10, 25, size=(30, 2))
+  p = rng.uniform([3, 3, 0.3, 0.2, 0.2], [8, 8, 0.8, 0.5, 0.5], size=(4, 5))
+  y = _log_law(p[0], x) + rng.normal(0, 2e-3, size=30)
+  w = rng.integers(0, 3, size=(4, 30)).astype(float)
+  one, zero = np.ones(30), np.zeros(30)
+  feats = (np.stack([one, zero, zero, -x[:, 0], zero], 1), np.stack([zero, one, zero, zero, -x[:, 1]], 1),
+           np.stack([zero, zero, one, zero, zero], 1))
+
+  def log_model(q):
+    t = np.stack([q @ f.T for f in feats])                   # (terms, K, N)
+    soft = np.exp(t - t.max(axis=0))
+    soft /= soft.sum(axis=0)
+    ll = np.log(np.exp(t).sum(axis=0))
+    return ll, sum(s[..., None] * f[None] for s, f in zip(soft, feats, strict=True))
+
+  ref = lbfgs.objective(p, x, y, w, 1e-3)
+  for form in (forms.LinearLSE(feats), forms.LogModel(log_model)):
+    f, g = form.huber(p, y, w, 1e-3)
+    np.testing.assert_allclose(f, ref[0], rtol=1e-12)
+    np.testing.assert_allclose(g, ref[1], rtol=1e-9, atol=1e-12)
+    f_e, g_e = form.huber(p, y, w, 1e-3, frozen=(2,))
+    assert np.all(g_e[:, 2] == 0) and np.allclose(np.delete(g_e, 2, 1), np.delete(g, 2, 1))

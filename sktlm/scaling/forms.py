@@ -40,11 +40,6 @@ class LinearLSE:
   """log L = LSE_j(F_j @ p) with feature matrices F_j (N, P), one per term."""
   feats: tuple
 
-  def log_predict(self, p_KxP: np.ndarray) -> np.ndarray:
-    t = np.stack([p_KxP @ f.T for f in self.feats])          # (terms, K, N)
-    m = t.max(axis=0)
-    return m + np.log(np.exp(t - m).sum(axis=0))
-
   def huber(self, p_KxP, y_N, w_KxN, delta, frozen=()):
     with np.errstate(all='ignore'):
       t = np.stack([p_KxP @ f.T for f in self.feats])        # (terms, K, N)
