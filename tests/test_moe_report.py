@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from sktlm.scaling import io, moe_report
+from sktlm.scaling import analysis, io, moe_report
 from sktlm.scaling import moe_laws as ml
 
 TRUE = dict(a=30.0, delta=-0.25, alpha=-0.2, gamma=0.012, c=1.2)
@@ -26,6 +26,11 @@ def _rows(noise=0.002, seed=0):
                        n_params_active_non_embedding=n, n_params_non_embedding=n * (1 + 0.6 * (e - 1)),
                        tokens=R * n, flops_exact=K * n * R * n, best_eval_loss=loss, overrides={}, workdir=''))
   return io.Sweep('synthetic', '/nowhere', rows, 'results.csv')
+
+
+def _analyses(sweep, opts):
+  """What a report section receives: the analyses of its sweeps (the MoE section reads only their runs)."""
+  return [analysis.SweepAnalysis(label=sweep.label, opts=opts, sweep=sweep, data={})]
 
 
 def _closed_form_multiplier(p, n, e):
@@ -62,14 +67,15 @@ def test_section_recovers_multiplier_backtest_and_target(tmp_path):
   assert t['loss'] == pytest.approx(float(res['_fit'].predict(dict(N=t['N_act'], E=24.0))[0]), rel=1e-12)
   assert t['extrapolation_C'] == pytest.approx(t['C'] / (K * R * 3e6 ** 2), rel=1e-12)
   assert t['at_sweep_ratio']   # the merged law predicts along the ladder's D/N, and says so
-  md = moe_report.section([_rows()], str(tmp_path), 'best_eval_loss', 'flops_exact', 4, 0, 1e-3,
-                          'experiments/flagship.py')
+  opts = analysis.Options(n_boot=4, seed=0, moe_target='experiments/flagship.py')
+  md = moe_report.render_section(moe_report.analyse_section(_analyses(_rows(), opts), opts), str(tmp_path))
   text = '\n'.join(md)
   assert '## Mixture of experts' in text and 'Extrapolation' in text and 'Backtest' in text
   assert os.path.exists(tmp_path / 'moe.json') and os.path.exists(tmp_path / 'moe_multiplier_0.png')
 
 
-def test_no_section_without_dense_and_moe_runs(tmp_path):
+def test_no_section_without_dense_and_moe_runs():
   s = _rows()
   s.rows = [r for r in s.rows if r['moe_experts'] == 1]
-  assert moe_report.section([s], str(tmp_path), 'best_eval_loss', 'flops_exact', 0, 0, 1e-3) == []
+  opts = analysis.Options(n_boot=0)
+  assert moe_report.analyse_section(_analyses(s, opts), opts) is None

@@ -12,7 +12,8 @@ import pathlib
 import numpy as np
 import pytest
 
-from sktlm.scaling import fit, lbfgs
+from sktlm.scaling import lbfgs
+from sktlm.scaling.laws import chinchilla
 
 # Vendored with the repository (source, commit and licence note: tests/data/README.md).
 DATA = pathlib.Path(__file__).parent / 'data' / 'chinchilla_epoch_svg_extracted.csv'
@@ -35,7 +36,7 @@ def _points():
 def test_chinchilla_parametric_fit_reproduces_published_replication():
   n, d, loss = _points()
   assert len(loss) == 240
-  f = fit.fit_parametric(n, d, loss, n_boot=0)
+  f = chinchilla.LAW.fit({'N': n, 'D': d}, loss, n_boot=0)
   v = f.values
   assert v['A'] == pytest.approx(477.8, rel=0.02)
   assert v['B'] == pytest.approx(2143.9, rel=0.05)
@@ -54,8 +55,8 @@ def test_chinchilla_batched_equals_scipy_from_every_start():
   """Reference path: scipy L-BFGS-B separately from all 4500 starts (~40 s) reaches the same optimum."""
   n, d, loss = _points()
   x, y = np.log(np.stack([n, d], 1)), np.log(loss)
-  m = lbfgs.minimize_grid(fit.chinchilla_grid(), x, y)
-  p_ref, f_ref = lbfgs.minimize_scipy(fit.chinchilla_grid(), x, y)
+  m = lbfgs.minimize_grid(chinchilla.chinchilla_grid(), x, y)
+  p_ref, f_ref = lbfgs.minimize_scipy(chinchilla.chinchilla_grid(), x, y)
   assert m.fun <= f_ref * (1 + 1e-9)
   np.testing.assert_allclose(np.exp(m.p[:3]), np.exp(p_ref[:3]), rtol=1e-3)
   np.testing.assert_allclose(m.p[3:], p_ref[3:], atol=1e-4)

@@ -14,7 +14,7 @@ from scipy import optimize
 
 from sktlm.config import accounting, schema
 from sktlm.scaling import analysis, compute, io, report
-from sktlm.scaling import fit as fitlib
+from sktlm.scaling.laws import chinchilla
 
 TRUE = dict(E=1.8, A=350.0, B=1100.0, alpha=0.33, beta=0.31)
 SIZES = ['pico', 'nano', 'micro', 'mini', 'tiny', 'small']
@@ -87,7 +87,7 @@ def test_exact_convention_allocation_is_consistent_with_c(tmp_path):
   assert n_opt == pytest.approx(reference_optimum(fitted, c, f), rel=1e-6)  # and it is the minimum
   # Negative control: the old 6ND allocation on the same exact C is far off at these sizes.
   assert abs(c / (6 * n_opt) / d_opt - 1) > 0.1
-  n6, _, _ = fitlib.compute_optimal(fitted, c)
+  n6, _, _ = chinchilla.LAW.optimal(fitted, c)
   assert abs(n6 / n_opt - 1) > 0.05
   # The report states its convention once, at the top.
   md = (tmp_path / 'out-exact' / 'report.md').read_text()

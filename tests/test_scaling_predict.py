@@ -101,10 +101,13 @@ def test_fix_e_holds_the_asymptote_and_reports_sensitivity(tmp_path):
   assert f.values['E'] == LAW['E'] and np.all(f.boot[:, 0] == LAW['E'])
   for k in ('A', 'B', 'alpha', 'beta'):
     assert f.values[k] == pytest.approx(LAW[k], rel=1e-4), k
-  sens = a.sensitivity['backtest']['rows']
+  (s,) = a.sensitivity['backtest']
+  assert s['law'] == 'L(N,D)'
+  sens = s['rows']
   assert [s['E'] for s in sens] == pytest.approx([0.75 * LAW['E'], LAW['E'], 1.25 * LAW['E']])
   assert sens[1]['objective'] < min(sens[0]['objective'], sens[2]['objective'])  # the true E fits best
-  assert len({round(s['predicted'], 6) for s in sens}) == 3                       # and the prediction moves
+  assert len({round(s['predicted'][-1], 6) for s in sens}) == 3                   # and the predictions move
+  assert sens[1]['max_move'] == 0 and sens[0]['max_move'] != 0 and sens[2]['max_move'] != 0
   # A wrong fixed E degrades the fit: the free-E L(N,D) objective is ~0, E fixed 10% off is not.
   b = analysis.analyze(io.load_sweep(str(tmp_path / 'a')), analysis.Options(n_boot=0, curves=False,
                                                                              fix_E=1.1 * LAW['E']))
@@ -130,8 +133,13 @@ def test_cli_predict_another_sweep(tmp_path):
     shift = 0.05 if x['N'] == big[1] else 0.0
     assert x['rel_error'] == pytest.approx(1 / (1 + shift) - 1, abs=3e-3)
     assert x['covered'] is (shift == 0)
-  assert doc['sweeps']['a']['e_sensitivity']['b']['rows'][1]['E'] == LAW['E']
+    # beside knowing nothing: a's largest size (SIZES[3], wobbled by -WOBBLE) at the same token budget
+    assert x['copy'] == pytest.approx(law(SIZES[3], x['D']) * (1 - WOBBLE[DS.index(x['D'])]), rel=1e-12)
+    assert np.isfinite(x['ctrend'])
+  assert doc['sweeps']['a']['e_sensitivity']['b'][0]['rows'][1]['E'] == LAW['E']
   assert any(line.startswith('predict b from a: L(N,D) worst error -4.') for line in r.stdout.splitlines()), r.stdout
+  assert any(line.startswith('predict b from a: L(N,D) against knowing nothing: worst law error -4.')
+             for line in r.stdout.splitlines()), r.stdout
   md = (out / 'report.md').read_text()
   assert '## Predicted versus actual' in md and 'E is fixed at 1.6' in md and 'E sensitivity (a' in md
   assert 'Why this value: the law the sweeps were drawn from' in md

@@ -23,10 +23,9 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
-from scipy import optimize
 
 from sktlm.errors import UserError
-from sktlm.scaling import io
+from sktlm.scaling import forms, io, lbfgs
 from sktlm.scaling.fit import FitError
 
 LAMBDA = 0.999
@@ -97,30 +96,40 @@ def _windows(steps: np.ndarray) -> list[np.ndarray]:
   return [np.arange(p, int(s)) for p, s in zip(prev, steps, strict=True)]
 
 
-def _window_means(per_step: np.ndarray, steps: np.ndarray) -> np.ndarray:
-  """The law averaged over each record's window (post-warmup steps only; nan for a window inside warmup)."""
-  out = []
-  for w in _windows(steps):
-    v = per_step[w]
-    v = v[np.isfinite(v)]
-    out.append(v.mean() if v.size else np.nan)
-  return np.array(out)
+def _window_matrix(steps: np.ndarray, keep: np.ndarray, n_steps: int) -> np.ndarray:
+  """(kept records, steps): row r averages the per-step law over record r's window."""
+  windows = _windows(steps)
+  m = np.zeros((int(keep.sum()), n_steps))
+  for r, w in enumerate(w for w, k in zip(windows, keep, strict=True) if k):
+    m[r, w] = 1.0 / len(w)
+  return m
 
 
-def _model(params, runs, lam):
-  l0, log_a, alpha, c = params
-  out = []
-  for eta, steps, _ in runs:
+def _log_model(data, lam):
+  """The law's log (averaged over each kept record's window) and its Jacobian in p = (L0, ln A, alpha, C)."""
+  parts = []
+  for eta, steps, _, keep in data:
     s1, s2 = areas(eta, lam)
-    with np.errstate(invalid='ignore'):
-      per_step = l0 + np.exp(log_a) * np.power(s1, -alpha) - c * s2
-    out.append(_window_means(per_step, steps))
-  return out
+    finite = np.isfinite(s1)   # inside the warmup the law is undefined; no kept window reaches there
+    parts.append((np.where(finite, s1, 1.0), np.where(finite, s2, 0.0), _window_matrix(steps, keep, len(eta))))
+
+  def fn(p_KxP):
+    l0, log_a, alpha, c = (p_KxP[:, i, None] for i in range(4))
+    loss, jac = [], []
+    for s1, s2, m in parts:
+      pw = np.exp(log_a) * np.power(s1, -alpha)                            # (K, steps)
+      loss.append((l0 + pw - c * s2) @ m.T)
+      jac.append(np.stack([np.broadcast_to(m.sum(axis=1), loss[-1].shape), pw @ m.T,
+                           (-pw * np.log(s1)) @ m.T, np.broadcast_to(-(s2 @ m.T), loss[-1].shape)], axis=-1))
+    loss_KxN, jac_KxNxP = np.concatenate(loss, axis=1), np.concatenate(jac, axis=1)
+    return np.log(loss_KxN), jac_KxNxP / loss_KxN[..., None]
+  return fn
 
 
 def fit(runs: list[tuple[np.ndarray, np.ndarray, np.ndarray]], *, lam: float = LAMBDA,
-        skip_steps: int = -1) -> CurveLaw:
-  """Fit on runs given as (per-step eta, logged steps, logged train losses). Records at or before
+        skip_steps: int = -1, delta: float = 1e-3) -> CurveLaw:
+  """Fit on runs given as (per-step eta, logged steps, logged train losses) with the one engine of every law
+  (sktlm.scaling.lbfgs: summed Huber loss of log residuals from a grid of starts). Records at or before
   `skip_steps` (the early transient, where the law does not hold; -1: each run's warmup end) are left out,
   and always those inside the warmup."""
   data = []
@@ -135,27 +144,17 @@ def fit(runs: list[tuple[np.ndarray, np.ndarray, np.ndarray]], *, lam: float = L
   if n_points < 6:
     raise FitError(f'loss-curve law has 4 parameters and needs >= 6 logged losses, got {n_points}')
   y = np.concatenate([loss[k] for _, _, loss, k in data])
-
-  def residuals(p):
-    pred = _model(p, [(e, s, None) for e, s, _, _ in data], lam)
-    return np.concatenate([pr[k] for pr, (*_, k) in zip(pred, data, strict=True)]) - y
-
-  best = None
-  for alpha0 in (0.3, 0.5, 1.0):
-    for c0 in (0.0, 10.0):
-      p0 = np.array([float(y.min()) * 0.8, np.log(max(float(y.max() - y.min()), 1e-3)), alpha0, c0])
-      try:
-        r = optimize.least_squares(residuals, p0, bounds=([0.0, -30, 1e-3, 0.0], [np.inf, 30, 5.0, np.inf]),
-                                   x_scale='jac', max_nfev=2000)
-      except ValueError:
-        continue
-      if best is None or r.cost < best.cost:
-        best = r
-  if best is None:
-    raise FitError('loss-curve law: no fit converged')
-  l0, log_a, alpha, c = best.x
+  form = forms.LogModel(_log_model(data, lam))
+  starts = np.array([[float(y.min()) * 0.8, np.log(max(float(y.max() - y.min()), 1e-3)), alpha0, c0]
+                     for alpha0 in (0.3, 0.5, 1.0) for c0 in (0.0, 10.0)])
+  try:
+    m = lbfgs.minimize_grid(starts, form, np.log(y), delta=delta)
+  except FloatingPointError:
+    raise FitError('loss-curve law: no fit converged') from None
+  l0, log_a, alpha, c = m.p
+  pred = np.exp(form.fn(m.p[None])[0][0])
   return CurveLaw(L0=float(l0), A=float(np.exp(log_a)), alpha=float(alpha), C=float(c), lam=lam,
-                  n_points=n_points, rmse=float(np.sqrt(np.mean(best.fun ** 2))))
+                  n_points=n_points, rmse=float(np.sqrt(np.mean((pred - y) ** 2))))
 
 
 # ------------------------------------------------------------------------------------- in the report
@@ -207,3 +206,20 @@ def report_lines(res: dict) -> list[str]:
     lines += [f"| {p['run']} | {p['step']} | {p['predicted']:.4g} | {p['actual']:.4g} | "
               f"{100 * p['rel_error']:+.2f}% |" for p in res['predictions']]
   return lines
+
+
+def analyse_section(analyses, opts) -> dict | None:
+  """--curve_fit / --curve_predict over the runs of every sweep; a fit the runs cannot support is a warning."""
+  if not opts.curve_fit:
+    return None
+  rows = {r['name']: r for a in analyses for r in a.sweep.rows}
+  try:
+    return analyse(rows, list(opts.curve_fit), list(opts.curve_predict), opts.curve_skip_steps)
+  except FitError as e:
+    for a in analyses[:1]:
+      a.warnings.append(f'loss-curve law not fitted: {e}')
+    return None
+
+
+def render_section(res: dict, out: str) -> list[str]:
+  return ['## Loss-curve law (Tissue et al. 2024)', ''] + report_lines(res) + ['']

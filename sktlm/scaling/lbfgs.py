@@ -1,10 +1,16 @@
-"""Multi-start minimisation of Huber losses of log-sum-exp power laws (the Hoffmann et al. 2022 fit).
+"""The one fitting engine of every scaling law: multi-start minimisation of the summed Huber loss of log-space
+residuals (the Hoffmann et al. 2022 fit), and bootstrap refits.
 
-Model with k variables x_j = log X_j and parameters p = (c_1..c_k, e, alpha_1..alpha_k):
+objective(p) = sum_i w_i Huber_delta(log L_hat_i(p) - log L_i)   (summed, not averaged; w_i are bootstrap counts).
+
+What a law contributes is its form: an object with `huber(p_KxP, y_N, w_KxN, delta, frozen) -> (f_K, g_KxP)`
+for K parameter vectors at once (`frozen`: indices whose gradient is 0, held at their start values).
+`PowerSum` here is Hoffmann et al.'s form with k variables x_j = log X_j and p = (c_1..c_k, e, alpha_1..alpha_k):
 
   log L_hat = LSE(c_1 - alpha_1 x_1, ..., c_k - alpha_k x_k, e),  i.e.  L_hat = E + sum_j C_j / X_j^alpha_j
 
-objective(p) = sum_i w_i Huber_delta(log L_hat_i - log L_i)   (summed, not averaged; w_i are bootstrap counts).
+(its analytic objective is `objective`); sktlm.scaling.forms has the others (log-sum-exp of linear features,
+any log-prediction with its Jacobian). Wherever an x array is given instead of a form, it is the PowerSum's.
 
 Thousands of starts (the Chinchilla grid has 4500) are run at once by a batched L-BFGS in numpy (one
 memory and one backtracking line search per start, all evaluated in one vectorised pass); the best few
@@ -54,6 +60,21 @@ def objective(p_KxP: np.ndarray, x_Nxk: np.ndarray, y_N: np.ndarray, w_KxN: np.n
   g_e = np.zeros_like(f) if freeze_e else (psi * ze).sum(axis=1)
   g = [pzj.sum(axis=1) for pzj in pz] + [g_e] + [-(pzj @ x_Nxk[:, j]) for j, pzj in enumerate(pz)]
   return f, np.stack(g, axis=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class PowerSum:
+  """Hoffmann et al.'s form on x_Nxk = log X: its analytic `objective`. e (log E) is parameter k."""
+  x_Nxk: np.ndarray
+
+  def huber(self, p_KxP, y_N, w_KxN, delta, frozen=()):
+    if frozen and tuple(frozen) != (self.x_Nxk.shape[1],):
+      raise ValueError(f'PowerSum can hold only e (parameter {self.x_Nxk.shape[1]}) fixed, not {frozen}')
+    return objective(p_KxP, self.x_Nxk, y_N, w_KxN, delta, freeze_e=bool(frozen))
+
+
+def _form(form_or_x):
+  return PowerSum(np.asarray(form_or_x)) if isinstance(form_or_x, np.ndarray) else form_or_x
 
 
 def lbfgs_batched(*args, **kwargs):
@@ -166,7 +187,7 @@ def _unit(y_N, w_N, delta) -> float:
   return 0.5 * delta ** 2 * (len(y_N) if w_N is None else float(w_N.sum()))
 
 
-def _polish(p0: np.ndarray, x_Nxk, y_N, w_N, delta, maxiter: int, freeze_e: bool = False) -> optimize.OptimizeResult:
+def _polish(p0: np.ndarray, form, y_N, w_N, delta, maxiter: int, frozen=()) -> optimize.OptimizeResult:
   """scipy L-BFGS-B from p0. Its ftol is relative to max(|f|, 1), so the objective is measured in `_unit`s:
   a fit at that level (f ~ 1e-3 for 240 points) is polished to ~1e-14 relative, and a near-exact fit
   (noise-free data) is not chased into subnormal numbers."""
@@ -174,21 +195,23 @@ def _polish(p0: np.ndarray, x_Nxk, y_N, w_N, delta, maxiter: int, freeze_e: bool
   scale = 1.0 / _unit(y_N, w_N, delta)
 
   def fg(p):
-    f, g = objective(p[None], x_Nxk, y_N, w, delta, freeze_e)
+    f, g = form.huber(p[None], y_N, w, delta, frozen)
     return float(f[0]) * scale, g[0] * scale
 
   return optimize.minimize(fg, p0, jac=True, method='L-BFGS-B',
                            options=dict(maxiter=maxiter, maxfun=2 * maxiter, ftol=1e-14, gtol=1e-10))
 
 
-def minimize_grid(starts_SxP: np.ndarray, x_Nxk: np.ndarray, y_N: np.ndarray, *, delta: float = 1e-3,
-                  w_N: np.ndarray | None = None, n_polish: int = 5, freeze_e: bool = False) -> Minimum:
+def minimize_grid(starts_SxP: np.ndarray, form, y_N: np.ndarray, *, delta: float = 1e-3,
+                  w_N: np.ndarray | None = None, n_polish: int = 5, frozen=()) -> Minimum:
   """Minimise from every start, polish the best distinct end points with scipy L-BFGS-B, keep the best.
-  freeze_e: keep e (log E) at each start's value (the caller sets it to the fixed asymptote)."""
+  form: the law's form (or x_Nxk of a PowerSum). frozen: parameters kept at each start's value (e.g. log E,
+  which the caller sets to a fixed asymptote)."""
+  form = _form(form)
   w = None if w_N is None else w_N[None]
-  f_of = lambda p: float(objective(p[None], x_Nxk, y_N, w, delta)[0][0])
+  f_of = lambda p: float(form.huber(p[None], y_N, w, delta)[0][0])
   unit = _unit(y_N, w_N, delta)
-  fg = lambda p, rows: objective(p, x_Nxk, y_N, w, delta, freeze_e)
+  fg = lambda p, rows: form.huber(p, y_N, w, delta, frozen)
   # A loose batched phase only has to find the basins; scipy polishes the best few to full precision.
   xs, fs, _ = lbfgs_batched(fg, starts_SxP, ftol=1e-7, max_iter=500)
   fs = np.where(np.isfinite(fs), fs, np.inf)
@@ -210,16 +233,16 @@ def minimize_grid(starts_SxP: np.ndarray, x_Nxk: np.ndarray, y_N: np.ndarray, *,
       polished.append((f_start, c, optimize.OptimizeResult(x=c, success=exact, message='exact fit' if exact
                                                            else 'not polished')))
       continue
-    res = _polish(c, x_Nxk, y_N, w_N, delta, maxiter=1000, freeze_e=freeze_e)
+    res = _polish(c, form, y_N, w_N, delta, maxiter=1000, frozen=frozen)
     f = f_of(res.x)
     polished.append((f, res.x, res) if f <= f_start else (f_start, c, res))  # never worse than the start
   polished.sort(key=lambda t: t[0])
   f, p, res = polished[0]
   if not res.success and 'ITERATIONS' in str(res.message).upper():
-    res = _polish(p, x_Nxk, y_N, w_N, delta, maxiter=5000, freeze_e=freeze_e)
+    res = _polish(p, form, y_N, w_N, delta, maxiter=5000, frozen=frozen)
     if f_of(res.x) <= f:
       f, p = f_of(res.x), res.x
-  _, gbest = objective(p[None], x_Nxk, y_N, w, delta, freeze_e)
+  _, gbest = form.huber(p[None], y_N, w, delta, frozen)
   # scipy reports ABNORMAL when its line search cannot improve at float64 precision; accept that at a
   # stationary point (gradient tiny in objective units) or an exact fit.
   converged = bool(res.success) or f <= 1e-16 * unit or float(np.abs(gbest[0]).max()) / unit < 1e-3
@@ -229,13 +252,14 @@ def minimize_grid(starts_SxP: np.ndarray, x_Nxk: np.ndarray, y_N: np.ndarray, *,
                  n_starts=len(starts_SxP))
 
 
-def minimize_scipy(starts_SxP: np.ndarray, x_Nxk: np.ndarray, y_N: np.ndarray, *,
+def minimize_scipy(starts_SxP: np.ndarray, form, y_N: np.ndarray, *,
                    delta: float = 1e-3) -> tuple[np.ndarray, float]:
   """Reference path: scipy L-BFGS-B (analytic gradient) separately from every start; the best."""
+  form = _form(form)
   best = (np.inf, None)
   for p0 in starts_SxP:
     def fg(p):
-      f, g = objective(p[None], x_Nxk, y_N, None, delta)
+      f, g = form.huber(p[None], y_N, None, delta)
       return float(f[0]), g[0]
     res = optimize.minimize(fg, p0, jac=True, method='L-BFGS-B', options=dict(maxiter=10000, ftol=1e-12,
                                                                                gtol=1e-9))
@@ -244,8 +268,8 @@ def minimize_scipy(starts_SxP: np.ndarray, x_Nxk: np.ndarray, y_N: np.ndarray, *
   return best[1], best[0]
 
 
-def bootstrap(candidates_SxP: np.ndarray, x_Nxk: np.ndarray, y_N: np.ndarray, n_boot: int,
-              rng: np.random.Generator, *, delta: float = 1e-3, min_distinct: int = 3, freeze_e: bool = False):
+def bootstrap(candidates_SxP: np.ndarray, form, y_N: np.ndarray, n_boot: int,
+              rng: np.random.Generator, *, delta: float = 1e-3, min_distinct: int = 3, frozen=()):
   """Refits on n_boot resamples (with replacement) of the points, from the given start points.
 
   All resamples x starts run in one batched L-BFGS. Returns (params_BxP of the usable resamples,
@@ -260,7 +284,8 @@ def bootstrap(candidates_SxP: np.ndarray, x_Nxk: np.ndarray, y_N: np.ndarray, n_
     return np.zeros((0, candidates_SxP.shape[1])), n_boot
   w_RxN = np.repeat(counts, S, axis=0)
   x0 = np.tile(candidates_SxP, (B, 1))
-  fg = lambda p, rows: objective(p, x_Nxk, y_N, w_RxN[rows], delta, freeze_e)
+  form = _form(form)
+  fg = lambda p, rows: form.huber(p, y_N, w_RxN[rows], delta, frozen)
   xs, fs, _ = lbfgs_batched(fg, x0, ftol=1e-10, max_iter=1000)
   fs = np.where(np.isfinite(fs), fs, np.inf).reshape(B, S)
   best = fs.argmin(axis=1)

@@ -23,6 +23,7 @@ import numpy as np
 
 from sktlm import runfiles
 from sktlm.scaling import fit as fitlib
+from sktlm.scaling import io
 
 
 @dataclasses.dataclass
@@ -176,13 +177,22 @@ def plot(label_groups, path: str) -> None:
   plt.close(fig)
 
 
-def section(sweeps, out: str, loss_col: str, n_boot: int = 200, seed: int = 0) -> list[str]:
-  """report.md lines ('## Learning rate'), lr_vs_loss.png and lr_transfer.json under `out`; [] if no run has a
-  config.json."""
+def analyse(sweeps, loss_col: str, n_boot: int = 200, seed: int = 0) -> list | None:
+  """[(sweep label, its groups with their optimum)] of the sweeps with run configs, or None if none has one."""
   label_groups = [(s.label, groups(s.rows, loss_col)) for s in sweeps]
   label_groups = [(lab, gs) for lab, gs in label_groups if gs]
-  if not label_groups:
-    return []
+  for _, gs in label_groups:
+    for gr in gs:
+      gr.opt = optimum(gr.lrs, gr.losses, n_boot, seed)
+  return label_groups or None
+
+
+def analyse_section(analyses, opts) -> list | None:
+  return analyse([a.sweep for a in analyses], io.loss_column(opts.loss_key), opts.n_boot, opts.seed)
+
+
+def render_section(label_groups, out: str) -> list[str]:
+  """report.md lines ('## Learning rate'); writes lr_vs_loss.png and lr_transfer.json under `out`."""
   lines = ['## Learning rate', '',
            'Per model (runs that differ only in peak LR): the best grid LR, the optimum (vertex of a parabola in '
            f'log LR; {fitlib.CI_LEVEL:.0%} residual-bootstrap interval, or the bracket between the grid '
@@ -193,7 +203,6 @@ def section(sweeps, out: str, loss_col: str, n_boot: int = 200, seed: int = 0) -
   doc = {}
   for lab, gs in label_groups:
     for g in gs:
-      g.opt = optimum(g.lrs, g.losses, n_boot, seed)
       note = {'low': 'EDGE: best LR is the lowest tried', 'high': 'EDGE: best LR is the highest tried'}.get(
           g.opt['edge'], '')
       if len(g.lrs) == 1 and not g.failed_lrs:

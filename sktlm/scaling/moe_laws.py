@@ -12,10 +12,10 @@
   parameter): both terms are then powers of N_act, merged into one, L = a Ê^delta N_act^(alpha + gamma ln Ê) + c.
 
 Every law is a log-sum-exp of terms whose logs are linear in the parameters (ln a, exponents, ln c), the
-structure of Hoffmann et al.'s fit (sktlm.scaling.lbfgs): `fit_law` minimises the summed Huber loss of log
-residuals with L-BFGS-B from a grid of starts, and bootstraps by refitting resampled points (95% percentile
-intervals, sktlm.scaling.fit.interval). E_start and E_max are held at their published values by default:
-a sweep with a handful of expert counts cannot resolve the saturation.
+structure of Hoffmann et al.'s fit: `fit_law` hands it to the one fitting engine of every law
+(sktlm.scaling.lbfgs: the summed Huber loss of log residuals, L-BFGS from a grid of starts, bootstrap refits of
+resampled points; 95% percentile intervals, sktlm.scaling.fit.interval). E_start and E_max are held at their
+published values by default: a sweep with a handful of expert counts cannot resolve the saturation.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import numpy as np
 from scipy import optimize
 
 from sktlm.scaling import fit as fitlib
+from sktlm.scaling import forms, lbfgs
 
 # Krajewski et al. 2024, Table 1.
 KRAJEWSKI_MOE = dict(a=18.1, alpha=0.115, b=30.8, beta=0.147, g=2.1, gamma=0.58, c=0.47)
@@ -219,34 +220,6 @@ def _cols(cols: dict) -> dict:
   return {k: np.atleast_1d(np.asarray(v, dtype=np.float64)) for k, v in cols.items()}
 
 
-def _huber(law: Law, feats, y, w, delta):
-  def fg(theta):
-    t = np.stack([f @ theta for f in feats])           # (terms, N)
-    m = t.max(axis=0)
-    z = np.exp(t - m)
-    s = z.sum(axis=0)
-    r = m + np.log(s) - y
-    ar = np.abs(r)
-    h = np.where(ar <= delta, 0.5 * r * r, delta * (ar - 0.5 * delta)) * w
-    psi = np.clip(r, -delta, delta) * w / s
-    g = sum((psi * zj) @ f for zj, f in zip(z, feats, strict=True))
-    return float(h.sum()), g
-  return fg
-
-
-def _minimize(fg, starts, keep: int = 4):
-  best = []
-  for x0 in starts:
-    with np.errstate(all='ignore'):
-      r = optimize.minimize(fg, x0, jac=True, method='L-BFGS-B', options=dict(maxiter=2000, ftol=1e-15, gtol=1e-12))
-    if np.isfinite(r.fun):
-      best.append(r)
-  if not best:
-    raise fitlib.FitError('no start of the MoE law fit reached a finite objective')
-  best.sort(key=lambda r: r.fun)
-  return best[0], [r.x for r in best[:keep]]
-
-
 def fit_law(law: Law, cols: dict, loss, *, n_boot: int = 200, seed: int = 0, delta: float = 1e-3,
             starts: np.ndarray | None = None) -> LawFit:
   """Huber fit of `law` (in log space, Hoffmann et al.'s objective) on the data columns `law.columns`."""
@@ -270,27 +243,25 @@ def fit_law(law: Law, cols: dict, loss, *, n_boot: int = 200, seed: int = 0, del
     raise fitlib.FitError(f'{law.kind}: the points do not vary enough to fit {", ".join(law.names)} '
                           f'(e.g. a single E, N or D)')
   t = vt.T / sv
-  feats_w = [f @ t for f in feats]
+  form = forms.LinearLSE(tuple(f @ t for f in feats))
   starts = law.starts() if starts is None else np.asarray(starts, dtype=np.float64)
-  best, cands = _minimize(_huber(law, feats_w, y, np.ones_like(y), delta), (starts @ vt.T) * sv)
-  rng = np.random.default_rng(seed)
-  boot = []
-  for _ in range(n_boot):
-    w = np.bincount(rng.integers(0, len(y), len(y)), minlength=len(y)).astype(np.float64)
-    if np.count_nonzero(w) <= n_par:
-      continue
-    r, _ = _minimize(_huber(law, feats_w, y, w, delta), cands, keep=1)
-    boot.append(t @ r.x)
+  try:  # the one engine of every law (sktlm.scaling.lbfgs), on the whitened parameters phi
+    best = lbfgs.minimize_grid((starts @ vt.T) * sv, form, y, delta=delta)
+  except FloatingPointError:
+    raise fitlib.FitError('no start of the MoE law fit reached a finite objective') from None
+  boot_phi, _ = (lbfgs.bootstrap(best.candidates, form, y, n_boot, np.random.default_rng(seed), delta=delta,
+                                 min_distinct=n_par + 1) if n_boot else (np.zeros((0, n_par)), 0))
+  boot = list(boot_phi @ t.T)
   warnings = []
   if n_boot and len(boot) < max(min(10, n_boot), n_boot // 4):  # e.g. n_par + 1 points: most resamples degenerate
     warnings.append(f'{law.kind}: only {len(boot)} of {n_boot} bootstrap resamples had more than {n_par} distinct '
                     f'points: no intervals')
     boot = []
-  out = LawFit(law, t @ best.x, np.array(boot).reshape(-1, n_par), len(loss), float(best.fun), bool(best.success),
+  out = LawFit(law, t @ best.p, np.array(boot).reshape(-1, n_par), len(loss), float(best.fun), bool(best.converged),
                warnings)
   if 'ln_c' in law.names and out.values['c'] < 1e-3 * float(loss.min()):
     out.warnings.append(f"{law.kind}: c = {out.values['c']:.3g} collapsed to ~0: no irreducible loss resolved")
-  if not best.success:
+  if not best.converged:
     out.warnings.append(f'{law.kind}: the optimiser did not converge ({best.message})')
   if boot and len(boot) < 0.9 * n_boot:
     out.warnings.append(f'{law.kind}: {n_boot - len(boot)} of {n_boot} bootstrap resamples had too few distinct points')

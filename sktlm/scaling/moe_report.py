@@ -314,23 +314,26 @@ def plots(res: dict, out: str, tag: str) -> list[str]:
   return names
 
 
-def section(sweeps: list, out: str, loss_col: str, c_col: str, n_boot: int, seed: int, delta: float,
-            target: str = '', target_tokens: float | None = None, flops_key: str = 'exact') -> list[str]:
-  """Markdown lines of the section ([] when no sweep has dense and MoE runs); writes moe.json and plots."""
+def analyse_section(analyses, opts) -> list | None:
+  """[(sweep position, its analysis)] of the sweeps with dense and MoE runs, or None when there is none."""
   results = []
-  for i, s in enumerate(sweeps):
-    res = analyse(s, loss_col, c_col, n_boot, seed, delta, target, target_tokens, flops_key)
+  for i, a in enumerate(analyses):
+    res = analyse(a.sweep, io.loss_column(opts.loss_key), io.FLOPS_COLUMNS[opts.flops_key], opts.n_boot, opts.seed,
+                  opts.delta, opts.moe_target, opts.target_tokens, opts.flops_key)
     if res is not None:
-      results.append((res, plots(res, out, str(i))))
-  if not results:
-    return []
+      results.append((i, res))
+  return results or None
+
+
+def render_section(results: list, out: str) -> list[str]:
+  """Markdown lines of the section; writes moe.json and the plots."""
   md = ['## Mixture of experts', '',
         'X = routed experts / top_k (the E of the joint MoE law for top-1 routing); N_act and N_total are active and '
         'total non-embedding parameters; C is in the report\'s convention with the active FLOPs per token '
         '(router included); runs differing only in LR keep their best. See sktlm/scaling/moe_report.py.', '']
-  for res, figs in results:
-    md += lines(res, figs)
-  doc = [{k: v for k, v in res.items() if not k.startswith('_')} for res, _ in results]
+  for i, res in results:
+    md += lines(res, plots(res, out, str(i)))
+  doc = [{k: v for k, v in res.items() if not k.startswith('_')} for _, res in results]
   with open(os.path.join(out, 'moe.json'), 'w') as f:
     json.dump(_finite(doc), f, indent=1, allow_nan=False)
   return md

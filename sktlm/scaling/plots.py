@@ -18,6 +18,7 @@ from matplotlib import colors as mcolors  # noqa: E402
 from matplotlib import ticker  # noqa: E402
 
 from sktlm.scaling import fit as fitlib  # noqa: E402
+from sktlm.scaling import laws  # noqa: E402
 
 SWEEP_COLORS = plt.get_cmap('tab10').colors
 plt.rcParams.update({'font.size': 10, 'axes.grid': True, 'grid.alpha': 0.3, 'axes.titlesize': 11})
@@ -62,9 +63,9 @@ def _band(ax, fit, xs, color, d=None):
   ax.fill_between(xs, lo, hi, color=color, alpha=0.18, lw=0)
 
 
-def _law_label(fit, var: str) -> str:
-  v = fit.values
-  return f"L = {v['E']:.3g} + {v['A']:.3g} / {var}^{v['alpha']:.3f}"
+def _one_variable(col: str) -> list:
+  """The laws of one variable `col` (N: loss_vs_n; C: frontier), drawn over it."""
+  return [law for law in laws.LAWS if law.columns == (col,)]
 
 
 def curves(analyses, out: str, x: str) -> str | None:
@@ -100,83 +101,81 @@ def curves(analyses, out: str, x: str) -> str | None:
   return _save(fig, out, f'curves_{x}')
 
 
-def loss_vs_n(analyses, out: str) -> str | None:
-  if not any(len(a.data['N']) for a in analyses):
-    return None
+def _law_figure(analyses, col: str, target, background=None) -> tuple:
+  """Runs against `col` with the one-variable laws of `col`: their points, fit, band and backtest."""
   fig, ax = plt.subplots(figsize=(6.5, 4.6))
   ys = []
   for i, a in enumerate(analyses):
     color = sweep_color(i)
     d = a.data
-    if not len(d['N']):
+    if not len(d[col]):
       continue
     ys += list(d['loss'])
-    ax.scatter(d['N'], d['loss'], s=14, color=color, alpha=0.35, lw=0)
-    if a.ln_points is not None:
-      ax.scatter(*a.ln_points, s=36, color=color, edgecolor='k', lw=0.5, zorder=3,
-                 label=f'{a.label}: best run per N')
-    if a.fits.get('L(N)') is not None:
-      ys += _draw_law(ax, a.fits['L(N)'], d['N'], a.opts.target_params, color, a.label, 'N')
-    _draw_held_out(ax, a, 'L(N)', 'N', color)
+    if background is not None:
+      background(ax, a, color)
+    ax.scatter(d[col], d['loss'], s=14, color=color, alpha=0.35, lw=0)
+    for law in _one_variable(col):
+      pts = a.points_of(law.kind)
+      if pts is not None:
+        ax.scatter(pts[0][col], pts[1], s=36, color=color, edgecolor='k', lw=0.5, zorder=3,
+                   label=f'{a.label}: {law.points_doc}')
+      if a.fits.get(law.kind) is not None:
+        ys += _draw_law(ax, a.fits[law.kind], d[col], target(a), color, a.label)
+      _draw_held_out(ax, a, law, color)
   ax.set_xscale('log')
   _log_loss_axis(ax, ys)
-  ax.set_xlabel(f'N ({analyses[0].opts.n_key} parameters)')
   ax.set_ylabel(f'{analyses[0].opts.loss_key} loss')
+  return fig, ax
+
+
+def loss_vs_n(analyses, out: str) -> str | None:
+  if not any(len(a.data['N']) for a in analyses):
+    return None
+  fig, ax = _law_figure(analyses, 'N', lambda a: a.opts.target_params)
+  ax.set_xlabel(f'N ({analyses[0].opts.n_key} parameters)')
   ax.set_title(f'Loss vs model size (band: {fitlib.CI_LEVEL:.0%} bootstrap)')
   ax.legend(fontsize=8)
   return _save(fig, out, 'loss_vs_n')
 
 
-def _draw_law(ax, f, x_data, target, color, label: str, var: str) -> list[float]:
+def _draw_law(ax, f, x_data, target, color, label: str) -> list[float]:
   """The fitted law (extended to the target, if any) with its bootstrap band; returns the plotted losses."""
   lo, hi = np.log10(x_data.min()), np.log10(max(x_data.max(), target or 0))
   xs = np.logspace(lo - 0.1, hi + 0.1, 120)
-  ax.plot(xs, f.predict(xs), color=color, lw=1.8, label=f'{label}: {_law_label(f, var)}')
+  ax.plot(xs, f.predict(xs), color=color, lw=1.8, label=f'{label}: {f.law.label(f.values)}')
   _band(ax, f, xs, color)
   return list(f.predict(xs))
 
 
-def _draw_held_out(ax, a, kind: str, var: str, color):
+def _draw_held_out(ax, a, law, color):
   """Backtest: the held-out points (red rings) and the law fitted without them (dotted)."""
   bt = a.backtest
   if bt is None:
     return
+  var = law.columns[0]
   held = ~bt.train
   ax.scatter(a.agg[var][held], a.agg['loss'][held], s=90, facecolors='none', edgecolors='tab:red', lw=1.4,
              zorder=4, label=f'{a.label}: held out in backtest')
-  f = bt.fits.get(kind)
+  f = bt.fits.get(law.kind)
   if f is not None:
     x = a.agg[var][a.agg[var] > 0]
     xs = np.logspace(np.log10(x.min()) - 0.1, np.log10(x.max()) + 0.1, 120)
-    ax.plot(xs, f.predict(xs), ':', color=color, lw=1.4, label=f'{a.label}: {kind} fitted without them')
+    ax.plot(xs, f.predict(xs), ':', color=color, lw=1.4, label=f'{a.label}: {law.kind} fitted without them')
+
+
+def _learning_curves(ax, a, color):
+  """Eval curves in the background of the frontier: the frontier is their envelope."""
+  for _, c in a.curves.values():
+    ev = c['eval']
+    ok = (ev[a.flops_curve_key] > 0) & (ev['eval_loss'] > 0)
+    ax.plot(ev[a.flops_curve_key][ok], ev['eval_loss'][ok], color=color, lw=0.6, alpha=0.25)
 
 
 def frontier(analyses, out: str) -> str | None:
   if not any(len(a.data['C']) for a in analyses):
     return None
-  fig, ax = plt.subplots(figsize=(6.5, 4.6))
-  ys = []
-  for i, a in enumerate(analyses):
-    color = sweep_color(i)
-    d = a.data
-    if not len(d['C']):
-      continue
-    ys += list(d['loss'])
-    for _, c in a.curves.values():  # learning curves in the background: the frontier is their envelope
-      ev = c['eval']
-      ok = (ev[a.flops_curve_key] > 0) & (ev['eval_loss'] > 0)
-      ax.plot(ev[a.flops_curve_key][ok], ev['eval_loss'][ok], color=color, lw=0.6, alpha=0.25)
-    ax.scatter(d['C'], d['loss'], s=14, color=color, alpha=0.35, lw=0)
-    if a.lc_points is not None:
-      ax.scatter(*a.lc_points, s=36, color=color, edgecolor='k', lw=0.5, zorder=3,
-                 label=f'{a.label}: frontier runs')
-    if a.fits.get('L(C)') is not None:
-      ys += _draw_law(ax, a.fits['L(C)'], d['C'], a.opts.target_flops, color, a.label, 'C')
-    _draw_held_out(ax, a, 'L(C)', 'C', color)
-  ax.set_xscale('log')
-  _log_loss_axis(ax, ys)
+  fig, ax = _law_figure(analyses, 'C', lambda a: a.opts.target_flops, background=_learning_curves)
   ax.set_xlabel(f'training FLOPs C ({analyses[0].opts.flops_key})')
-  ax.set_ylabel(f'{analyses[0].opts.loss_key} loss')
   ax.set_title('Compute frontier')
   ax.legend(fontsize=8)
   return _save(fig, out, 'frontier')
@@ -211,9 +210,10 @@ def isoflop(analyses, out: str) -> str | None:
     hi = max(cs.max(), a.opts.target_flops or 0)
     xs = np.logspace(np.log10(cs.min()) - 0.2, np.log10(hi) + 0.2, 100)
     ax_r.plot(xs, iso.n_opt(xs), color=color, lw=1.8, label=f'IsoFLOP: N_opt = {iso.k:.3g} C^{iso.a:.3f}')
-    if a.fits.get('L(N,D)') is not None:
-      n_opt = [fitlib.compute_optimal(a.fits['L(N,D)'].values, x, a.fpt)[0] for x in xs]
-      ax_r.plot(xs, n_opt, '--', color='k', lw=1.2, label='parametric L(N,D) optimum')
+    for law in laws.allocating():
+      if a.fits.get(law.kind) is not None:
+        n_opt = [law.optimal(a.fits[law.kind].values, x, a.fpt)[0] for x in xs]
+        ax_r.plot(xs, n_opt, '--', color='k', lw=1.2, label=f'parametric {law.kind} optimum')
     ax_r.set_xscale('log')
     ax_r.set_yscale('log')
     ax_r.set_xlabel(f'C ({a.opts.flops_key} FLOPs)')
@@ -224,30 +224,22 @@ def isoflop(analyses, out: str) -> str | None:
 
 
 def residuals(analyses, out: str) -> str | None:
-  kinds = [k for k in ('L(N)', 'L(C)', 'L(N,D)') if any(a.fits.get(k) is not None for a in analyses)]
+  kinds = [law for law in laws.LAWS if any(a.fits.get(law.kind) is not None for a in analyses)]
   if not kinds:
     return None
   fig, axes = plt.subplots(1, len(kinds), figsize=(4.6 * len(kinds), 3.8), squeeze=False)
-  for ax, kind in zip(axes[0], kinds, strict=True):
+  for ax, law in zip(axes[0], kinds, strict=True):
     for i, a in enumerate(analyses):
-      f = a.fits.get(kind)
+      f = a.fits.get(law.kind)
       if f is None:
         continue
-      if kind == 'L(N)':
-        x, loss = a.ln_points
-        pred = f.predict(x)
-      elif kind == 'L(C)':
-        x, loss = a.lc_points
-        pred = f.predict(x)
-      else:
-        x, loss = a.agg['N'], a.agg['loss']
-        pred = f.predict(x, a.agg['D'])
-      ax.scatter(x, 100 * (loss / pred - 1), s=16, color=sweep_color(i), label=a.label)
+      cols, loss = a.points_of(law.kind)
+      ax.scatter(cols[law.columns[0]], 100 * (loss / f.predict(cols) - 1), s=16, color=sweep_color(i), label=a.label)
     ax.axhline(0, color='k', lw=0.8)
     ax.set_xscale('log')
-    ax.set_xlabel('C' if kind == 'L(C)' else 'N')
+    ax.set_xlabel(law.columns[0])
     ax.set_ylabel('observed / fitted - 1 (%)')
-    ax.set_title(f'{kind} residuals')
+    ax.set_title(f'{law.kind} residuals')
     ax.legend(fontsize=8)
   return _save(fig, out, 'residuals')
 
@@ -258,9 +250,9 @@ def predicted_vs_actual(analyses, out: str) -> str | None:
   pairs = [(a, t, rows) for a in analyses for t, rows in a.predicted.items() if rows]
   if not pairs:
     return None
-  laws = [k for k in ('L(N,D)', 'L(C)', 'L(N)') if any(r['law'] == k for _, _, rows in pairs for r in rows)]
-  fig, axes = plt.subplots(1, len(laws), figsize=(4.8 * len(laws), 4.4), squeeze=False)
-  for ax, law in zip(axes[0], laws, strict=True):
+  kinds = [law.kind for law in laws.LAWS if any(r['law'] == law.kind for _, _, rows in pairs for r in rows)]
+  fig, axes = plt.subplots(1, len(kinds), figsize=(4.8 * len(kinds), 4.4), squeeze=False)
+  for ax, law in zip(axes[0], kinds, strict=True):
     lo_all, hi_all = [], []
     for i, (a, t, rows) in enumerate(pairs):
       rs = [r for r in rows if r['law'] == law]

@@ -13,6 +13,10 @@ import math
 
 import numpy as np
 
+from sktlm.scaling import io
+
+STANDARD = ('index', 'name', 'N', 'D', 'C', 'loss', 'budget')
+
 
 def _is_seed(key: str) -> bool:
   return str(key).split('.')[-1] == 'seed'
@@ -35,16 +39,26 @@ def config_groups(rows: list[dict], index: np.ndarray) -> list[list[int]]:
   return list(groups.values())
 
 
+def with_row_columns(data: dict, rows: list[dict], columns: dict) -> dict:
+  """io.select's arrays plus the results columns laws read beyond N, D, C ({point column: results column}),
+  as floats (nan where a row lacks one)."""
+  out = dict(data)
+  for col, row_col in columns.items():
+    out[col] = np.array([io._float(rows[int(i)].get(row_col)) for i in data['index']], dtype=np.float64)  # noqa: SLF001
+  return out
+
+
 def aggregate(data: dict, rows: list[dict]) -> dict:
-  """Per-configuration points from io.select's per-run arrays: N, D, C, loss (seed mean), loss_std (sample
-  standard deviation over seeds, 0 for one), loss_min, loss_max, n_seeds, members (positions into data),
-  name (the first run's name), budget."""
+  """Per-configuration points from io.select's per-run arrays: N, D, C (and any further columns of
+  `with_row_columns`), loss (seed mean), loss_std (sample standard deviation over seeds, 0 for one), loss_min,
+  loss_max, n_seeds, members (positions into data), name (the first run's name), budget."""
   groups = config_groups(rows, data['index'])
-  out: dict = {k: [] for k in ('N', 'D', 'C', 'loss', 'loss_std', 'loss_min', 'loss_max', 'n_seeds', 'budget')}
+  sizes = ('N', 'D', 'C') + tuple(k for k in data if k not in STANDARD)
+  out: dict = {k: [] for k in sizes + ('loss', 'loss_std', 'loss_min', 'loss_max', 'n_seeds', 'budget')}
   out['members'], out['name'] = [], []
   for g in groups:
     loss = data['loss'][g]
-    for k in ('N', 'D', 'C'):
+    for k in sizes:
       v = data[k][g]
       if np.all(v == v[0]) or not np.all(v > 0):
         out[k].append(float(v[0]) if np.all(v == v[0]) else math.nan)
@@ -58,7 +72,7 @@ def aggregate(data: dict, rows: list[dict]) -> dict:
     out['budget'].append(float(data['budget'][g[0]]))
     out['members'].append(list(g))
     out['name'].append(str(data['name'][g[0]]) + (f' (+{len(g) - 1} seeds)' if len(g) > 1 else ''))
-  for k in ('N', 'D', 'C', 'loss', 'loss_std', 'loss_min', 'loss_max', 'budget'):
+  for k in sizes + ('loss', 'loss_std', 'loss_min', 'loss_max', 'budget'):
     out[k] = np.array(out[k], dtype=np.float64)
   out['n_seeds'] = np.array(out['n_seeds'], dtype=int)
   return out
@@ -87,3 +101,12 @@ def frontier_index(c: np.ndarray, loss: np.ndarray) -> np.ndarray:
 def frontier_points(c: np.ndarray, loss: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   keep = frontier_index(c, loss)
   return c[keep], loss[keep]
+
+
+def frontier_range(agg: dict | None) -> tuple[float, float] | None:
+  """(lowest, highest C) of the compute frontier of aggregated points, or None without compute."""
+  if agg is None or not (agg['C'] > 0).any():
+    return None
+  ok = np.flatnonzero(agg['C'] > 0)
+  c = agg['C'][ok[frontier_index(agg['C'][ok], agg['loss'][ok])]]
+  return float(c.min()), float(c.max())
