@@ -5,7 +5,7 @@
 
 The real train step of sktlm.train.step (AdamW included) on every device JAX sees, FSDP over all of them
 (`--mesh=data` for pure data parallelism), bfloat16 compute with float32 parameters, kernels `auto`
-(train.build picks the platform's: splash attention on TPU, Pallas flash attention on GPU). Rows are packed
+(sktlm.train.resolve picks the platform's: splash attention on TPU, Pallas flash attention on GPU). Rows are packed
 with several documents each (segment ids), as in training. Timing rounds interleave the sizes, so they all see
 the same machine; the best round counts and the spread is shown.
 
@@ -28,7 +28,7 @@ import numpy as np  # noqa: E402
 
 from sktlm import chips, sharding  # noqa: E402
 from sktlm.config import accounting, load  # noqa: E402
-from sktlm.train import step  # noqa: E402
+from sktlm.train import resolve, step  # noqa: E402
 
 
 def packed_batch(rng, B: int, T: int, vocab: int, mean_doc: int) -> dict:
@@ -55,6 +55,7 @@ def build(size: str, args, devices):
       **({'model.attention_block': args.attention_block} if args.attention_block else {}),
       **dict(kv.split('=', 1) for kv in args.set)})
   mesh = sharding.make_mesh(config.mesh, devices)
+  resolve.resolve(config, mesh)
   setup = step.build(config, mesh)
   state = setup.init_state(jax.random.PRNGKey(0))
   B, T = config.train.batch_size, config.data.seq_len

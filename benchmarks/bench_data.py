@@ -48,12 +48,14 @@ def _train_rate(cfg, batch_size: int, steps: int = 3) -> float:
 
   from sktlm import sharding
   from sktlm.config import load
-  from sktlm.train import step
+  from sktlm.train import resolve, step
   config = load.load_config(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                             'experiments/lm.py:size=small'),
                                {'model.vocab_size': 384, 'data.seq_len': cfg.seq_len,
                                 'train.batch_size': batch_size, 'mesh.data': 1})
-  setup = step.build(config, sharding.make_mesh(config.mesh, devices=jax.devices()[:1]))
+  mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])
+  resolve.resolve(config, mesh)
+  setup = step.build(config, mesh)
   state = setup.init_state(jax.random.PRNGKey(0))
   it = data.make_train_iter(cfg, batch_size=batch_size, seed=0)
   batches = [step.device_batch(next(it), setup, batch_size) for _ in range(steps + 1)]

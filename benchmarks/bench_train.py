@@ -26,7 +26,7 @@ import numpy as np  # noqa: E402
 
 from sktlm import chips, sharding  # noqa: E402
 from sktlm.config import accounting, load  # noqa: E402
-from sktlm.train import step  # noqa: E402
+from sktlm.train import resolve, step  # noqa: E402
 
 
 def build_step(dtype, args):
@@ -38,6 +38,7 @@ def build_step(dtype, args):
       'data.seq_len': args.seq_len, 'train.batch_size': args.batch, 'mesh.data': 1,
       **dict(kv.split('=', 1) for kv in args.set)})
   mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])
+  resolve.resolve(config, mesh)
   setup = step.build(config, mesh)
   state = setup.init_state(jax.random.PRNGKey(0))
   rng = np.random.default_rng(0)

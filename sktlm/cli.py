@@ -68,9 +68,11 @@ def main(argv: list[str] | None = None):
   logging.use_absl_handler()
   logging.set_verbosity(logging.INFO if flags.FLAGS['verbosity'].present else logging.WARNING)
   try:
-    if 'config' in flags.FLAGS and flags.FLAGS['config'].value is not None:
+    if 'config' in flags.FLAGS and flags.FLAGS['config'].value is not None and not getattr(
+        module, 'VALIDATES_ON_MESH', False):
       from sktlm.config.validate import validate
-      validate(flags.FLAGS['config'].value)  # every command that takes a --config checks it first, once
+      validate(flags.FLAGS['config'].value)  # a command's --config is checked first, once (train and plan: on
+      # the mesh they build, before resolving it)
     rc = module.main(rest)
   except UserError as e:
     fail(cmd, str(e))

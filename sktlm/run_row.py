@@ -1,6 +1,7 @@
 """One results row from a finished run's files: the single summary.json (+ config.json) -> row builder that
 sweep results (sktlm.sweep.results) and `sktlm scaling` on folders of run workdirs (sktlm.scaling.io) share,
-so both input paths carry the same columns, the seed included. A leaf: json only.
+so both input paths carry the same columns, the seed included. A leaf: it reads the summary through
+sktlm.runfiles.
 """
 
 from __future__ import annotations
@@ -8,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+
+from sktlm import runfiles
 
 # Config keys that do not make a different configuration: the seed (runs that differ only in it are one
 # configuration, averaged by `sktlm scaling`) and where a branch starts from (each seed's own parent).
@@ -18,11 +21,11 @@ MOE_COLUMNS = ('moe_experts', 'moe_top_k', 'moe_granularity', 'moe_shared_expert
 def from_summary(summary: dict) -> dict:
   """The results columns a run's summary.json gives (docs/run_files.md); model FLOPs under `flops_exact`."""
   params = summary.get('params') or {}
-  flops = summary.get('flops') or {}
+  flops = runfiles.summary_flops(summary)
   return dict(n_params_total=params.get('total'), n_params_non_embedding=params.get('non_embedding'),
               n_params_active=params.get('active'), n_params_active_non_embedding=params.get('active_non_embedding'),
-              tokens=summary.get('tokens'), flops_6n=flops.get('6N'),
-              flops_exact=flops.get('model', flops.get('exact')), flops_executed=flops.get('executed'),
+              tokens=summary.get('tokens'), flops_6n=flops['6N'], flops_exact=flops['model'],
+              flops_executed=flops['executed'],
               final_train_loss=summary.get('final_train_loss'), final_eval_loss=summary.get('final_eval_loss'),
               best_eval_loss=summary.get('best_eval_loss'), wall_time_s=summary.get('wall_time_s'),
               tokens_per_s=summary.get('tokens_per_s'), mfu=summary.get('mfu'), steps=summary.get('step'),

@@ -68,7 +68,8 @@ def run_steps(config, mesh, steps):
   import numpy as np
 
   from sktlm import data
-  from sktlm.train import step
+  from sktlm.train import resolve, step
+  resolve.resolve(config, mesh)
   setup = step.build(config, mesh)
   it = data.make_train_iter(config.data, batch_size=config.train.batch_size, seed=config.seed)
   state = setup.init_state(jax.random.PRNGKey(0))

@@ -15,7 +15,7 @@ from conftest import run_cli
 from sktlm import sharding
 from sktlm.config import schema
 from sktlm.errors import UserError
-from sktlm.train import checkpoint, step
+from sktlm.train import checkpoint, resolve, step
 
 INTERNAL = re.compile(r'\b\w*(Error|Exception)\b|NoneType|Traceback|OUT_OF_RANGE|DATA_LOSS')
 
@@ -25,7 +25,9 @@ def setup_of(d_ff=None):
   config.model.vocab_size = 384
   if d_ff:
     config.model.d_ff = d_ff
-  return step.build(config, sharding.make_mesh(config.mesh))
+  mesh = sharding.make_mesh(config.mesh)
+  resolve.resolve(config, mesh)
+  return step.build(config, mesh)
 
 
 @pytest.fixture(scope='module')

@@ -155,6 +155,46 @@ def test_mesh_rules():
     validate(config, Mesh())
 
 
+# The rules that the optimizer, the model, the data pipeline and interop checked while running, now written
+# once in validate: each bad value is one line from validate, before anything is built (mesh: its axis sizes).
+MOVED_RULES = [
+    ({'optim.schedule': 'step'}, None, "optim.schedule must be one of 'cosine', 'wsd', 'constant', got 'step'"),
+    ({'optim.schedule': 'wsd', 'optim.decay_shape': 'exp'}, None,
+     "optim.decay_shape must be one of 'linear', 'cosine', '1-sqrt', got 'exp'"),
+    ({'model.rope_scaling.type': 'ntk'}, None, "model.rope_scaling.type must be one of 'none', 'yarn', got 'ntk'"),
+    ({'model.rope_scaling.type': 'yarn', 'model.rope_scaling.factor': 0.5}, None,
+     'model.rope_scaling.factor must be >= 1, got 0.5'),
+    ({'model.rope_scaling.type': 'yarn', 'model.rope_scaling.original_max_position': 0}, None,
+     'model.rope_scaling.original_max_position must be >= 1, got 0'),
+    ({'data.seq_len': 1}, None, 'data.seq_len must be >= 2, got 1'),
+    ({'data.seq_len': 18}, {'data': 2, 'context': 4},
+     r'data.seq_len=18 does not divide the context mesh axis \(4 devices\)'),
+    ({'sharding_rules': (('batch', 'data'), ('length', None))}, {'data': 2, 'context': 4},
+     r"mesh.context=4 needs the sharding rule \('length', 'context'\), got \('length', None\)"),
+    ({'data.name': 'text_files', 'data.path': ''}, None,
+     "data.name='text_files' needs --config.data.path=FOLDER\\|GLOB\\|FILE.txt\\|FILE.jsonl"),
+    ({'train.init_from': '/runs/a', 'train.init_from_hf': '/hf/b'}, None,
+     'set train.init_from or train.init_from_hf, not both'),
+]
+
+
+@pytest.mark.parametrize('over, axes, message', MOVED_RULES)
+def test_rules_once_in_validate(over, axes, message):
+  class Mesh:
+    shape = {'data': 1, 'fsdp': 1, 'expert': 1, 'context': 1, 'tensor': 1, **(axes or {})}
+  config = schema.get_config('pico')
+  for key, value in over.items():
+    *parents, leaf = key.split('.')
+    node = config
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  with pytest.raises(UserError, match=f'^{message}$'):
+    validate(config, Mesh() if axes else None)
+  if axes:
+    validate(config)  # a mesh rule: only the mesh makes the value wrong
+
+
 def test_unknown_key_is_refused():
   config = schema.get_config('pico')
   config.train.stepz = 10
@@ -168,64 +208,149 @@ SECTIONS = set(schema.SECTIONS)
 CONFIG_METHODS = {'get', 'items', 'keys', 'values', 'unlocked', 'lock', 'unlock', 'to_dict', 'to_json',
                   'to_json_best_effort', 'copy_and_resolve_references', 'update', 'ignore_type', 'as_configdict',
                   'is_locked', 'update_from_flattened_dict'}
-# What a name means by convention, where it is a function parameter or `self.config` (sktlm/model/: the model's
-# config). Aliases assigned from a config path (`moe = config.model.moe`) are followed.
+# What a name means by convention, where it is a function parameter (sktlm/model/: `config` and `self.config` are
+# the model's config). Aliases assigned from a config path (`moe = config.model.moe`) are followed.
 PARAMS = {'mc': 'model', 'model_cfg': 'model', 'moe': 'model.moe', 'data_cfg': 'data', 'optim_cfg': 'optim',
           'mesh_cfg': 'mesh'}
+MODULES_WITH_CONFIG = {'jax', 'flax', 'tfds'}  # `jax.config` is jax's, not a run's
 
 
-class Reads(ast.NodeVisitor):
-  """Config paths read in one module: `config.train.steps`, `mc.get('remat')`, `m['dtype']`, via aliases."""
+class Reads:
+  """Config paths read in one module: `config.train.steps`, `mc.get('remat')`, `m['dtype']`, `p.config.train`,
+  via aliases and via functions of the module that return a config section (`ys = rope_scaling(mc)`).
 
-  def __init__(self, in_model: bool):
+  Names are followed in source order, block by block: an alias holds from its assignment until the name is
+  rebound to something else, and a name that is an alias in one branch of an if, a loop or a try stays one
+  after it (a conditional alias). The conventional names (`config`, PARAMS) keep their meaning when rebound
+  from any expression (`config = spec.load_run_config(...)`): the code names nothing else so. An attribute
+  that is called is a method, not a key.
+  """
+
+  def __init__(self, tree, in_model: bool):
     self.root = 'model' if in_model else ''
-    self.in_model = in_model
+    self.conventions = {**PARAMS, 'config': self.root}  # names that keep their meaning when rebound
     self.found: list[tuple[int, str]] = []
+    self.returns: dict[str, set] = {}  # module function -> the config sections it returns
+    self.calls = {id(n.func) for n in ast.walk(tree) if isinstance(n, ast.Call)}
+    fns = [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    for final in (False, True):  # the first pass learns what each function returns
+      self.found, self._record = [], final
+      for fn in fns:
+        if not getattr(fn, '_nested', False):
+          self.function(fn, {})
 
-  def visit_FunctionDef(self, fn):
-    env = {'config': self.root}
+  def function(self, fn, outer: dict):
+    env = {**outer, 'config': {self.root}}
     for a in fn.args.args + fn.args.kwonlyargs:
       if a.arg in PARAMS:
-        env[a.arg] = PARAMS[a.arg]
-    for node in ast.walk(fn):  # aliases, in any order: `m, t = config.model, config.train`
-      if isinstance(node, ast.Assign) and len(node.targets) == 1:
-        pairs = [(node.targets[0], node.value)]
-        if isinstance(node.targets[0], ast.Tuple) and isinstance(node.value, ast.Tuple):
-          pairs = list(zip(node.targets[0].elts, node.value.elts, strict=False))
-        for target, value in pairs:
-          path = self.path(value, env)
-          if isinstance(target, ast.Name) and path in SECTIONS:
-            env[target.id] = path
-          elif isinstance(target, ast.Name):  # the name holds something else here (e.g. a TFDS builder config)
-            env.pop(target.id, None)
-    for node in ast.walk(fn):
-      path = self.path(node, env)
-      if path is not None:
-        self.found.append((node.lineno, path))
+        env[a.arg] = {PARAMS[a.arg]}
+    self._fn = fn.name
+    self.block(fn.body, env)
 
-  visit_AsyncFunctionDef = visit_FunctionDef
+  def block(self, stmts, env: dict) -> dict:
+    for st in stmts:
+      env = self.statement(st, env)
+    return env
 
-  def path(self, node, env):
-    """The config path an expression reads, or None."""
+  def statement(self, st, env: dict) -> dict:
+    if isinstance(st, (ast.FunctionDef, ast.AsyncFunctionDef)):  # a closure sees the enclosing aliases
+      st._nested = True
+      fn = self._fn
+      self.function(st, env)
+      self._fn = fn
+      return env
+    if isinstance(st, ast.If):
+      self.reads(st.test, env)
+      return merge(self.block(st.body, dict(env)), self.block(st.orelse, dict(env)))
+    if isinstance(st, (ast.For, ast.AsyncFor, ast.While)):
+      self.reads(st.iter if isinstance(st, (ast.For, ast.AsyncFor)) else st.test, env)
+      inner = dict(env)
+      if isinstance(st, (ast.For, ast.AsyncFor)):
+        self.bind(st.target, None, inner)
+      inner = self.block(st.body, inner)
+      return merge(env, inner, self.block(st.orelse, dict(env)))
+    if isinstance(st, ast.Try):
+      branches = [self.block(st.body, dict(env))]
+      branches += [self.block(h.body, dict(env)) for h in st.handlers]
+      branches.append(self.block(st.orelse, dict(branches[0])))
+      return self.block(st.finalbody, merge(*branches))
+    if isinstance(st, (ast.With, ast.AsyncWith)):
+      for item in st.items:
+        self.reads(item.context_expr, env)
+      return self.block(st.body, env)
+    if isinstance(st, ast.Return) and st.value is not None:
+      self.returns.setdefault(self._fn, set()).update(self.paths(st.value, env) & SECTIONS)
+    if isinstance(st, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+      if st.value is not None:
+        self.reads(st.value, env)
+      for target in (st.targets if isinstance(st, ast.Assign) else [st.target]):
+        self.bind(target, st.value if not isinstance(st, ast.AugAssign) else None, env)
+        self.reads(target, env)  # `config.train.steps = 5` writes a key: it must exist too
+      return env
+    self.reads(st, env)
+    return env
+
+  def bind(self, target, value, env: dict) -> None:
+    """The name(s) of an assignment now mean the value's config sections, or no config."""
+    if isinstance(target, ast.Tuple) and isinstance(value, ast.Tuple):
+      for t, v in zip(target.elts, value.elts, strict=False):
+        self.bind(t, v, env)
+    elif isinstance(target, (ast.Tuple, ast.List)):
+      for t in target.elts:
+        self.bind(t, None, env)
+    elif isinstance(target, ast.Name):
+      sections = self.paths(value, env) & SECTIONS if value is not None else set()
+      if sections:
+        env[target.id] = sections
+      elif target.id in self.conventions:  # `config = spec.load_run_config(...)`, `mc = as_dict(mc)`
+        env[target.id] = {self.conventions[target.id]}
+      else:  # the name holds something else from here on
+        env.pop(target.id, None)
+
+  def reads(self, node, env: dict) -> None:
+    if not self._record:
+      return
+    for n in ast.walk(node):
+      if id(n) in self.calls:  # a method (`config.to_dict()`, `self.config.partition(':')`)
+        continue
+      for path in self.paths(n, env):
+        self.found.append((n.lineno, path))
+
+  def paths(self, node, env: dict) -> set:
+    """The config paths an expression may read."""
     if isinstance(node, ast.Name):
-      return env.get(node.id)
+      return set(env.get(node.id, ()))
+    if isinstance(node, ast.IfExp):  # `mc.rope_scaling if ... else None`: either
+      return self.paths(node.body, env) | self.paths(node.orelse, env)
+    if isinstance(node, ast.BoolOp):
+      return set().union(*(self.paths(v, env) for v in node.values))
     if isinstance(node, ast.Attribute):
-      if (self.in_model and node.attr == 'config' and isinstance(node.value, ast.Name)
-          and node.value.id == 'self'):
-        return 'model'
-      base = self.path(node.value, env)
-      if base is None or base not in SECTIONS or node.attr in CONFIG_METHODS:
-        return None
-      return f'{base}.{node.attr}'.lstrip('.')
-    if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == 'get':
-      base = self.path(node.func.value, env)
-      if base in SECTIONS and node.args and isinstance(node.args[0], ast.Constant):
-        return f'{base}.{node.args[0].value}'.lstrip('.')
-    if isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant):
-      base = self.path(node.value, env)
-      if base in SECTIONS and isinstance(node.slice.value, str):
-        return f'{base}.{node.slice.value}'.lstrip('.')
-    return None
+      if node.attr == 'config':  # p.config, self.p.config, run.config, setup.config: a whole config
+        if isinstance(node.value, ast.Name) and node.value.id in MODULES_WITH_CONFIG:
+          return set()
+        return {self.root}
+      if node.attr in CONFIG_METHODS:
+        return set()
+      return {f'{b}.{node.attr}'.lstrip('.') for b in self.paths(node.value, env) if b in SECTIONS}
+    if isinstance(node, ast.Call):
+      if isinstance(node.func, ast.Attribute) and node.func.attr == 'get' and node.args and isinstance(
+          node.args[0], ast.Constant):
+        return {f'{b}.{node.args[0].value}'.lstrip('.') for b in self.paths(node.func.value, env) if b in SECTIONS}
+      if isinstance(node.func, ast.Name):  # a function of this module that returns a config section
+        return set(self.returns.get(node.func.id, ()))
+      return set()
+    if isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant) and isinstance(node.slice.value, str):
+      return {f'{b}.{node.slice.value}'.lstrip('.') for b in self.paths(node.value, env) if b in SECTIONS}
+    return set()
+
+
+def merge(*envs: dict) -> dict:
+  """After branches: a name means every config section it means in some branch."""
+  out: dict = {}
+  for e in envs:
+    for k, v in e.items():
+      out[k] = out.get(k, set()) | v
+  return out
 
 
 def code_reads() -> dict[str, list[str]]:
@@ -240,8 +365,7 @@ def code_reads() -> dict[str, list[str]]:
       rel = os.path.relpath(path, ROOT)
       with open(path) as f:
         tree = ast.parse(f.read())
-      reads = Reads(in_model=rel.startswith(os.path.join('sktlm', 'model')))
-      reads.visit(tree)
+      reads = Reads(tree, in_model=rel.startswith(os.path.join('sktlm', 'model')))
       for line, key in reads.found:
         out.setdefault(key, []).append(f'{rel}:{line}')
   return out
@@ -255,6 +379,11 @@ def test_every_key_the_code_reads_is_in_the_schema_with_a_doc():
   for key in ('train.steps', 'model.remat', 'model.moe.top_k', 'model.mla.kv_lora_rank', 'data.seq_len',
               'optim.peak_lr', 'optim.b1', 'metrics.peak_flops', 'model.attention_impl', 'seed'):
     assert key in reads, key
+  # and the reads the blind spots hid: through `p.config` (train/start.py), a rebound `config` (tools/runs.py),
+  # a conditional alias and a function returning a section (model/layers.py: `ys = rope_scaling(mc)`)
+  assert 'sktlm/train/start.py' in ' '.join(reads['train.resume_step'])
+  assert 'sktlm/tools/runs.py' in ' '.join(reads['train.batch_size'])
+  assert {'model.rope_scaling.type', 'model.rope_scaling.factor', 'model.rope_scaling.beta_fast'} <= set(reads)
   assert all(schema.BY_KEY[k].doc for k in reads if k in schema.BY_KEY)
 
 

@@ -13,9 +13,10 @@ from test_model import make_batch
 
 from sktlm import sharding
 from sktlm.config import load
+from sktlm.config.validate import validate
 from sktlm.errors import UserError
 from sktlm.model import transformer as model
-from sktlm.train import step
+from sktlm.train import resolve, step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -72,6 +73,7 @@ def test_context_parallel_training_matches_and_shards_the_sequence():
   batch = {k: np.concatenate([v] * 2) for k, v in make_batch().items()}
 
   def losses(mesh):
+    resolve.resolve(config, mesh)
     setup = step.build(config, mesh)
     state = setup.init_state(jax.random.PRNGKey(0))
     b = {k: jax.device_put(v, setup.batch_sharding) for k, v in batch.items()}
@@ -90,9 +92,15 @@ def test_context_parallel_training_matches_and_shards_the_sequence():
 
 
 def test_sequence_must_divide_the_context_axis():
+  """data.seq_len: one line from validate, before anything is built; a traced length the config does not fix
+  (decode's) is refused by the model."""
   config = config_for('gqa', **{'data.seq_len': 18, 'mesh.data': 2, 'mesh.context': 4})
-  with pytest.raises(UserError, match='does not divide the context mesh axis'):
-    step.build(config, sharding.make_mesh(config.mesh)).init_state(jax.random.PRNGKey(0))
+  mesh = sharding.make_mesh(config.mesh)
+  with pytest.raises(UserError, match=r'^data.seq_len=18 does not divide the context mesh axis \(4 devices\)$'):
+    validate(config, mesh)
+  resolve.resolve(config, mesh)
+  with pytest.raises(UserError, match='sequence length 18 does not divide the context mesh axis'):
+    step.build(config, mesh).init_state(jax.random.PRNGKey(0))
 
 
 @pytest.mark.slow

@@ -15,7 +15,7 @@ from sktlm import sharding
 from sktlm.config import schema
 from sktlm.model import transformer as model_lib
 from sktlm.tools import decode
-from sktlm.train import step
+from sktlm.train import resolve, step
 
 TOL = 1e-4
 
@@ -64,6 +64,7 @@ def test_greedy_equals_full_forward_argmax_also_sharded(model):
   config.model = mc
   config.mesh.update(data=2, fsdp=2, tensor=2)
   mesh = sharding.make_mesh(config.mesh)
+  resolve.resolve(config, mesh)
   setup = step.build(config, mesh)
   sharded = jax.device_put(params, setup.state_shardings.params)
   assert not sharded['layers']['attn']['wq'].sharding.is_fully_replicated

@@ -16,10 +16,9 @@ os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('TRANSFORMERS_OFFLINE', '1')
 
 from sktlm import sharding  # noqa: E402
-from sktlm.interop import hf  # noqa: E402
 from sktlm.model import transformer as model_lib  # noqa: E402
 from sktlm.tools import runs  # noqa: E402
-from sktlm.train import loop, step  # noqa: E402
+from sktlm.train import init_hf, loop, resolve, step  # noqa: E402
 
 SMALL_FLAGSHIP = {
     'model.attention': 'mla', 'model.mla.q_lora_rank': 16, 'model.mla.kv_lora_rank': 12,
@@ -90,8 +89,10 @@ def test_small_flagship_samples_exports_and_imports(data_dir, tmp_path):
 
   # train.init_from_hf of that folder: params and routing bias restored bit-exact
   config.train.init_from_hf = out
-  setup = step.build(config, sharding.make_mesh(config.mesh))
-  state = hf.init_state(config, setup)
+  mesh = sharding.make_mesh(config.mesh)
+  resolve.resolve(config, mesh)
+  setup = step.build(config, mesh)
+  state = init_hf.init_state(config, setup)
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
                (jax.device_get(run.params), jax.device_get(run.state.model_state)),
                (jax.device_get(state.params), jax.device_get(state.model_state)))

@@ -11,7 +11,7 @@ import pytest
 from sktlm.config import accounting, load
 from sktlm.model.kernels import cpu
 from sktlm.plan import planner
-from sktlm.train import step
+from sktlm.train import resolve, step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 B, T = 2, 128
@@ -26,6 +26,7 @@ def _config(**overrides):
 
 def _traced_per_token(config) -> float:
   mesh = planner.make_mesh(config, planner.get_target('cpu:1'))
+  resolve.resolve(config, mesh)
   setup = step.build(config, mesh)
   traced = setup.train_step.trace(setup.abstract_state, step.abstract_batch(config, setup))
   return planner.jaxpr_matmul_flops(traced.jaxpr.jaxpr) / (B * T)

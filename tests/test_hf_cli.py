@@ -18,7 +18,7 @@ from sktlm.data import tokenizers
 from sktlm.errors import UserError  # noqa: E402
 from sktlm.interop import hf
 from sktlm.tools import runs
-from sktlm.train import loop, step
+from sktlm.train import init_hf, loop, resolve, step
 
 
 def test_init_from_hf_round_trip_is_bit_exact_on_a_mesh(tmp_path):
@@ -26,19 +26,21 @@ def test_init_from_hf_round_trip_is_bit_exact_on_a_mesh(tmp_path):
   config = schema.get_config('pico')
   config.model.update(n_kv_heads=2, vocab_size=384, init_std=0.1)
   config.mesh.update(data=2, fsdp=2, tensor=2)
-  setup = step.build(config, sharding.make_mesh(config.mesh))
+  mesh = sharding.make_mesh(config.mesh)
+  resolve.resolve(config, mesh)
+  setup = step.build(config, mesh)
   state = setup.init_state(jax.random.PRNGKey(0))
   params = jax.device_get(state.params)
   folder = str(tmp_path / 'hf')
   hf.write_folder(folder, config.model, params, max_position_embeddings=64, tokenizer=tokenizers.ByteTokenizer())
   config.train.init_from_hf = folder
-  state2 = hf.init_state(config, setup)
+  state2 = init_hf.init_state(config, setup)
   assert int(state2.step) == 0
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, np.asarray(b)), params, state2.params)
   assert jax.tree.map(lambda x: x.sharding, state2.params) == setup.state_shardings.params
   config.model.d_ff = 256  # a different shape: refused with the key named
   with pytest.raises(UserError, match='d_ff: checkpoint 192, config 256'):
-    hf.init_state(config, step.build(config, sharding.make_mesh(config.mesh)))
+    init_hf.init_state(config, step.build(config, mesh))
 
 
 @pytest.mark.slow

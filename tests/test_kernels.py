@@ -22,7 +22,7 @@ from sktlm.config.validate import validate
 from sktlm.errors import UserError
 from sktlm.model import kernels
 from sktlm.model import transformer as model
-from sktlm.train import loop, step
+from sktlm.train import loop, resolve, step
 
 RNG = np.random.default_rng(0)
 TOL = {'float32': 1e-5, 'bfloat16': 2e-2}
@@ -202,15 +202,30 @@ def test_a_missing_kernel_module_is_named(monkeypatch, name, owner):
 
 
 def test_resolve_platform_reads_the_mesh_devices():
-  """train.resolve_platform takes the platform from the mesh's devices, not from the host's backend: a mesh of
+  """train.resolve.platform takes the platform from the mesh's devices, not from the host's backend: a mesh of
   (fake) TPU devices resolves for TPU on this CPU host."""
   config = model_config(dtype='bfloat16')
-  step.resolve_platform(config, sharding.make_mesh(config.mesh, jax.devices()[:2]))
+  resolve.platform(config, sharding.make_mesh(config.mesh, jax.devices()[:2]))
   assert (config.model.kernels, config.model.attention_impl) == ('cpu', 'blocked_vjp')
   fake_tpu = types.SimpleNamespace(devices=np.array([types.SimpleNamespace(platform='tpu')] * 4).reshape(2, 2))
   config = model_config(dtype='bfloat16')
-  step.resolve_platform(config, fake_tpu)
+  resolve.platform(config, fake_tpu)
   assert config.model.kernels == 'tpu' and config.model.scan_unroll == 1
+
+
+def test_build_takes_a_resolved_config_only():
+  """Resolve once: build checks the choices were made (kernels, attention, unrolling, vocab) instead of making
+  them again; after train.resolve the same config builds."""
+  config = model_config(vocab_size=0)
+  mesh = sharding.make_mesh(config.mesh, jax.devices()[:2])
+  with pytest.raises(UserError, match=r'^model.vocab_size is not resolved'):
+    step.build(config, mesh)
+  config.model.vocab_size = 384
+  with pytest.raises(UserError, match=r'^model.kernels, model.attention_impl, model.scan_unroll not resolved'):
+    step.build(config, mesh)
+  resolve.resolve(config, mesh)
+  assert (config.model.kernels, config.model.attention_impl, config.model.scan_unroll) == ('cpu', 'blocked', 2)
+  step.build(config, mesh)
 
 
 def test_resolved_kernels_land_in_config_json(data_dir, tmp_path):

@@ -21,7 +21,7 @@ from sktlm import sharding
 from sktlm.config import schema
 from sktlm.model import attention, kernels
 from sktlm.model.kernels import gpu, sharded, tpu
-from sktlm.train import step
+from sktlm.train import resolve, step
 
 KERNELS = {
     # name: (module, T, block): splash tiles are multiples of 128 lanes, so its rows are longer
@@ -141,7 +141,9 @@ def test_model_kernels_setting_reaches_the_fused_kernel(name, monkeypatch):
                              kernels=kernel_set))
     config.data.seq_len, config.train.batch_size = 64, 4
     config.mesh.update(dict(data=2, fsdp=1, expert=1, tensor=2))
-    setup = step.build(config, sharding.make_mesh(config.mesh, jax.devices()[:4]))
+    mesh = sharding.make_mesh(config.mesh, jax.devices()[:4])
+    resolve.resolve(config, mesh)
+    setup = step.build(config, mesh)
     state = setup.init_state(jax.random.PRNGKey(0))
     seg = segments(64)
     rng = np.random.default_rng(2)

@@ -15,7 +15,7 @@ from sktlm import sharding
 from sktlm.config import accounting, layout, load
 from sktlm.model import transformer as model
 from sktlm.plan import planner
-from sktlm.train import step
+from sktlm.train import resolve, step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Small MLA: 4 heads, qk = 6 nope + 4 rope = 10, v = 6 (so the core pads v), latents 16 (q) and 8 (kv).
@@ -145,6 +145,7 @@ def test_scan_and_remat_match_plain_stack(remat, unroll):
 
 
 def train_losses(config, mesh, batch, steps=3):
+  resolve.resolve(config, mesh)
   setup = step.build(config, mesh)
   state = setup.init_state(jax.random.PRNGKey(0))
   b = {k: jax.device_put(v, setup.batch_sharding) for k, v in batch.items()}

@@ -9,7 +9,7 @@ from conftest import run_steps, train_config
 
 from sktlm import data, sharding
 from sktlm.config import accounting
-from sktlm.train import loop, step
+from sktlm.train import loop, resolve, step
 
 MOE = {'model.moe.num_experts': 4, 'model.moe.top_k': 2, 'model.moe.num_shared_experts': 1,
        'model.moe.n_dense_layers': 1, 'model.moe.expert_d_ff': 96}
@@ -25,7 +25,7 @@ def test_same_losses_on_one_device_and_with_expert_axis(data_dir, cf, ep_buffer)
   exchange, and the second one keeps it dropless."""
   config = cfg(data_dir, **{'optim.peak_lr': 1e-2, 'model.moe.capacity_factor': cf,
                             'model.moe.ep_buffer_factor': ep_buffer})
-  step.resolve_vocab(config, data.get_tokenizer(config.data))
+  resolve.vocab(config, data.get_tokenizer(config.data))
   one = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])
   ref, _, _ = run_steps(config, one, 3)
   config.mesh.update(dict(data=2, fsdp=1, expert=4, tensor=1))
@@ -43,8 +43,9 @@ def test_same_losses_on_one_device_and_with_expert_axis(data_dir, cf, ep_buffer)
 
 def test_param_count_matches_accounting(data_dir):
   config = cfg(data_dir)
-  step.resolve_vocab(config, data.get_tokenizer(config.data))
-  setup = step.build(config, sharding.make_mesh(config.mesh, devices=jax.devices()[:1]))
+  mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])
+  resolve.resolve(config, mesh, data.get_tokenizer(config.data))
+  setup = step.build(config, mesh)
   n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(setup.abstract_state.params))
   assert n == accounting.param_counts(config.model)['total']
 

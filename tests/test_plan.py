@@ -16,7 +16,7 @@ from sktlm.config import accounting, load
 from sktlm.model import moe_ep
 from sktlm.model.kernels import cpu
 from sktlm.plan import planner
-from sktlm.train import step
+from sktlm.train import resolve, step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAS_LIBTPU = importlib.util.find_spec('libtpu') is not None
@@ -44,7 +44,9 @@ def test_state_bytes_equal_real_state(mesh, extra):
   over = {f'mesh.{k}': v for k, v in mesh.items()}
   config = small_config(**over, **extra)
   target = planner.get_target('cpu:8')
-  setup = step.build(config, planner.make_mesh(config, target))
+  mesh = planner.make_mesh(config, target)
+  resolve.resolve(config, mesh)
+  setup = step.build(config, mesh)
   predicted = planner.state_bytes(setup.abstract_state)
   state = setup.init_state(jax.random.PRNGKey(0))
   for d in target.devices[:3]:
@@ -152,7 +154,9 @@ def test_search_batch_finds_largest_fit():
   config = small_config(**{'mesh.data': 2})
   target = planner.get_target('cpu:2', chip='h100')
   config.train.batch_size = 6  # per-device batch 3 on 2 batch shards
-  three = planner.compile_step(config, planner.make_mesh(config, target)).memory['peak']
+  mesh = planner.make_mesh(config, target)
+  resolve.resolve(config, mesh)
+  three = planner.compile_step(config, mesh).memory['peak']
   import dataclasses
   target.chip = dataclasses.replace(target.chip, hbm_bytes=three - 1)  # just below: 3 must not fit
   logs = []

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from sktlm import files
+from sktlm import files, runfiles
 from sktlm.sweep import execute, locks, results
 from sktlm.train.metrics import MetricsWriter
 from tests.conftest import ROOT
@@ -47,9 +47,9 @@ def test_orbax_temp_folders_of_killed_saves_are_removed(tmp_path):
   ck = tmp_path / 'checkpoints'
   (ck / '5.orbax-checkpoint-tmp-1700000000').mkdir(parents=True)
   (ck / '5.orbax-checkpoint-tmp-1700000000' / 'state').mkdir()
-  assert checkpoint.tmp_folders(str(ck))
+  assert runfiles.checkpoint_tmp_folders(str(ck))
   checkpoint.Checkpointer(str(ck), async_save=False).close()  # what `sktlm train` opens at start
-  assert checkpoint.tmp_folders(str(ck)) == [] and checkpoint.steps_on_disk(str(ck)) == []
+  assert runfiles.checkpoint_tmp_folders(str(ck)) == [] and runfiles.steps_on_disk(str(ck)) == []
 
 
 def test_results_csv_is_rendered_from_results_json(tmp_path):
@@ -99,7 +99,7 @@ def test_waiting_for_a_locked_run_says_for_what_and_can_time_out(tmp_path, capsy
   run_dir.mkdir()
   holder = subprocess.Popen([sys.executable, '-c', 'import sys; sys.stdin.read()'], stdin=subprocess.PIPE)
   try:
-    files.write_json(str(run_dir / execute.LOCK), locks.holder_info(holder.pid))
+    files.write_json(str(run_dir / runfiles.SWEEP_LOCK), locks.holder_info(holder.pid))
     task = dict(name='r', run_dir=str(run_dir), cmd=['false'], settings={}, poll_s=0.05, lock_timeout_s=0.3)
     res = execute.run_one(task)
     assert res['status'] == 'locked' and f'pid {holder.pid}' in res['message']
@@ -141,7 +141,7 @@ def test_doctor_lists_and_fixes(tmp_path):
   run = sweep / 'run-a'
   (run / 'checkpoints' / '4.orbax-checkpoint-tmp-1').mkdir(parents=True)
   (run / 'checkpoints' / '3').mkdir()
-  files.write_json(str(run / execute.LOCK), {'host': locks.HOST, 'pid': _dead_pid(), 'start': ''})
+  files.write_json(str(run / runfiles.SWEEP_LOCK), {'host': locks.HOST, 'pid': _dead_pid(), 'start': ''})
   (run / f'summary.json{files.TMP_MARK}{_dead_pid()}.7').write_text('{"half')
   (run / 'metrics.jsonl').write_text('{"kind": "train", "step": 3, "loss": 2.0}\n{"kind": "tr')
   files.write_json(str(run / 'summary.json'), {'status': 'done', 'step': 3, 'steps': 3, 'eval_batches': 0})
@@ -159,7 +159,7 @@ def test_doctor_lists_and_fixes(tmp_path):
   p = _doctor(sweep)
   left = [x for x in p.stdout.splitlines() if 'problem' not in x]
   assert all('incomplete' in x or 'done without losses' in x for x in left), p.stdout
-  assert not (run / execute.LOCK).exists()
+  assert not (run / runfiles.SWEEP_LOCK).exists()
   assert sorted(os.listdir(run / 'checkpoints')) == ['3'] and (run / 'metrics.jsonl').read_text().endswith('\n')
   p = _doctor(tmp_path / 'nothing')
   assert p.returncode == 2 and 'not a folder' in p.stderr

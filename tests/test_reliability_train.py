@@ -20,7 +20,7 @@ from conftest import ROOT, run_cli, train_config
 
 from sktlm import data
 from sktlm.errors import UserError
-from sktlm.train import loop, step
+from sktlm.train import loop, resolve, step
 from sktlm.train.checkpoint import Checkpointer
 
 QUIET = {'train.log_every': 1, 'metrics.peak_flops': 1e11, 'train.eval_batches': 1}
@@ -48,9 +48,10 @@ def snapshot(folder):
 
 
 def all_tensors(workdir, at_step, config):
-  step.resolve_vocab(config, data.get_tokenizer(config.data))
   from sktlm import sharding
-  setup = step.build(config, sharding.make_mesh(config.mesh))
+  mesh = sharding.make_mesh(config.mesh)
+  resolve.resolve(config, mesh, data.get_tokenizer(config.data))
+  setup = step.build(config, mesh)
   ck = Checkpointer(os.path.join(workdir, 'checkpoints'), read_only=True, async_save=False)
   state, _ = ck.restore(at_step, setup.abstract_state)
   ck.close()
@@ -216,13 +217,13 @@ def _train_args(data_dir, workdir, steps):
 
 KILL_BEFORE_SUMMARY = r'''
 import os, signal, sys
-from sktlm.train import loop
-orig = loop.write_summary
+from sktlm import runfiles
+orig = runfiles.write_summary
 def write_summary(workdir, summary):
   if summary.get('status') == 'done':
     os.kill(os.getpid(), signal.SIGKILL)  # the instant after the final checkpoint, before the summary
   orig(workdir, summary)
-loop.write_summary = write_summary
+runfiles.write_summary = write_summary
 from sktlm import cli
 cli.main(['sktlm'] + sys.argv[1:])
 '''

@@ -21,9 +21,9 @@ import pytest
 
 from sktlm import sharding
 from sktlm.config import load
-from sktlm.train import step
+from sktlm.runfiles import summary_problems
+from sktlm.train import resolve, step
 from sktlm.train.checkpoint import Checkpointer
-from sktlm.train.metrics import summary_problems
 from tests.conftest import ROOT
 
 STEPS = 24
@@ -87,7 +87,9 @@ def _done(run_dir):
 def _final_state(run_dir):
   mc = json.load(open(os.path.join(run_dir, 'config.json')))['model']
   config = load.load_config(BASE, {'model.vocab_size': mc['vocab_size']})
-  setup = step.build(config, sharding.make_mesh(config.mesh, devices=jax.devices()[:1]))
+  mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])
+  resolve.resolve(config, mesh)
+  setup = step.build(config, mesh)
   ck = Checkpointer(os.path.join(run_dir, 'checkpoints'), read_only=True, async_save=False)
   state, data_state = ck.restore(STEPS, setup.abstract_state)
   ck.close()

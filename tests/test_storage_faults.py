@@ -17,9 +17,9 @@ from conftest import ROOT, run_cli, train_config
 
 from sktlm import files
 from sktlm.errors import UserError
+from sktlm.runfiles import steps_on_disk
 from sktlm.sweep import results
 from sktlm.train import loop
-from sktlm.train.checkpoint import steps_on_disk
 
 QUARANTINE, TMP_MARK = 'checkpoints.quarantine', '.orbax-checkpoint-tmp'  # documented names (docs/run_files.md)
 NOISE = ('Traceback', 'never retrieved', 'Exception ignored', 'Event loop is closed')

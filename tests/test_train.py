@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from conftest import ROOT, run_cli, run_steps, train_config
 
-from sktlm import data, sharding
+from sktlm import data, runfiles, sharding
 from sktlm.config import load
-from sktlm.train import loop, step
+from sktlm.train import loop, resolve, step
 from sktlm.train.checkpoint import Checkpointer
 
 
@@ -39,6 +39,7 @@ def test_loss_falls_on_the_embedded_corpus(data_dir, tmp_path):
   assert evals[-1] < evals[0] < 5.0
   summary = json.loads((tmp_path / 'summary.json').read_text())
   assert summary['status'] == 'done' and summary['step'] == 80
+  assert set(runfiles.ALWAYS) <= set(summary) <= set(runfiles.SUMMARY_FIELDS)  # the documented fields only
   assert summary['tokens'] == 80 * 8 * 64
   assert summary['best_eval_loss'] == min(evals)
   last = [r for r in recs if r['kind'] == 'train'][-1]
@@ -56,8 +57,7 @@ def losses_of(config, mesh, steps):
 @pytest.mark.parametrize('shape', [(8, 1, 1), (2, 2, 2), (1, 4, 2)])
 def test_same_losses_on_one_device_and_on_mesh_shapes(data_dir, shape):
   config = cfg(data_dir, **{'optim.peak_lr': 1e-2, 'model.attention_block': 16})  # 4 query blocks
-  resolve = data.get_tokenizer(config.data)
-  step.resolve_vocab(config, resolve)
+  resolve.vocab(config, data.get_tokenizer(config.data))
   one = sharding.make_mesh(load.load_config('experiments/lm.py', {}).mesh, devices=jax.devices()[:1])
   ref, _, _ = losses_of(config, one, 4)
   d, f, t = shape
@@ -81,7 +81,7 @@ def test_same_losses_on_one_device_and_on_mesh_shapes(data_dir, shape):
 def test_bfloat16_same_losses_on_one_device_and_on_a_mesh(data_dir):
   """bfloat16 compute (row-major transposes, float32 accumulation) partitions like float32 does."""
   config = cfg(data_dir, **{'optim.peak_lr': 1e-2, 'model.dtype': 'bfloat16', 'model.attention_block': 16})
-  step.resolve_vocab(config, data.get_tokenizer(config.data))
+  resolve.vocab(config, data.get_tokenizer(config.data))
   one = sharding.make_mesh(load.load_config('experiments/lm.py', {}).mesh, devices=jax.devices()[:1])
   ref, _, _ = losses_of(config, one, 4)
   config.mesh.update(dict(data=2, fsdp=2, expert=1, tensor=2))
@@ -93,7 +93,7 @@ def test_bfloat16_same_losses_on_one_device_and_on_a_mesh(data_dir):
 
 def test_grad_accumulation_matches_one_big_batch(data_dir):
   config = cfg(data_dir, **{'train.batch_size': 16})
-  step.resolve_vocab(config, data.get_tokenizer(config.data))
+  resolve.vocab(config, data.get_tokenizer(config.data))
   mesh = sharding.make_mesh(config.mesh)
   l1, s1, _ = losses_of(config, mesh, 3)
   config.train.grad_accum = 2
@@ -107,7 +107,9 @@ def final_params(workdir, at_step, **over):
   config = load.load_config('experiments/lm.py:size=pico',
                                {'model.vocab_size': json.load(open(os.path.join(workdir, 'config.json')))
                                 ['model']['vocab_size'], 'data.seq_len': 64, **over})
-  setup = step.build(config, sharding.make_mesh(config.mesh))
+  mesh = sharding.make_mesh(config.mesh)
+  resolve.resolve(config, mesh)
+  setup = step.build(config, mesh)
   ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), read_only=True, async_save=False)
   state, data_state = ckpt.restore(at_step, setup.abstract_state)
   ckpt.close()
@@ -186,8 +188,9 @@ def test_restore_onto_a_different_mesh(data_dir, tmp_path):
   config = cfg(data_dir, **{'train.steps': 10, 'train.checkpoint_every': 10, 'mesh.data': 8})
   assert loop.run(config, str(tmp_path)) == 0
   config2 = cfg(data_dir, **{'mesh.data': 2, 'mesh.fsdp': 2, 'mesh.tensor': 2})
-  step.resolve_vocab(config2, data.get_tokenizer(config2.data))
-  setup = step.build(config2, sharding.make_mesh(config2.mesh))
+  mesh = sharding.make_mesh(config2.mesh)
+  resolve.resolve(config2, mesh, data.get_tokenizer(config2.data))
+  setup = step.build(config2, mesh)
   ck = Checkpointer(str(tmp_path / 'checkpoints'), read_only=True, async_save=False)
   state, _ = ck.restore(10, setup.abstract_state)
   ref, _ = final_params(str(tmp_path), 10)

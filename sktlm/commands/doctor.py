@@ -27,8 +27,8 @@ _DEEP = flags.DEFINE_bool('deep', False, 'also read every array of every checkpo
 
 
 def _is_run(path: str) -> bool:
-  return any(os.path.exists(os.path.join(path, n)) for n in ('config.json', 'summary.json', 'checkpoints',
-                                                              'sweep_run.json', 'sweep.lock'))
+  from sktlm import runfiles
+  return any(os.path.exists(runfiles.path(path, n)) for n in runfiles.MARKERS)
 
 
 class Report:
@@ -48,11 +48,9 @@ class Report:
 
 
 def check_run(run_dir: str, rep: Report) -> None:
-  from sktlm import files
-  from sktlm.sweep import execute, locks
-  from sktlm.train import checkpoint
-  from sktlm.train.metrics import summary_problems
-  lock_path = os.path.join(run_dir, execute.LOCK)
+  from sktlm import files, runfiles
+  from sktlm.sweep import locks
+  lock_path = runfiles.path(run_dir, runfiles.SWEEP_LOCK)
   info = locks.read(lock_path)
   live = info is not None and not locks.stale_reason(lock_path, info)
   if info is not None and not live:
@@ -60,43 +58,44 @@ def check_run(run_dir: str, rep: Report) -> None:
                 lambda: os.path.exists(lock_path) and os.unlink(lock_path))
   for tmp in files.temp_leftovers(run_dir):
     rep.problem(tmp, 'temp file of a killed write', lambda t=tmp: os.unlink(t))
-  ck = os.path.join(run_dir, 'checkpoints')
-  for tmp in checkpoint.tmp_folders(ck):
+  ck = runfiles.checkpoints_dir(run_dir)
+  for tmp in runfiles.checkpoint_tmp_folders(ck):
     if live:
       rep.problem(tmp, 'checkpoint save in progress or killed', advice=f'held by {locks.describe(info)}')
     else:
-      rep.problem(tmp, 'temp folder of a killed checkpoint save', lambda t=tmp: checkpoint.remove_tmp_folders(
+      rep.problem(tmp, 'temp folder of a killed checkpoint save', lambda t=tmp: runfiles.remove_checkpoint_tmp_folders(
           os.path.dirname(t)))
       break  # one repair removes them all
-  metrics = os.path.join(run_dir, 'metrics.jsonl')
+  metrics = runfiles.path(run_dir, runfiles.METRICS)
   if os.path.exists(metrics) and os.path.getsize(metrics):
     with open(metrics, 'rb') as f:
       f.seek(-1, os.SEEK_END)
       cut = f.read(1) != b'\n'
     if cut and not live:
       rep.problem(metrics, 'last line cut by a kill', lambda: files.repair_jsonl(metrics))
-  s = execute.summary(run_dir)
-  bad = summary_problems(s)
+  s = runfiles.read_summary(run_dir)
+  bad = runfiles.summary_problems(s)
   if bad:
-    rep.problem(os.path.join(run_dir, 'summary.json'), f'status done but incomplete: {", ".join(bad)}',
+    rep.problem(runfiles.path(run_dir, runfiles.SUMMARY), f'status done but incomplete: {", ".join(bad)}',
                 advice='rerun the same `sktlm train` command (or the sweep): it completes the summary')
-  steps = checkpoint.steps_on_disk(ck)
+  steps = runfiles.steps_on_disk(ck)
   if rep.deep:
+    from sktlm.train import checkpoint  # Orbax reads every array: the one part of doctor that needs training's I/O
     for step in steps:
       bad = checkpoint.verify(os.path.join(ck, str(step)))
       if bad and live:
         rep.problem(os.path.join(ck, str(step)), f'corrupt checkpoint: {bad}', advice=f'held by {locks.describe(info)}')
       elif bad:
-        rep.problem(os.path.join(ck, str(step)), f'corrupt checkpoint (to {checkpoint.QUARANTINE}/): {bad}',
-                    lambda st=step: checkpoint.quarantine(ck, st, 'corrupt'))
-    steps = checkpoint.steps_on_disk(ck)
-  if s and s.get('status') == 'done' and steps and steps[-1] != s.get('step'):
+        rep.problem(os.path.join(ck, str(step)), f'corrupt checkpoint (to {runfiles.QUARANTINE}/): {bad}',
+                    lambda st=step: runfiles.quarantine(ck, st, 'corrupt'))
+    steps = runfiles.steps_on_disk(ck)
+  if s and s.get('status') == runfiles.DONE and steps and steps[-1] != s.get('step'):
     rep.problem(ck, f'latest checkpoint step {steps[-1]} != summary step {s.get("step")}',
                 advice='rerun the same `sktlm train` command: it trains on from the latest checkpoint')
 
 
 def check_sweep(sweep_dir: str, rep: Report) -> None:
-  from sktlm import files
+  from sktlm import files, runfiles
   from sktlm.sweep import results
   for tmp in files.temp_leftovers(sweep_dir):
     rep.problem(tmp, 'temp file of a killed write', lambda t=tmp: os.unlink(t))
@@ -110,7 +109,7 @@ def check_sweep(sweep_dir: str, rep: Report) -> None:
   if os.path.exists(csv_path):
     with open(csv_path, newline='') as f:
       for row in csv.DictReader(f):
-        if row.get('status') == 'done' and not row.get('final_train_loss'):
+        if row.get('status') == runfiles.DONE and not row.get('final_train_loss'):
           rep.problem(csv_path, f'run {row.get("name")} is done without losses',
                       advice='rerun the sweep command: it completes the run and its row')
   for name in sorted(os.listdir(sweep_dir)):

@@ -12,6 +12,7 @@ from absl import flags
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'experiment config file[:arg]', lock_config=True)
+VALIDATES_ON_MESH = True  # cli.py: the planner validates --config once, with the target's mesh
 _TOPOLOGY = flags.DEFINE_string('topology', '', 'TPU topology <v4|v5e|v5p|v6e>:AxB[xC] (needs libtpu), or cpu:N')
 _DEVICES = flags.DEFINE_string('devices', '', 'cpu:N simulated host devices (same as --topology=cpu:N)')
 _CHIP = flags.DEFINE_string('chip', '', 'chip for the memory verdict and step time (v4, v5e, v5p, v6e, a100, '

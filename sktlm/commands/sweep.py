@@ -37,6 +37,7 @@ _STATUS = flags.DEFINE_bool('status', False, 'print the status table of --sweep_
 
 
 def main(argv):
+  from sktlm import runfiles
   from sktlm.errors import UserError
   from sktlm.sweep import schedule, spec
   if len(argv) != 2:
@@ -76,7 +77,7 @@ def main(argv):
   signal.signal(signal.SIGTERM, _raise_interrupt)
   rows = runner.run_sweep(runs, _SWEEP_DIR.value, backend, common=sd.common, train_cmd=train_cmd,
                           retry_failed=_RETRY_FAILED.value, lock_timeout_s=_LOCK_TIMEOUT.value)
-  bad = [r for r in rows if r['status'] != 'done']
+  bad = [r for r in rows if r['status'] != runfiles.DONE]
   print(f'results: {_SWEEP_DIR.value}/results.csv ({len(rows) - len(bad)} of {len(rows)} runs done)')
   return 1 if bad else 0
 

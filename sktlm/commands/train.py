@@ -11,6 +11,7 @@ from sktlm.sweep import locks
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'experiment config file[:arg]', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'run directory (created; a restart resumes from it)')
 FAST_EXIT = True  # cli.py: every file the run writes is closed when main returns
+VALIDATES_ON_MESH = True  # cli.py: train/start.py validates --config once, with its mesh
 
 
 def _release_sweep_lock():

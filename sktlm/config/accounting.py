@@ -15,7 +15,7 @@ backward). These definitions are stated once, here; README and docs/ refer to th
   (default `--flops=exact`) and the sweep planners.
 - `causal`: 6N + 3 * L * n_heads * (qk_dim + v_dim) * T: only the unmasked half, i.e. useful work.
 - `executed` (recorded as `flops_executed`): the matmul FLOPs the configured kernels (`model.kernels`,
-  resolved in train.build; unresolved `auto` counts as the plain model) run. Blocked attention (every
+  resolved by sktlm.train.resolve; unresolved `auto` counts as the plain model) run. Blocked attention (every
   `attention_impl` but `dense`) computes only the key blocks up to each query block's end ((1 + block/T)/2
   of the attention term when block divides T). The cpu kernels embed vocabularies up to
   ONE_HOT_EMBED_MAX_VOCAB with a one-hot matmul (2 V d forward + 2 V d for the table gradient). Recompute

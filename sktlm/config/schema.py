@@ -116,8 +116,8 @@ KEYS = (
     K('model.rope_theta',         10_000.0,     '>0',         BREAKS, 'RoPE base frequency', MAPPED),
     K('model.rope_scaling.type',  'none',       ('none', 'yarn'), BREAKS, 'RoPE context extension: none | yarn '
                                                                       "(DeepSeek-V3's YaRN, model/layers.py)", MAPPED),
-    K('model.rope_scaling.factor', 1.0,         '>0',         BREAKS, 'yarn: context multiplier (DeepSeek-V3: '
-                                                                      '40)', MAPPED),
+    K('model.rope_scaling.factor', 1.0,         '>=1',        BREAKS, 'yarn: context multiplier, new / original '
+                                                                      'context (>= 1; DeepSeek-V3: 40)', MAPPED),
     K('model.rope_scaling.original_max_position', 4096, '>=1', BREAKS, 'yarn: the pretraining context the ramp is '
                                                                       'measured against', MAPPED),
     K('model.rope_scaling.beta_fast', 32.0,     '>0',         BREAKS, 'yarn: dims rotating more often than this in '
@@ -149,8 +149,8 @@ KEYS = (
                                                                       'independent of depth', NEUTRAL),
     K('model.kernels',            'auto',       ('auto', 'plain', 'cpu', 'tpu', 'gpu'),
                                                               OK,     'platform kernel set (sktlm/model/kernels); '
-                                                                      "auto: the mesh's platform, resolved in "
-                                                                      'train.build and recorded in config.json',
+                                                                      "auto: the mesh's platform, resolved by "
+                                                                      'train/resolve.py, recorded in config.json',
                                                                       NEUTRAL),
     K('model.scan_unroll',        0,            '>=0',        OK,     'layers per scan iteration; 0 (auto): all on '
                                                                       'CPU (faster step), 1 on TPU/GPU', NEUTRAL),

@@ -1,9 +1,11 @@
 """`validate(config, mesh)`: the one check of a config, from the schema plus the few rules across keys.
 
-Called by training (before anything is written, and again in train.build with the mesh), `sktlm plan`, the
-sweep's dry run and every command that loads a config; the code below it trusts the config. Each failure is
-one UserError line naming the key. A leaf (no jax): `mesh` is anything with a `.shape` mapping of mesh axis
-sizes (a jax Mesh), or None to skip the rules that depend on it.
+Called once per config: by training (train/start.py) and `sktlm plan` with the mesh, before the config is
+resolved (sktlm/train/resolve.py) and before anything is written; by the sweep's dry run and the CLI for the
+other commands that load a config, and for a run's stored config (tools/runs.py), without one. The code below
+trusts the config: a rule about a config value is written here once, next to the schema entry it constrains.
+Each failure is one UserError line naming the key. A leaf (no jax): `mesh` is anything with a `.shape` mapping
+of mesh axis sizes (a jax Mesh), or None to skip the rules that depend on it.
 """
 
 from __future__ import annotations
@@ -68,7 +70,7 @@ def in_range(rule: str, v) -> bool:
 
 def _cross_rules(config) -> None:
   """Rules across keys, each written once."""
-  m, t, moe = config.model, config.train, config.model.moe
+  m, t, d, moe = config.model, config.train, config.data, config.model.moe
   if m.n_heads % m.n_kv_heads:
     raise UserError(f'model.n_heads={m.n_heads} must be a multiple of model.n_kv_heads={m.n_kv_heads}')
   if not m.head_dim and m.d_model % m.n_heads:
@@ -99,10 +101,14 @@ def _cross_rules(config) -> None:
     raise UserError(f'train.spike_factor must be 0 (off) or > 1, got {t.spike_factor}')
   if t.batch_size % t.grad_accum:
     raise UserError(f'train.batch_size={t.batch_size} must be a multiple of train.grad_accum={t.grad_accum}')
+  if t.init_from and t.init_from_hf:
+    raise UserError('set train.init_from or train.init_from_hf, not both')
+  if d.name == 'text_files' and not d.path:
+    raise UserError("data.name='text_files' needs --config.data.path=FOLDER|GLOB|FILE.txt|FILE.jsonl")
 
 
 def _mesh_rules(config, axis_sizes: dict) -> None:
-  """Rules that need the mesh: the batch and the experts split evenly over their mesh axes."""
+  """Rules that need the mesh: the batch, the experts and the sequence split evenly over their mesh axes."""
   t, moe = config.train, config.model.moe
   micro = t.batch_size // t.grad_accum
   shards = shards_of(config, 'batch', axis_sizes)
@@ -113,6 +119,15 @@ def _mesh_rules(config, axis_sizes: dict) -> None:
   if moe.num_experts > 0 and moe.num_experts % experts:
     raise UserError(f'model.moe.num_experts={moe.num_experts} does not divide over the {experts} expert shards '
                     'of the mesh')
+  context = axis_sizes.get('context', 1)  # context parallelism (sktlm/model/context.py)
+  if context > 1:
+    length = dict(config.sharding_rules).get('length')
+    if (length if isinstance(length, str) else tuple(length or ())) not in ('context', ('context',)):
+      raise UserError(f"mesh.context={context} needs the sharding rule ('length', 'context'), got ('length', "
+                      f'{length!r})')
+    if config.data.seq_len % context:
+      raise UserError(f'data.seq_len={config.data.seq_len} does not divide the context mesh axis ({context} '
+                      'devices)')
 
 
 def shards_of(config, logical: str, axis_sizes: dict) -> int:

@@ -25,14 +25,13 @@ def get_tokenizer(data_cfg) -> tokenizers.Tokenizer:
   return tokenizers.get_tokenizer(data_cfg.tokenizer)
 
 
-def _check_batch(batch_size: int, process_index: int, process_count: int, seq_len: int):
+def _check_batch(batch_size: int, process_index: int, process_count: int):
+  """The processes' share of the batch (data.seq_len >= 2 is the schema's, checked by validate)."""
   if process_count < 1 or not 0 <= process_index < process_count:
     raise UserError(f'bad process_index/process_count {process_index}/{process_count}')
   if batch_size < 1 or batch_size % process_count:
     raise UserError(f'global batch size {batch_size} must be a positive multiple of the process count '
                     f'{process_count}')
-  if seq_len < 2:
-    raise UserError(f'config.data.seq_len={seq_len} must be >= 2')
 
 
 def _stream(data_cfg, split: str, seed: int, train: bool):
@@ -48,7 +47,7 @@ def _stream(data_cfg, split: str, seed: int, train: bool):
 def make_train_iter(data_cfg, *, batch_size: int, seed: int, process_index: int = 0,
                     process_count: int = 1, start_batch: int = 0, prefetch: int = 4) -> DataIterator:
   """Infinite iterator over this host's slice of every global batch of the training split."""
-  _check_batch(batch_size, process_index, process_count, data_cfg.seq_len)
+  _check_batch(batch_size, process_index, process_count)
   tok, src, stream = _stream(data_cfg, 'train', seed, train=True)
   rows = pipeline.PackedRows(stream, src, 'train', tok, batch_size, process_index, process_count)
   return DataIterator(rows, num_workers=data_cfg.num_workers, prefetch=prefetch,
@@ -59,7 +58,7 @@ def make_train_iter(data_cfg, *, batch_size: int, seed: int, process_index: int 
 def make_eval_batches(data_cfg, *, batch_size: int, num_batches: int, process_index: int = 0,
                       process_count: int = 1) -> list[dict]:
   """The first num_batches batches of the validation split, in order, unshuffled; padded past its end."""
-  _check_batch(batch_size, process_index, process_count, data_cfg.seq_len)
+  _check_batch(batch_size, process_index, process_count)
   tok, src, stream = _stream(data_cfg, 'validation', 0, train=False)
   rows = pipeline.PackedRows(stream, src, 'validation', tok, batch_size, process_index, process_count)
   b = batch_size // process_count
@@ -69,7 +68,7 @@ def make_eval_batches(data_cfg, *, batch_size: int, num_batches: int, process_in
 def iter_eval_batches(data_cfg, *, batch_size: int, split: str = 'validation', max_batches: int = 0):
   """(number of batches, iterator over them): one unshuffled pass over `split` (all of it, or the first
   max_batches batches), the last batch padded (weight 0). Single host (`sktlm eval`)."""
-  _check_batch(batch_size, 0, 1, data_cfg.seq_len)
+  _check_batch(batch_size, 0, 1)
   tok, src, stream = _stream(data_cfg, split, 0, train=False)
   rows = pipeline.PackedRows(stream, src, split, tok, batch_size, 0, 1)
   n = -(-stream.num_rows // batch_size)

@@ -120,27 +120,26 @@ def _stdlib(ddir: str) -> Source:
 def _text_files(data_cfg, ddir: str) -> Source:
   _quiet_tfds()
   from sktlm.data import builders
-  path = data_cfg.path
-  if not path:
-    raise UserError("data.name='text_files' needs --config.data.path=FOLDER|GLOB|FILE.txt|FILE.jsonl")
+  path = data_cfg.path  # not empty (validate)
   expanded = os.path.expanduser(path)
   if not any(c in path for c in '*?[') and not os.path.exists(expanded):
     raise UserError(f'data path not found: {path}')
-  config = builders.text_files_config(path, data_cfg.text_field, data_cfg.strict)
-  if not config.files:
+  # `config` means a run's config everywhere (tests/test_config_schema.py reads its keys); this is TFDS's.
+  builder_config = builders.text_files_config(path, data_cfg.text_field, data_cfg.strict)
+  if not builder_config.files:
     raise UserError(f'no files match data path {path}')
-  if all(os.path.getsize(f) == 0 for f in config.files):
+  if all(os.path.getsize(f) == 0 for f in builder_config.files):
     raise UserError(f'empty corpus: every file under {path} is empty')
   try:
     builder, secs = _prepared_builder(
-        lambda: builders.SktlmTextFiles(config=config, data_dir=ddir, file_format='array_record'),
-        os.path.join(ddir, '.locks', f'text_files_{config.name}.lock'), f'text_files corpus {path}')
+        lambda: builders.SktlmTextFiles(config=builder_config, data_dir=ddir, file_format='array_record'),
+        os.path.join(ddir, '.locks', f'text_files_{builder_config.name}.lock'), f'text_files corpus {path}')
   except builders.StrictSkip as e:
     raise UserError(f'corpus {path} (data.strict): would skip {e}') from None
   except builders.NoDocuments as e:
     raise UserError(f'corpus {path} has no valid text (no non-empty UTF-8 documents or jsonl lines with a '
                     f"'{data_cfg.text_field}' string){'; skipped ' + str(e) if str(e) else ''}") from None
-  return Source(f'sktlm_text_files/{config.name}/{builder.version}', str(builder.data_dir), 'text',
+  return Source(f'sktlm_text_files/{builder_config.name}/{builder.version}', str(builder.data_dir), 'text',
                 _builder_splits(builder), secs)
 
 

@@ -1,8 +1,9 @@
 """Hugging Face interop: sktlm params <-> a Hugging Face model folder (config.json, safetensors,
 generation_config.json, tokenizer files), as `LlamaForCausalLM` (dense grouped-query models:
 sktlm/interop/llama.py) or `DeepseekV3ForCausalLM` (MLA and MLA + MoE models: sktlm/interop/deepseek.py). This
-module picks the format and reads and writes the folder, with numpy and safetensors (neither torch nor
-transformers is imported); `init_state` places imported weights into a train state for `train.init_from_hf`.
+module picks the format and reads and writes the folder, with numpy and safetensors (neither jax, torch nor
+transformers is imported); `read_params` returns numpy trees, which sktlm/train/init_hf.py places into a train
+state for `train.init_from_hf`.
 
 What a format maps comes from the model's layout (sktlm/config/layout.py) and each model key's export rule in
 the schema (sktlm/config/schema.py, interop/rules.py); RoPE in every form transformers reads: interop/rope.py.
@@ -96,35 +97,15 @@ def check_importable(mc, cfg: dict) -> None:
   return llama.check_importable(mc, cfg)
 
 
-def init_state(config, setup):
-  """TrainState (step 0, fresh optimizer state) holding the weights of the HF folder config.train.init_from_hf,
-  laid out in setup's shardings; UserError when the checkpoint's shapes or function differ from config.model."""
-  import jax
-  import jax.numpy as jnp
-
-  from sktlm.train import step
-  path = config.train.init_from_hf
-  if config.train.init_from:
-    raise UserError('set train.init_from or train.init_from_hf, not both')
+def read_params(mc, path: str) -> tuple[dict, dict]:
+  """(params, model_state) as numpy trees from the HF folder `path` (Llama or DeepSeek-V3), for config.model
+  `mc`; UserError when the checkpoint's shapes or function differ from it. sktlm/train/init_hf.py places them
+  into a train state for `train.init_from_hf`."""
   cfg, tensors = read_folder(path)
-  check_importable(config.model, cfg)
-  model_state = {}
+  check_importable(mc, cfg)
   if cfg.get('model_type') == 'deepseek_v3':
-    from sktlm.interop import deepseek
-    params, model_state = deepseek.from_hf_tensors(as_dict(config.model), tensors)
-  else:
-    params = from_hf_tensors(config.model, tensors)
-  abstract = setup.abstract_state
-  if jax.tree.structure((params, model_state)) != jax.tree.structure((abstract.params, abstract.model_state)):
-    raise UserError(f'{path}: the imported parameter tree does not match this model')
-  place = lambda x, a: jax.make_array_from_callback(x.shape, a.sharding,  # noqa: E731
-                                                    lambda idx, x=x, a=a: x[idx].astype(a.dtype))
-  params = jax.tree.map(place, params, abstract.params)
-  model_state = jax.tree.map(place, model_state, abstract.model_state)
-  make = jax.jit(lambda p, s: step.TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=setup.tx.init(p),
-                                               model_state=s),
-                 out_shardings=setup.state_shardings)
-  return make(params, model_state)
+    return deepseek.from_hf_tensors(as_dict(mc), tensors)
+  return from_hf_tensors(mc, tensors), {}
 
 
 # --- the folder on disk ---

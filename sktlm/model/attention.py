@@ -8,7 +8,7 @@
 Both share the kernel interface of sktlm/model/kernels (`fn(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, segment_ids_BxT, *,
 block) -> out_BxTxHxK`, q pre-scaled by 1/sqrt(K), H query heads sharing G kv heads, segment id 0 = padding);
 the platform kernels (blocked_vjp on CPU, splash on TPU, flash on GPU) implement the same function.
-`model.attention_impl` picks one; train.build resolves `auto` (sktlm/model/kernels/__init__.py).
+`model.attention_impl` picks one; sktlm.train.resolve resolves `auto` (sktlm/model/kernels/__init__.py).
 """
 
 from __future__ import annotations

@@ -14,7 +14,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sktlm.errors import UserError
 from sktlm.model import kernels, mup
 from sktlm.sharding import constrain
 
@@ -96,15 +95,11 @@ def rope_frequencies(mc, dim: int) -> tuple[np.ndarray, float]:
 
 
 def rope_scaling(mc):
-  """model.rope_scaling when it is on ('yarn'), else None."""
+  """model.rope_scaling when it is on ('yarn'; its type, factor >= 1 and original_max_position >= 1 are the
+  schema's, checked by validate), else None."""
   ys = mc.get('rope_scaling') if hasattr(mc, 'get') else None
   if ys is None or ys.get('type', 'none') == 'none':
     return None
-  if ys.type != 'yarn':
-    raise UserError(f"model.rope_scaling.type must be 'none' or 'yarn', got {ys.type!r}")
-  if not ys.factor >= 1 or ys.original_max_position <= 0:
-    raise UserError(f'model.rope_scaling: need factor >= 1 and original_max_position > 0, got {ys.factor} and '
-                    f'{ys.original_max_position}')
   return ys
 
 

@@ -4,7 +4,7 @@ Token embedding -> N x [pre-norm GQA attention with RoPE, pre-norm SwiGLU MLP or
 tied or untied output head. Packed rows: `segment_ids` (0 = padding) and `positions` keep attention inside
 each document. Blocks are stacked with nn.scan (compile time independent of depth) or a Python loop, with an
 optional remat policy; both give the same function (tests/test_model.py). The matmuls, the embedding and
-attention come from the config's kernel set (`kernels.ops`: plain jnp unless train.build resolved a platform's).
+attention come from the config's kernel set (`kernels.ops`: plain jnp unless sktlm.train.resolve chose a platform's).
 """
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ def _block_cls(config):
 
 
 def scan_unroll(config, n_layers: int) -> int:
-  """Layers per iteration of a scanned stack of n_layers. train.build resolves 0 (auto) for the platform
+  """Layers per iteration of a scanned stack of n_layers. sktlm.train.resolve resolves 0 (auto) for the platform
   (sktlm/model/kernels: all layers on CPU, 1 on TPU/GPU); unresolved it means a rolled loop. Parameters keep the
   scanned layout either way, so checkpoints do not depend on it."""
   return min(max(config.scan_unroll, 1), n_layers)

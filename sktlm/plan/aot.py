@@ -15,10 +15,11 @@ import time
 
 from sktlm import sharding
 from sktlm.chips import GiB
+from sktlm.config.validate import validate
 from sktlm.errors import UserError
 from sktlm.plan.counters import jaxpr_all_to_all_bytes, jaxpr_matmul_flops
 from sktlm.plan.targets import Target, make_mesh
-from sktlm.train import step
+from sktlm.train import resolve, step
 
 
 @dataclasses.dataclass
@@ -35,6 +36,7 @@ class Compiled:
 
 
 def compile_step(config, mesh) -> Compiled:
+  """The compiled train step of `config` (validated and resolved for `mesh`) and what XLA says about it."""
   setup = step.build(config, mesh)
   batch = step.abstract_batch(config, setup)
   t0 = time.perf_counter()
@@ -76,11 +78,13 @@ def compiler_refusal(err) -> dict | None:
 
 
 def search_batch(config, target: Target, max_per_device: int = 4096, log=print) -> dict:
-  """Largest per-device batch (sequences per batch shard, grad_accum=1) whose compiled step fits."""
+  """Largest per-device batch (sequences per batch shard, grad_accum=1) whose compiled step fits. `config` is
+  validated and resolved once; each candidate batch (b x the batch shards, no accumulation) keeps it valid."""
   if not target.chip:
     raise UserError('search needs a memory limit: use a TPU topology or --chip (e.g. --chip=h100)')
-  step.resolve_vocab(config)
   mesh = make_mesh(config, target)
+  validate(config, mesh)
+  resolve.resolve(config, mesh)
   shards = sharding.batch_axis_size(mesh, sharding.logical_rules(config))
   cache = {}
 

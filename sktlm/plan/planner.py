@@ -15,19 +15,21 @@ from __future__ import annotations
 import jax
 
 from sktlm.config import accounting
+from sktlm.config.validate import validate
 from sktlm.plan.aot import Compiled, compile_step, compiler_refusal, fused_kernels, search_batch  # noqa: F401
 from sktlm.plan.counters import jaxpr_all_to_all_bytes, jaxpr_matmul_flops, per_device_bytes, state_bytes  # noqa: F401
 from sktlm.plan.report import format_report  # noqa: F401
 from sktlm.plan.targets import GiB, Target, get_target, make_mesh, parse_cpu  # noqa: F401
-from sktlm.train import step
+from sktlm.train import resolve, step
 
 
 def plan(config, target: Target, mfu: float = 0.4, compile: bool = True) -> dict:
-  """The full report as a JSON-friendly dict (see format_report)."""
-  step.resolve_vocab(config)
+  """The full report as a JSON-friendly dict (see format_report). Validates and resolves `config` for the
+  target's mesh, as training does (the kernels of the target's platform)."""
   mc = config.model
   mesh = make_mesh(config, target)
-  step.resolve_platform(config, mesh)  # as training does: the kernels of the target's platform
+  validate(config, mesh)
+  resolve.resolve(config, mesh)
   n_dev = len(target.devices)
   seq, batch = config.data.seq_len, config.train.batch_size
   tokens = seq * batch

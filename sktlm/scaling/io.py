@@ -16,7 +16,7 @@ import re
 
 import numpy as np
 
-from sktlm import run_row
+from sktlm import run_row, runfiles
 from sktlm.errors import UserError
 
 NUMERIC = ('n_params_total', 'n_params_non_embedding', 'n_params_active', 'tokens', 'flops_6n', 'flops_exact',
@@ -73,7 +73,7 @@ def _normalise(row: dict, base_dir: str) -> dict:
   if math.isnan(out['budget']):  # sktlm.sweep.planners.isoflop names runs 'C-<budget>_size-<size>'
     m = re.search(r'(?:^|_)C-([0-9.]+(?:e[+-]?[0-9]+)?)(?:_|$)', out['name'])
     out['budget'] = _float(m.group(1)) if m else math.nan
-  out['status'] = (row.get('status') or 'done').strip()
+  out['status'] = (row.get('status') or runfiles.DONE).strip()
   wd = str(row.get('workdir') or '')
   out['workdir'] = os.path.normpath(os.path.join(base_dir, wd)) if wd else ''
   return out
@@ -95,22 +95,17 @@ def read_results_csv(path: str) -> list[dict]:
 
 def row_from_workdir(workdir: str) -> dict:
   """One results row from a run's summary.json and config.json (sktlm.run_row: the builder sweep results use
-  too), no sweep runner needed. Older summaries (top-level flops_* keys) are still read."""
+  too), no sweep runner needed. Older summaries are read with sktlm.runfiles' fallbacks."""
   try:
-    with open(os.path.join(workdir, 'summary.json')) as f:
-      s = json.load(f)
+    s = runfiles.load(workdir, runfiles.SUMMARY)
   except (OSError, json.JSONDecodeError) as e:
-    raise UserError(f'cannot read {workdir}/summary.json: {e}') from None
-  row = dict(name=os.path.basename(os.path.normpath(workdir)), status=s.get('status', 'done'),
+    raise UserError(f'cannot read {workdir}/{runfiles.SUMMARY}: {e}') from None
+  row = dict(name=os.path.basename(os.path.normpath(workdir)), status=s.get('status', runfiles.DONE),
              workdir=os.path.abspath(workdir), **run_row.from_summary(s))
-  for col, old in (('flops_exact', 'flops_model'), ('flops_executed', 'flops_executed'), ('flops_6n', 'flops_6n')):
-    if row[col] is None:  # summaries written before the flops dict
-      row[col] = s.get(old)
-  if row['n_params_active'] is None:
+  if row['n_params_active'] is None:  # summaries written before MoE
     row['n_params_active'] = row['n_params_total']
   try:
-    with open(os.path.join(workdir, 'config.json')) as f:
-      row.update(run_row.from_workdir_config(json.load(f)))
+    row.update(run_row.from_workdir_config(runfiles.load(workdir, runfiles.CONFIG)))
   except (OSError, json.JSONDecodeError, AttributeError):
     pass
   return _normalise(row, '')
@@ -122,7 +117,7 @@ def table_from_workdirs(root: str, max_depth: int = 3) -> list[dict]:
   root = os.path.abspath(root)
   for dirpath, dirnames, filenames in os.walk(root):
     depth = dirpath[len(root):].count(os.sep)
-    if 'summary.json' in filenames:
+    if runfiles.SUMMARY in filenames:
       found.append(dirpath)
       dirnames[:] = []        # a run's own subfolders (checkpoints/) hold no runs
     elif depth >= max_depth:
@@ -151,11 +146,8 @@ def loss_column(loss_key: str) -> str:
 
 
 def _eval_loss(workdir: str, name: str) -> float:
-  try:
-    with open(os.path.join(workdir, 'evals', f'{name}.json')) as f:
-      return _float(json.load(f).get('loss'))
-  except (OSError, json.JSONDecodeError, AttributeError):
-    return math.nan
+  rec = runfiles.read_eval(workdir, name)
+  return _float(rec.get('loss')) if rec is not None else math.nan
 
 
 def select(sweep: Sweep, n_key: str, loss_key: str, flops_key: str) -> tuple[dict[str, np.ndarray], list[str]]:
@@ -168,7 +160,7 @@ def select(sweep: Sweep, n_key: str, loss_key: str, flops_key: str) -> tuple[dic
   statuses: dict[str, int] = {}
   keep, bad_vals, c_fallback = [], [], 0
   for i, r in enumerate(sweep.rows):
-    if r['status'] != 'done':
+    if r['status'] != runfiles.DONE:
       statuses[r['status']] = statuses.get(r['status'], 0) + 1
       continue
     n, d, loss, c = r[n_col], r['tokens'], r[loss_col], r[c_col]
@@ -199,26 +191,13 @@ def read_curves(workdir: str) -> dict[str, dict[str, np.ndarray]] | None:
   """{'train': {step, tokens, flops, flops_6n, lr, loss}, 'eval': {step, tokens, flops, flops_6n, lr, eval_loss}}
   (flops: the exact count) from metrics.jsonl (last record per (kind, step), as a resumed run may repeat
   steps), or None."""
-  path = os.path.join(workdir, 'metrics.jsonl')
-  if not workdir or not os.path.isfile(path):
+  last = runfiles.last_records(workdir)
+  if last is None:
     return None
-  last: dict[tuple[str, int], dict] = {}
-  with open(path) as f:
-    for line in f:
-      line = line.strip()
-      if not line:
-        continue
-      try:
-        rec = json.loads(line)
-      except json.JSONDecodeError:
-        continue  # a line cut by a crash
-      if isinstance(rec, dict) and rec.get('kind') in ('train', 'eval') and 'step' in rec:
-        last[(rec['kind'], int(rec['step']))] = rec
   out = {}
   for kind, loss_key in (('train', 'loss'), ('eval', 'eval_loss')):
     recs = [last[k] for k in sorted(k for k in last if k[0] == kind)]
     out[kind] = {key: np.array([_float(r.get(key)) for r in recs], dtype=np.float64)
                  for key in ('step', 'tokens', 'flops_6n', 'lr', loss_key)}
-    # The exact (model) FLOPs: `flops_model` in newer records, `flops` in older ones.
-    out[kind]['flops'] = np.array([_float(r.get('flops_model', r.get('flops'))) for r in recs], dtype=np.float64)
+    out[kind]['flops'] = np.array([_float(runfiles.record_flops(r)) for r in recs], dtype=np.float64)
   return out

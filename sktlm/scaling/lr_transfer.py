@@ -21,6 +21,7 @@ import os
 
 import numpy as np
 
+from sktlm import runfiles
 from sktlm.scaling import fit as fitlib
 from sktlm.scaling import io
 
@@ -57,8 +58,7 @@ def _moe_key(moe: dict) -> tuple:
 def _run_config(row) -> dict | None:
   wd = row.get('workdir') or ''
   try:
-    with open(os.path.join(wd, 'config.json')) as f:
-      return json.load(f)
+    return runfiles.load(wd, runfiles.CONFIG)
   except (OSError, json.JSONDecodeError):
     return None
 
@@ -77,7 +77,7 @@ def groups(rows, loss_col: str) -> list[Group]:
            _moe_key(m.get('moe') or {}))
     g = found.setdefault(key, dict(points=[], failed=[], n=r.get('n_params_non_embedding', math.nan)))
     lr, loss = float(o.get('peak_lr', math.nan)), float(r.get(loss_col, math.nan))
-    if r.get('status') == 'done' and math.isfinite(loss):
+    if r.get('status') == runfiles.DONE and math.isfinite(loss):
       g['points'].append((lr, loss, r.get('name', '?')))
     else:
       g['failed'].append(lr)

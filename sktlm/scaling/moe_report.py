@@ -25,6 +25,7 @@ import os
 import numpy as np
 from scipy import optimize
 
+from sktlm import runfiles
 from sktlm.errors import UserError
 from sktlm.scaling import fit as fitlib
 from sktlm.scaling import io
@@ -42,7 +43,7 @@ def points(sweep: io.Sweep, loss_col: str, c_col: str) -> dict | None:
   best: dict[tuple, dict] = {}
   for r in sweep.rows:
     e, loss = _f(r.get('moe_experts')), _f(r.get(loss_col))
-    if r.get('status') != 'done' or not (e >= 1 and loss > 0):
+    if r.get('status') != runfiles.DONE or not (e >= 1 and loss > 0):
       continue
     k, g = _f(r.get('moe_top_k')) if e > 1 else 1.0, _f(r.get('moe_granularity'))
     n_act = _f(r.get('n_params_active_non_embedding'))

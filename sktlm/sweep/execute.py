@@ -19,14 +19,9 @@ import subprocess
 import threading
 import time
 
-from sktlm import files
+from sktlm import files, runfiles
 from sktlm.sweep import locks
-from sktlm.train.metrics import summary_problems
 
-TERMINAL = ('done', 'diverged')
-LOCK = 'sweep.lock'
-RECORD = 'sweep_run.json'
-LOG = 'train.log'
 GRACE_S = 20.0  # after SIGTERM, before SIGKILL
 # Runs are stopped with SIGTERM (train saves a checkpoint and exits 143): unlike SIGINT it is not ignored
 # in processes started in the background by a shell.
@@ -64,32 +59,20 @@ class Live:
         _signal(p, signal.SIGKILL)
 
 
-def summary(run_dir: str) -> dict | None:
-  return files.read_json(os.path.join(run_dir, 'summary.json'))
-
-
-def finished(s: dict | None) -> str:
-  """'done' / 'diverged' for a finished run's summary ('' otherwise; a done summary without its losses,
-  left by a kill between the last checkpoint and the summary, is not finished: train completes it)."""
-  status = (s or {}).get('status')
-  if status == 'diverged' or (status == 'done' and not summary_problems(s)):
-    return status
-  return ''
-
-
 def run_status(run_dir: str) -> str:
   """The run's state from its files: done / diverged / running (a live lock) / the last attempt's status
   (failed, interrupted) / pending."""
-  done = finished(summary(run_dir))
+  done = runfiles.finished(runfiles.read_summary(run_dir))
   if done:
     return done
-  lock_path = os.path.join(run_dir, LOCK)
+  lock_path = runfiles.path(run_dir, runfiles.SWEEP_LOCK)
   info = locks.read(lock_path)
   if info is not None and not locks.stale_reason(lock_path, info):
-    return 'running'
-  rec = files.read_json(os.path.join(run_dir, RECORD)) or {}
+    return runfiles.RUNNING
+  rec = runfiles.read(run_dir, runfiles.SWEEP_RECORD) or {}
   last = (rec.get('attempts') or [{}])[-1].get('status')
-  return 'pending' if last in (None, 'running', 'done') else last  # done: but its summary is incomplete
+  # done: but its summary is incomplete
+  return runfiles.PENDING if last in (None, runfiles.RUNNING, runfiles.DONE) else last
 
 
 def log_tail(path: str, n: int = 20, start: int = 0) -> str:
@@ -117,12 +100,13 @@ def run_one(task: dict, stop: threading.Event | None = None, live: Live | None =
   name, run_dir = task['name'], task['run_dir']
   poll, timeout = task.get('poll_s', 1.0), task.get('lock_timeout_s', 0) or 0
   os.makedirs(run_dir, exist_ok=True)
-  lock = locks.RunLock(os.path.join(run_dir, LOCK), log=lambda msg: print(f'[{name}] {msg}', flush=True))
+  lock = locks.RunLock(runfiles.path(run_dir, runfiles.SWEEP_LOCK),
+                       log=lambda msg: print(f'[{name}] {msg}', flush=True))
   waited_since = None
   while True:
-    status = finished(summary(run_dir))
+    status = runfiles.finished(runfiles.read_summary(run_dir))
     if status:
-      return _result(name, status, 0, summary(run_dir), skipped=waited_since is None,
+      return _result(name, status, 0, runfiles.read_summary(run_dir), skipped=waited_since is None,
                      adopted=waited_since is not None)
     if lock.acquire():
       break
@@ -132,15 +116,15 @@ def run_one(task: dict, stop: threading.Event | None = None, live: Live | None =
       print(f'[{name}] waiting for {locks.describe(locks.read(lock.path))}, which holds {lock.path}'
             + (f' (giving up after {timeout:g}s)' if timeout else ''), flush=True)
     if stop is not None and stop.is_set():
-      return _result(name, 'interrupted', None, None, message='left running in another process')
+      return _result(name, runfiles.INTERRUPTED, None, None, message='left running in another process')
     if timeout and time.time() - waited_since > timeout:
-      return _result(name, 'locked', None, None, message=f'still locked by '
+      return _result(name, runfiles.LOCKED, None, None, message=f'still locked by '
                      f'{locks.describe(locks.read(lock.path))} after {timeout:g}s ({lock.path})')
     time.sleep(poll)
   try:
-    status = finished(summary(run_dir))
+    status = runfiles.finished(runfiles.read_summary(run_dir))
     if status:  # finished while we waited for the lock
-      return _result(name, status, 0, summary(run_dir), adopted=waited_since is not None)
+      return _result(name, status, 0, runfiles.read_summary(run_dir), adopted=waited_since is not None)
     return _launch(task, lock, stop, live or Live())
   finally:
     lock.release()
@@ -148,10 +132,10 @@ def run_one(task: dict, stop: threading.Event | None = None, live: Live | None =
 
 def _launch(task: dict, lock: locks.RunLock, stop: threading.Event | None, live: Live) -> dict:
   name, run_dir = task['name'], task['run_dir']
-  record_path = os.path.join(run_dir, RECORD)
+  record_path = runfiles.path(run_dir, runfiles.SWEEP_RECORD)
   record = files.read_json(record_path) or {'name': name, 'settings': task.get('settings', {}), 'attempts': []}
   record['command'] = task['cmd']
-  log_path = os.path.join(run_dir, LOG)
+  log_path = runfiles.path(run_dir, runfiles.SWEEP_LOG)
   env = dict(os.environ, **task.get('env', {}))
   env.setdefault('PYTHONUNBUFFERED', '1')
   env[LOCK_ENV] = lock.path
@@ -165,7 +149,7 @@ def _launch(task: dict, lock: locks.RunLock, stop: threading.Event | None, live:
                             cwd=task.get('cwd') or None, env=env, start_new_session=True)
   live.add(proc)
   attempt = {'host': locks.HOST, 'pid': proc.pid, 'start': start, 'end': None, 'exit_code': None,
-             'status': 'running'}
+             'status': runfiles.RUNNING}
   record['attempts'].append(attempt)
   lock.set_holder(proc.pid)
   files.write_json(record_path, record)
@@ -194,21 +178,21 @@ def _launch(task: dict, lock: locks.RunLock, stop: threading.Event | None, live:
         break
   finally:
     live.remove(proc)
-  s = summary(run_dir)
-  if s is not None and os.path.getmtime(os.path.join(run_dir, 'summary.json')) < start - 1:
+  s = runfiles.read_summary(run_dir)
+  if s is not None and os.path.getmtime(runfiles.path(run_dir, runfiles.SUMMARY)) < start - 1:
     s = None  # left by an earlier attempt
-  if finished(s) and rc == 0:
+  if runfiles.finished(s) and rc == 0:
     status = s['status']
-  elif s and s.get('status') == 'diverged':
-    status = 'diverged'
+  elif s and s.get('status') == runfiles.DIVERGED:
+    status = runfiles.DIVERGED
   elif interrupted or rc in (130, 143, -signal.SIGINT, -signal.SIGTERM):  # 143: train stopped by a signal
-    status = 'interrupted'
+    status = runfiles.INTERRUPTED
   else:
-    status = 'failed'
+    status = runfiles.FAILED
   attempt.update(end=time.time(), exit_code=rc, status=status)
   files.write_json(record_path, record)
-  message = (s or {}).get('message', '') if status != 'done' else ''
-  tail = log_tail(log_path, start=offset) if status not in TERMINAL else ''
+  message = (s or {}).get('message', '') if status != runfiles.DONE else ''
+  tail = log_tail(log_path, start=offset) if status not in runfiles.TERMINAL else ''
   return _result(name, status, rc, s, message=message, log_tail=tail)
 
 

@@ -17,13 +17,12 @@ import os
 import socket
 import time
 
-from sktlm import files
+from sktlm import files, runfiles
 
 HOST = socket.gethostname()
 LOCK_ENV = 'SKTLM_SWEEP_LOCK'  # set by the sweep for `sktlm train`: the lock to release if it ends on its own
 EMPTY_GRACE_S = 10.0       # an unreadable lock younger than this may be mid-write
 FOREIGN_STALE_S = 3600.0   # another host's lock with no activity in its run folder for this long is stale
-ACTIVITY_FILES = ('train.log', 'metrics.jsonl')
 
 
 def proc_start_time(pid: int) -> str:
@@ -79,7 +78,7 @@ def _age(path: str) -> float:
   """Seconds since the newest change of the lock or of its run's activity files (inf if none exist)."""
   folder = os.path.dirname(path)
   newest = 0.0
-  for p in (path, *(os.path.join(folder, n) for n in ACTIVITY_FILES)):
+  for p in (path, *(os.path.join(folder, n) for n in runfiles.ACTIVITY)):
     try:
       newest = max(newest, os.path.getmtime(p))
     except OSError:

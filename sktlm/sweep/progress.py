@@ -2,54 +2,27 @@
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 import time
 
-from sktlm.sweep import execute
+from sktlm import runfiles
 from sktlm.sweep.schedule import fmt_time
-
-
-def last_metrics(run_dir: str, max_bytes: int = 65536) -> dict:
-  """The latest train and eval records of metrics.jsonl (reads only its tail)."""
-  out: dict = {}
-  path = os.path.join(run_dir, 'metrics.jsonl')
-  try:
-    with open(path, 'rb') as f:
-      f.seek(0, os.SEEK_END)
-      size = f.tell()
-      f.seek(max(0, size - max_bytes))
-      lines = f.read().decode('utf-8', errors='replace').splitlines()
-  except OSError:
-    return out
-  for line in reversed(lines):
-    try:
-      rec = json.loads(line)
-    except ValueError:
-      continue  # a partial first line of the tail, or a line being written
-    kind = rec.get('kind')
-    if kind in ('train', 'eval') and kind not in out:
-      out[kind] = rec
-    if len(out) == 2:
-      break
-  return out
 
 
 def run_view(name: str, status: str, steps: int, run_dir: str, started: float | None) -> dict:
   """One table row: step, losses, throughput and ETA of a run."""
-  s = execute.summary(run_dir) if status in ('done', 'diverged', 'failed') else None
-  m = last_metrics(run_dir)
+  s = runfiles.read_summary(run_dir) if status in (runfiles.DONE, runfiles.DIVERGED, runfiles.FAILED) else None
+  m = runfiles.latest_records(run_dir)
   train, ev = m.get('train', {}), m.get('eval', {})
   step = (s or {}).get('step', train.get('step', 0)) or 0
   loss = (s or {}).get('final_train_loss', train.get('loss'))
   eval_loss = (s or {}).get('final_eval_loss', ev.get('eval_loss'))
   tps = (s or {}).get('tokens_per_s', train.get('tokens_per_s'))
   eta = None
-  if status == 'running' and train.get('step_time_s'):
+  if status == runfiles.RUNNING and train.get('step_time_s'):
     eta = max(0, steps - step) * train['step_time_s']
   elapsed = (s or {}).get('wall_time_s') if s else (
-      time.time() - started if started and status == 'running' else None)
+      time.time() - started if started and status == runfiles.RUNNING else None)
   return dict(name=name, status=status, step=step, steps=steps, loss=loss, eval_loss=eval_loss, tps=tps,
               elapsed=elapsed, eta=eta)
 
@@ -99,7 +72,7 @@ class Display:
       self.stream.flush()
       self._drawn = len(lines)
     else:
-      running = [v for v in views if v['status'] == 'running']
+      running = [v for v in views if v['status'] == runfiles.RUNNING]
       if running or force:
         print(f'[{time.strftime("%H:%M:%S")}] {header_fn()}', file=self.stream)
         for v in running:

@@ -13,7 +13,7 @@ import io
 import json
 import os
 
-from sktlm import files, run_row
+from sktlm import files, run_row, runfiles
 from sktlm.errors import UserError
 from sktlm.sweep import execute
 from sktlm.sweep.schedule import PlannedRun
@@ -28,10 +28,10 @@ EXTRA = ['flops_executed', 'size', 'n_params_active_non_embedding', 'steps', 'ba
 def row(run: PlannedRun, sweep_dir: str, common: dict, state: str = '', last: dict | None = None) -> dict:
   """state/last: the scheduler's view of a run that did not finish (failed, interrupted, pending)."""
   run_dir = os.path.join(sweep_dir, run.name)
-  s = execute.summary(run_dir) or {}
-  record = files.read_json(os.path.join(run_dir, execute.RECORD)) or {}
+  s = runfiles.read_summary(run_dir) or {}
+  record = runfiles.read(run_dir, runfiles.SWEEP_RECORD) or {}
   attempts = record.get('attempts') or []
-  status = execute.finished(s) or state or execute.run_status(run_dir)
+  status = runfiles.finished(s) or state or execute.run_status(run_dir)
   exit_code = attempts[-1].get('exit_code') if attempts else None
   if last and last.get('exit_code') is not None:
     exit_code = last['exit_code']
@@ -39,8 +39,8 @@ def row(run: PlannedRun, sweep_dir: str, common: dict, state: str = '', last: di
   planned = {'params': run.params, 'flops': run.flops, 'tokens': run.tokens, 'step': run.steps}
   got = run_row.from_summary({**planned, **{k: v for k, v in s.items() if v not in (None, {}, '')}})
   tail = ''
-  if status not in ('done', 'pending', 'running'):
-    tail = (last or {}).get('log_tail') or execute.log_tail(os.path.join(run_dir, execute.LOG))
+  if status not in (runfiles.DONE, runfiles.PENDING, runfiles.RUNNING):
+    tail = (last or {}).get('log_tail') or execute.log_tail(runfiles.path(run_dir, runfiles.SWEEP_LOG))
   return {
       'name': run.name,
       'overrides': json.dumps({**common, **run.settings}, sort_keys=False, default=str),

@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 
-from sktlm import files
+from sktlm import files, runfiles
 from sktlm.errors import UserError
 from sktlm.sweep import cores, execute, progress, results
 from sktlm.sweep.schedule import PlannedRun, fmt_time
@@ -74,7 +74,7 @@ def check_settings(runs: list[PlannedRun], sweep_dir: str, common: dict):
   """Refuses to reuse a run directory that was made with other settings (its results would be stale)."""
   bad = []
   for r in runs:
-    rec = files.read_json(os.path.join(sweep_dir, r.name, execute.RECORD))
+    rec = runfiles.read(os.path.join(sweep_dir, r.name), runfiles.SWEEP_RECORD)
     want = {**common, **r.settings}
     if rec and rec.get('settings') is not None and _canon(rec['settings']) != _canon(want):
       bad.append(f'{r.name}: {rec["settings"]} -> {want}')
@@ -86,11 +86,6 @@ def check_settings(runs: list[PlannedRun], sweep_dir: str, common: dict):
 def _canon(d: dict) -> str:
   import json
   return json.dumps(d, sort_keys=True, default=str)
-
-
-def checkpoint_ready(run_dir: str, step: int) -> bool:
-  # Orbax renames a finished save from '<step>.orbax-checkpoint-tmp-*' to '<step>' atomically.
-  return os.path.isdir(os.path.join(run_dir, 'checkpoints', str(step)))
 
 
 def run_sweep(runs: list[PlannedRun], sweep_dir: str, backend, *, common: dict | None = None,
@@ -112,9 +107,9 @@ def run_sweep(runs: list[PlannedRun], sweep_dir: str, backend, *, common: dict |
   started: dict[str, float] = {}
   for r in runs:
     on_disk = execute.run_status(os.path.join(sweep_dir, r.name))
-    keep = on_disk in execute.TERMINAL or (on_disk == 'failed' and not retry_failed)
-    state[r.name] = on_disk if keep else 'pending'
-  n_skip = sum(v in execute.TERMINAL for v in state.values())
+    keep = on_disk in runfiles.TERMINAL or (on_disk == runfiles.FAILED and not retry_failed)
+    state[r.name] = on_disk if keep else runfiles.PENDING
+  n_skip = sum(v in runfiles.TERMINAL for v in state.values())
   if n_skip:
     display.event(f'{n_skip} of {len(runs)} runs already finished in {sweep_dir}; skipping them')
 
@@ -124,10 +119,11 @@ def run_sweep(runs: list[PlannedRun], sweep_dir: str, backend, *, common: dict |
     return rows
 
   def header():
-    counts = {k: sum(v == k for v in state.values()) for k in ('done', 'running', 'failed', 'pending')}
+    shown = (runfiles.DONE, runfiles.RUNNING, runfiles.FAILED, runfiles.PENDING)
+    counts = {k: sum(v == k for v in state.values()) for k in shown}
     other = len(runs) - sum(counts.values())
-    return (f'sweep {sweep_dir} [{backend.name}]: {counts["done"]} done, {counts["running"]} running, '
-            f'{counts["failed"]} failed, {counts["pending"]} pending' + (f', {other} other' if other else ''))
+    return f'sweep {sweep_dir} [{backend.name}]: ' + ', '.join(f'{counts[k]} {k}' for k in shown) + (
+        f', {other} other' if other else '')
 
   def views():
     return [progress.run_view(r.name, state[r.name], r.steps, os.path.join(sweep_dir, r.name),
@@ -145,9 +141,9 @@ def run_sweep(runs: list[PlannedRun], sweep_dir: str, backend, *, common: dict |
     if not r.parent:
       return True
     ps = state[r.parent]
-    if ps == 'done' or checkpoint_ready(os.path.join(sweep_dir, r.parent), r.parent_step):
+    if ps == runfiles.DONE or runfiles.has_checkpoint(os.path.join(sweep_dir, r.parent), r.parent_step):
       return True
-    if ps in ('failed', 'diverged', 'blocked', 'interrupted'):
+    if ps in (runfiles.FAILED, runfiles.DIVERGED, runfiles.BLOCKED, runfiles.INTERRUPTED):
       return None
     return False
 
@@ -156,18 +152,18 @@ def run_sweep(runs: list[PlannedRun], sweep_dir: str, backend, *, common: dict |
   try:
     while True:
       for r in runs:
-        if state[r.name] != 'pending' or len(inflight) >= getattr(backend, 'parallel', 1 << 30):
+        if state[r.name] != runfiles.PENDING or len(inflight) >= getattr(backend, 'parallel', 1 << 30):
           continue
         ok = ready(r)
         if ok is None:
-          state[r.name] = 'blocked'
+          state[r.name] = runfiles.BLOCKED
           last[r.name] = {'message': f'parent {r.parent} ended ({state[r.parent]}) before step '
                                      f'{r.parent_step}'}
           display.event(f'blocked {r.name}: {last[r.name]["message"]}')
           continue
         if ok:
           inflight[backend.submit(task(r), r.resources)] = r.name
-          state[r.name] = 'running'
+          state[r.name] = runfiles.RUNNING
           started[r.name] = time.time()
           display.event(f'started {r.name}')
       if not inflight:
@@ -177,7 +173,7 @@ def run_sweep(runs: list[PlannedRun], sweep_dir: str, backend, *, common: dict |
         try:
           res = backend.result(h)
         except Exception as e:  # noqa: BLE001 - a backend error (e.g. a lost Ray worker) fails one run
-          res = {'name': name, 'status': 'failed', 'exit_code': None, 'message': f'{type(e).__name__}: {e}',
+          res = {'name': name, 'status': runfiles.FAILED, 'exit_code': None, 'message': f'{type(e).__name__}: {e}',
                  'log_tail': ''}
         state[name] = res['status']
         last[name] = res
@@ -194,7 +190,7 @@ def run_sweep(runs: list[PlannedRun], sweep_dir: str, backend, *, common: dict |
         res = backend.result(h) if backend.wait([h], timeout=execute.GRACE_S + 5) else None
       except Exception:  # noqa: BLE001
         res = None
-      state[name] = (res or {}).get('status', 'interrupted')
+      state[name] = (res or {}).get('status', runfiles.INTERRUPTED)
       if res:
         last[name] = res
     with contextlib.suppress(UserError):  # the results files may be what failed
@@ -205,7 +201,7 @@ def run_sweep(runs: list[PlannedRun], sweep_dir: str, backend, *, common: dict |
   rows = write_results()
   display.final(views(), header())
   for row in rows:
-    if row['status'] not in ('done', 'pending'):
+    if row['status'] not in (runfiles.DONE, runfiles.PENDING):
       display.event(f'{row["name"]}: {row["status"]} (exit code {row["exit_code"]}) {row["message"]}\n'
                     + _indent(row['log_tail']))
   return rows
@@ -213,7 +209,7 @@ def run_sweep(runs: list[PlannedRun], sweep_dir: str, backend, *, common: dict |
 
 def _describe(res: dict, r: PlannedRun, dt: float) -> str:
   s = res.get('summary') or {}
-  if res['status'] in ('done', 'diverged'):
+  if res['status'] in runfiles.TERMINAL:
     how = 'already finished' if res.get('skipped') else ('finished elsewhere' if res.get('adopted') else
                                                           f'in {fmt_time(dt)}')
     loss = s.get('final_eval_loss', s.get('final_train_loss'))

@@ -6,10 +6,10 @@ All counts come from sktlm.config.accounting (the one accounting) on each run's 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any
 
+from sktlm import runfiles
 from sktlm.config import accounting, layout
 from sktlm.errors import UserError
 from sktlm.sweep import spec
@@ -139,12 +139,11 @@ def throughput(sweep_dir: str | None, given: float = 0.0) -> tuple[float, str]:
   if sweep_dir and os.path.isdir(sweep_dir):
     for name in sorted(os.listdir(sweep_dir)):
       try:
-        with open(os.path.join(sweep_dir, name, 'summary.json')) as f:
-          s = json.load(f)
+        s = runfiles.load(os.path.join(sweep_dir, name), runfiles.SUMMARY)
       except (OSError, ValueError):
         continue
-      model_flops = (s.get('flops') or {}).get('model') or (s.get('flops') or {}).get('exact')
-      if s.get('status') == 'done' and s.get('wall_time_s') and model_flops:
+      model_flops = runfiles.summary_flops(s)['model']
+      if s.get('status') == runfiles.DONE and s.get('wall_time_s') and model_flops:
         # Training time without the compile, which estimate_s adds back as start-up.
         work += model_flops
         secs += max(1.0, s['wall_time_s'] - s.get('compile_time_s', 0.0))

@@ -21,8 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from sktlm import data, sharding
+from sktlm.config.validate import validate
 from sktlm.errors import UserError
-from sktlm.train import step
+from sktlm.train import resolve, step
 
 
 @dataclasses.dataclass
@@ -102,15 +103,16 @@ def run(config, widths, steps: int, parametrizations=('sp', 'mup'), base_width: 
     raise UserError('coord-check measures dense models (model.moe.num_experts=0)')
   base_width = base_width or widths[0]
   data.prepare(config.data)
-  with config.unlocked():
-    step.resolve_vocab(config)
   mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])  # small models: one device
+  with config.unlocked():
+    resolve.resolve(config, mesh)  # once: the width configs copy the vocab and the platform choices
   rms: dict[str, dict[str, np.ndarray]] = {}
   losses: dict[str, np.ndarray] = {}
   for p in parametrizations:
     per_width, loss_rows = [], []
     for w in widths:
       c = width_config(config, w, p, base_width)
+      validate(c, mesh)  # a new config: its width, parametrization and base width
       setup = step.build(c, mesh)
       stats = _stats_fn(setup)
       it = data.make_train_iter(c.data, batch_size=c.train.batch_size, seed=c.seed)

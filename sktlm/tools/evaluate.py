@@ -19,6 +19,7 @@ import time
 import jax
 import numpy as np
 
+from sktlm import runfiles
 from sktlm.errors import UserError
 
 SPLITS = ('validation', 'train')
@@ -80,7 +81,7 @@ def evaluate(run, data_cfg, *, split: str = 'validation', max_batches: int = 0, 
 
 
 def write_record(workdir: str, record: dict) -> str:
-  path = os.path.join(workdir, 'evals', f'{record["name"]}.json')
+  path = runfiles.eval_path(workdir, record['name'])
   os.makedirs(os.path.dirname(path), exist_ok=True)
   tmp = path + '.tmp'
   with open(tmp, 'w') as f:

@@ -12,6 +12,7 @@ from typing import Any
 
 import ml_collections
 
+from sktlm import runfiles
 from sktlm.config import schema
 from sktlm.config.load import flatten
 from sktlm.config.validate import validate
@@ -40,10 +41,9 @@ def _tuples(x):
 def read_config(workdir: str) -> ml_collections.ConfigDict:
   """The resolved config a run stored in W/config.json (lists back to tuples, as the schema has them), over
   the schema's defaults: a key the run predates reads as its default, a key since removed is dropped."""
-  path = os.path.join(workdir, 'config.json')
+  path = runfiles.path(workdir, runfiles.CONFIG)
   try:
-    with open(path) as f:
-      raw = json.load(f)
+    raw = runfiles.load(workdir, runfiles.CONFIG)
   except (OSError, json.JSONDecodeError) as e:
     raise UserError(f'{workdir} is not a run directory: cannot read {path} ({e})') from None
   config = schema.get_config()
@@ -67,14 +67,14 @@ def _reader(workdir: str):
   old = logging.get_verbosity()
   logging.set_verbosity(logging.ERROR)
   try:
-    return Checkpointer(os.path.join(workdir, 'checkpoints'), read_only=True, async_save=False)
+    return Checkpointer(runfiles.checkpoints_dir(workdir), read_only=True, async_save=False)
   finally:
     logging.set_verbosity(old)
 
 
 def checkpoint_step(workdir: str, at_step: int | None) -> int:
-  if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
-    raise UserError(f'{workdir}: no checkpoints/ folder (train the run first)')
+  if not os.path.isdir(runfiles.checkpoints_dir(workdir)):
+    raise UserError(f'{workdir}: no {runfiles.CHECKPOINTS}/ folder (train the run first)')
   ckpt = _reader(workdir)
   steps = ckpt.all_steps()
   ckpt.close()
@@ -94,7 +94,7 @@ def load(workdir: str, at_step: int | None = None, mesh_cfg: dict | None = None,
   import jax
 
   from sktlm import data, sharding
-  from sktlm.train import step
+  from sktlm.train import resolve, step
   config = read_config(workdir)
   at_step = checkpoint_step(workdir, at_step)
   tokenizer = data.get_tokenizer(config.data)
@@ -113,6 +113,7 @@ def load(workdir: str, at_step: int | None = None, mesh_cfg: dict | None = None,
     elif config.train.batch_size % shards:
       config.train.batch_size = shards
     config.train.grad_accum = 1
+    resolve.resolve(config, mesh, tokenizer)  # config.json records resolved values; older runs' 'auto' here
   setup = step.build(config, mesh)
   ckpt = _reader(workdir)
   state, _ = ckpt.restore(at_step, setup.abstract_state)

@@ -10,7 +10,8 @@ Storage faults: a checkpoint that does not restore (truncated files: a failing d
 every step alike, never moves anything); `verify` reads every array of a step (`sktlm doctor --deep`); either
 says which file is unreadable, or how the checkpoint differs from the model (checkpoint_faults.py). An
 I/O error during a save (ENOSPC) removes the save's temp folder and raises one UserError naming the path and
-the last good checkpoint; older checkpoints are untouched (Orbax prunes only after a save commits).
+the last good checkpoint; older checkpoints are untouched (Orbax prunes only after a save commits). The
+folder's names, its temp folders and the quarantine are sktlm.runfiles' (read without Orbax).
 """
 
 from __future__ import annotations
@@ -19,15 +20,11 @@ import contextlib
 import gc
 import logging
 import os
-import shutil
 import sys
 
-from sktlm import files
+from sktlm import files, runfiles
 from sktlm.errors import UserError
 from sktlm.train import checkpoint_faults
-
-TMP_MARK = '.orbax-checkpoint-tmp'
-QUARANTINE = 'checkpoints.quarantine'  # beside the checkpoints folder: Orbax never lists or prunes it
 
 
 def _echo(exc) -> bool:
@@ -84,19 +81,6 @@ def _quiet_failed_reads():
     absl_log.setLevel(level)
 
 
-def quarantine_dir(directory: str) -> str:
-  return os.path.join(os.path.dirname(os.path.abspath(directory)), QUARANTINE)
-
-
-def quarantine(directory: str, step: int, why: str) -> str:
-  """Moves `directory/step` to `<workdir>/checkpoints.quarantine/<step>.<why>[.n]` (never deletes); returns it."""
-  qdir = quarantine_dir(directory)
-  os.makedirs(qdir, exist_ok=True)
-  dest, n = os.path.join(qdir, f'{step}.{why}'), 1
-  while os.path.exists(dest):
-    dest, n = os.path.join(qdir, f'{step}.{why}.{n}'), n + 1
-  os.rename(os.path.join(directory, str(step)), dest)
-  return dest
 
 
 def verify(step_dir: str) -> str:
@@ -124,38 +108,15 @@ def verify(step_dir: str) -> str:
   return ''
 
 
-def steps_on_disk(directory: str) -> list[int]:
-  """Finished checkpoint steps in `directory` from its folder names alone (no Orbax, creates nothing)."""
-  try:
-    return sorted(int(n) for n in os.listdir(directory) if n.isdigit() and os.path.isdir(os.path.join(directory, n)))
-  except OSError:
-    return []
-
-
-def tmp_folders(directory: str) -> list[str]:
-  """Folders of saves that never finished (a kill during an async save)."""
-  try:
-    return sorted(os.path.join(directory, n) for n in os.listdir(directory) if TMP_MARK in n)
-  except OSError:
-    return []
-
-
-def remove_tmp_folders(directory: str) -> list[str]:
-  gone = tmp_folders(directory)
-  for p in gone:
-    shutil.rmtree(p, ignore_errors=True)
-  return gone
-
-
 class Checkpointer:
 
   def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True, read_only: bool = False):
     import jax
-    import orbax.checkpoint as ocp  # here, so the folder helpers above serve jax-free tools (sktlm doctor)
+    import orbax.checkpoint as ocp  # here: importing this module costs no Orbax until a checkpoint is opened
     _silence_echoes()
     self.directory = os.path.abspath(directory)
     if not read_only and jax.process_index() == 0:
-      remove_tmp_folders(self.directory)  # saves killed midway (no save is in flight before this one starts)
+      runfiles.remove_checkpoint_tmp_folders(self.directory)  # saves killed midway (none in flight before this one)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep if keep > 0 else None,
         create=not read_only,
@@ -191,7 +152,7 @@ class Checkpointer:
         raise
       import jax
       if jax.process_index() == 0:
-        remove_tmp_folders(self.directory)
+        runfiles.remove_checkpoint_tmp_folders(self.directory)
       what = f'checkpoint step {step}' if step is not None else 'a checkpoint'
       # the directory, not the failing file: which file fails first depends on timing (files.storage_fault)
       raise UserError(f'cannot write {what} to {self.directory}: {fault[1]}; '
@@ -228,8 +189,8 @@ class Checkpointer:
         continue
       import jax
       lead = jax.process_index() == 0  # one mover on a shared filesystem
-      bad = [(b, err, quarantine(self.directory, b, 'corrupt') if lead else quarantine_dir(self.directory))
-             for b, err in bad]
+      bad = [(b, err, runfiles.quarantine(self.directory, b, 'corrupt') if lead
+              else runfiles.quarantine_dir(self.directory)) for b, err in bad]
       if bad:
         self._manager.reload()
       return state, data_state, step, bad
@@ -243,7 +204,7 @@ class Checkpointer:
 
   def set_aside_after(self, step: int) -> list[str]:
     """Moves the checkpoints newer than `step` to the quarantine (`train.resume_step`); returns where."""
-    moved = [quarantine(self.directory, s, f'after-{step}') for s in self.all_steps() if s > step]
+    moved = [runfiles.quarantine(self.directory, s, f'after-{step}') for s in self.all_steps() if s > step]
     if moved:
       self._manager.reload()
     return moved
@@ -260,7 +221,7 @@ class Checkpointer:
 
 
 def last_good(directory: str, below: int | None = None) -> str:
-  good = [s for s in steps_on_disk(directory) if below is None or s < below]
+  good = [s for s in runfiles.steps_on_disk(directory) if below is None or s < below]
   kept = f'last good checkpoint: step {good[-1]} in {directory}' if good else 'no checkpoint was saved before'
   return f'{kept} (free space and rerun the same command to resume)'
 

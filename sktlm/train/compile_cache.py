@@ -9,7 +9,7 @@ Never stale: JAX keys each entry by a hash of the HLO module (the whole program,
 donations), the compile options, XLA_FLAGS, the jax/jaxlib and backend versions and the
 devices, so a change of model code, config or flags that changes the program is a new key. sktlm decides
 nothing outside the program that a cached executable could carry stale: every platform choice (kernels,
-attention, unrolling) is resolved in train.build before tracing, so it is in the HLO.
+attention, unrolling) is resolved (sktlm.train.resolve) before tracing, so it is in the HLO.
 """
 
 from __future__ import annotations

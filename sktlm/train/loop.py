@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import signal
 import time
 
 import jax
 
-from sktlm import chips, files, timeline
+from sktlm import chips, runfiles, timeline
 from sktlm.config import accounting
 from sktlm.errors import UserError
 from sktlm.train import compile_cache, step
@@ -212,10 +211,6 @@ def moe_shape(mc) -> dict:
               shared_experts=moe.num_shared_experts)
 
 
-def write_summary(workdir: str, summary: dict) -> None:
-  files.write_json(os.path.join(workdir, 'summary.json'), summary)
-
-
 def run(config, workdir: str, malloc: str = 'default (not tuned by this caller)') -> int:
   """Trains per `config` in `workdir`; returns the process exit code (0 done, 143 preempted). `malloc`: what
   hostmem.tune_malloc did in this process, for the start line."""
@@ -230,13 +225,13 @@ def _run(config, workdir: str, malloc: str) -> int:
   t, B, T = config.train, config.train.batch_size, config.data.seq_len
   if p.finished:
     if p.leader:
-      print(f'already finished: step {t.steps} of {t.steps}; {workdir}/summary.json kept as it is')
+      print(f'already finished: step {t.steps} of {t.steps}; {workdir}/{runfiles.SUMMARY} kept as it is')
     return 0
   try:
     write_run_files(p)
   except OSError as e:  # a full disk at the start: one line
-    raise UserError(f'cannot write {io_error(e, workdir)}; {last_good(os.path.join(workdir, "checkpoints"))}') from None
-  ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), keep=t.keep_checkpoints, async_save=t.async_checkpoint)
+    raise UserError(f'cannot write {io_error(e, workdir)}; {last_good(runfiles.checkpoints_dir(workdir))}') from None
+  ckpt = Checkpointer(runfiles.checkpoints_dir(workdir), keep=t.keep_checkpoints, async_save=t.async_checkpoint)
   state, start, origin = restore_or_init(p, ckpt)
   timeline.mark('state')
   counts, fpt = accounting.param_counts(config.model), accounting.flops_per_token(config.model, T)
@@ -245,14 +240,14 @@ def _run(config, workdir: str, malloc: str) -> int:
           f'host malloc {malloc}')
   peak, peak_src = peak_flops_total(config, p.mesh.devices.flat)
   timeline.mark('peak')
-  history = files.read_jsonl(os.path.join(workdir, 'metrics.jsonl')) if p.leader else []
+  history = runfiles.read_metrics(workdir) if p.leader else []
   stats = RunStats(tokens_per_step=B * T, fpt=fpt, peak=peak, history=history, start_step=start,
                    spike_window=t.spike_window if t.spike_factor > 0 else 0, t_start=t_start)
   writer = MetricsWriter(workdir, tensorboard=config.metrics.tensorboard, progress=config.metrics.progress,
                          total_steps=t.steps, enabled=p.leader)
   trainer = Trainer(p, ckpt, writer, stats, state, start)
   timeline.mark('writers')
-  summary = {'status': 'running', 'steps': t.steps, 'seq_len': T, 'batch_size': B, 'params': counts,
+  summary = {'status': runfiles.RUNNING, 'steps': t.steps, 'seq_len': T, 'batch_size': B, 'params': counts,
              'eval_batches': t.eval_batches if p.eval_batches else 0,
              'flops_per_token': fpt, 'peak_flops': peak, 'peak_source': peak_src, 'moe': moe_shape(config.model)}
   exit_code = 0
@@ -264,20 +259,20 @@ def _run(config, workdir: str, malloc: str) -> int:
       stopped = trainer.finish(stop)
     ckpt.wait()  # the final save is on disk (or its I/O error raised) before the summary says done
     if stopped:
-      summary.update(status='preempted', message=stopped)
+      summary.update(status=runfiles.PREEMPTED, message=stopped)
       exit_code = PREEMPTED_EXIT_CODE
     else:
-      summary['status'] = 'done'
+      summary['status'] = runfiles.DONE
   except Diverged as e:
     kept = ckpt.latest_step()
     kept = f'last good checkpoint kept: step {kept}' if kept is not None else 'no checkpoint was saved before'
-    summary.update(status='diverged', message=f'{e}; {kept}')
+    summary.update(status=runfiles.DIVERGED, message=f'{e}; {kept}')
     raise UserError(summary['message']) from None
   except UserError as e:  # e.g. a save that hit a full disk (checkpoint.py words it)
-    summary.update(status='failed', message=str(e)[:2000])
+    summary.update(status=runfiles.FAILED, message=str(e)[:2000])
     raise
   except Exception as e:
-    summary.update(status='failed', message=f'{type(e).__name__}: {e}'[:2000])
+    summary.update(status=runfiles.FAILED, message=f'{type(e).__name__}: {e}'[:2000])
     io = io_error(e, workdir)
     if io is not None:  # a full disk or a failing one while writing a record: one line, not a traceback
       raise UserError(f'cannot write {io}; {last_good(ckpt.directory)}') from None
@@ -291,7 +286,7 @@ def _run(config, workdir: str, malloc: str) -> int:
         writer.close()
         summary.update(stats.summary(trainer.step), compile_time_s=trainer.compile_s)
         if p.leader:
-          write_summary(workdir, summary)
+          runfiles.write_summary(workdir, summary)
       except OSError as e:
         raise UserError(f'cannot write {io_error(e, workdir)}; {last_good(ckpt.directory)}') from None
     timeline.mark('summary')

@@ -10,13 +10,12 @@ from __future__ import annotations
 import collections
 import json
 import math
-import os
 import sys
 import time
 
 import numpy as np
 
-from sktlm import files
+from sktlm import files, runfiles
 
 
 def _summary_writer(logdir: str):
@@ -43,16 +42,16 @@ class MetricsWriter:
                enabled: bool = True):
     """enabled=False (non-leader hosts of a multi-host run): records are dropped, nothing is written."""
     self.enabled = enabled
-    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self.path = runfiles.path(workdir, runfiles.METRICS)
     self._file = None
     self._tb = None
     if enabled:
       cut = files.repair_jsonl(self.path)  # a kill mid-line must not glue the next record onto it
       if cut:
-        print(f'metrics.jsonl: dropped a cut last line ({cut} bytes) left by a killed attempt', file=sys.stderr)
+        print(f'{runfiles.METRICS}: dropped a cut last line ({cut} bytes) left by a killed attempt', file=sys.stderr)
       self._file = open(self.path, 'a', buffering=1)  # line-buffered: a kill keeps every finished record
     if tensorboard and enabled:
-      self._tb = _summary_writer(os.path.join(workdir, 'tb'))
+      self._tb = _summary_writer(runfiles.path(workdir, runfiles.TENSORBOARD))
     self._tty = progress and sys.stderr.isatty()
     self.total_steps = total_steps
     self._t0 = time.time()
@@ -124,29 +123,13 @@ class _Attempts:
         self.trained_tokens += float(r.get('window_s', 0.0)) * float(r.get('tokens_per_s', 0.0))
         if step <= resume_step and (self.last_train is None or step >= self.last_train['step']):
           self.last_train = r
-      elif kind == 'eval' and step <= resume_step and _finite(r.get('eval_loss')):
+      elif kind == 'eval' and step <= resume_step and runfiles.finite(r.get('eval_loss')):
         self.evals[step] = float(r['eval_loss'])
       elif kind == 'rollback':
         self.rollbacks.append({k: r[k] for k in ('step', 'to_step', 'loss', 'window_mean', 'skipped_batches')
                                if k in r})
     self.count = (max(wall) + 1) if wall else 0
     self.wall_s = sum(wall.values())
-
-
-def _finite(v) -> bool:
-  return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def summary_problems(s: dict | None) -> list[str]:
-  """Why a summary.json that says done is not a complete result ([] when it is, or is not done)."""
-  if not s or s.get('status') != 'done':
-    return []
-  out = []
-  if s.get('step') != s.get('steps'):
-    out.append(f"step {s.get('step')} != steps {s.get('steps')}")
-  keys = ['final_train_loss'] + (['final_eval_loss', 'best_eval_loss'] if s.get('eval_batches', 1) else [])
-  out += [f'{k} missing' for k in keys if not _finite(s.get(k))]
-  return out
 
 
 class RunStats:
@@ -165,7 +148,7 @@ class RunStats:
     self.evals = dict(self.prior.evals)
     self.rollbacks: list[dict] = []
     last = self.prior.last_train
-    self.final_train_loss = last['loss'] if last and _finite(last.get('loss')) else None
+    self.final_train_loss = last['loss'] if last and runfiles.finite(last.get('loss')) else None
     self._window: list[dict] = []
     self._recent: collections.deque = collections.deque(maxlen=max(spike_window, 1))
     self._spike_window = spike_window

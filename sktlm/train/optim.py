@@ -14,7 +14,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sktlm.errors import UserError
 from sktlm.model import mup
 
 NO_DECAY_NAMES = ('scale', 'bias')  # norm scales and biases are not weight-decayed
@@ -24,11 +23,7 @@ def lr_schedule(optim_cfg, total_steps: int):
   o = optim_cfg
   peak, floor = o.peak_lr, o.peak_lr * o.min_lr_ratio
   warmup = max(int(o.warmup_steps), 0)
-  if o.schedule not in ('cosine', 'wsd', 'constant'):
-    raise UserError(f"optim.schedule must be cosine, wsd or constant; got '{o.schedule}'")
-  if o.schedule == 'wsd':
-    if o.decay_shape not in ('linear', 'cosine', '1-sqrt'):
-      raise UserError(f"optim.decay_shape must be linear, cosine or 1-sqrt; got '{o.decay_shape}'")
+  if o.schedule == 'wsd':  # schedule and decay_shape are among the schema's choices (validate)
     decay_start = o.decay_start if o.decay_start >= 0 else int(round(total_steps * (1 - o.decay_fraction)))
     decay_len = max(total_steps - decay_start, 1)
 

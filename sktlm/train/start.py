@@ -13,26 +13,21 @@ from typing import Any
 
 import jax
 
-from sktlm import data, files, sharding, timeline
+from sktlm import data, files, runfiles, sharding, timeline
 from sktlm.config import load
 from sktlm.config.validate import validate
 from sktlm.errors import UserError
-from sktlm.train import step
-from sktlm.train.checkpoint import Checkpointer, steps_on_disk
-from sktlm.train.metrics import summary_problems
-from sktlm.train.step import resolve_vocab
-
-RESUMED_AT = 'resume_step.json'  # a train.resume_step already honoured: rerunning the same command resumes
+from sktlm.train import resolve, step
+from sktlm.train.checkpoint import Checkpointer
 
 
 def _check_workdir_config(workdir: str, config) -> list[str]:
   """Compares the stored config with this one: refuses breaking changes, returns harmless ones."""
-  path = os.path.join(workdir, 'config.json')
+  path = runfiles.path(workdir, runfiles.CONFIG)
   if not os.path.exists(path):
     return []
   try:
-    with open(path) as f:
-      old = json.load(f)
+    old = runfiles.load(workdir, runfiles.CONFIG)
   except (OSError, json.JSONDecodeError) as e:
     raise UserError(f'{path} is unreadable ({e}); move it away or use another --workdir') from e
   breaking, harmless = load.diff_configs(old, load.to_dict(config))
@@ -46,7 +41,7 @@ def _check_tokenizer(workdir: str, tokenizer) -> dict:
   """The tokenizer record for tokenizer.json; refuses a workdir trained with another tokenizer."""
   info = {'spec': str(getattr(tokenizer, 'path', 'bytes')), 'fingerprint': tokenizer.fingerprint,
           'vocab_size': tokenizer.vocab_size}
-  old = files.read_json(os.path.join(workdir, 'tokenizer.json'))
+  old = runfiles.read(workdir, runfiles.TOKENIZER)
   if old and old.get('fingerprint') != info['fingerprint']:
     raise UserError(f"{workdir} was trained with tokenizer {old.get('spec')} (fingerprint "
                     f"{str(old.get('fingerprint'))[:12]}), not {info['spec']} ({info['fingerprint'][:12]})")
@@ -54,7 +49,7 @@ def _check_tokenizer(workdir: str, tokenizer) -> dict:
 
 
 def _check_resume_step(workdir: str, t) -> None:
-  done = steps_on_disk(os.path.join(workdir, 'checkpoints'))
+  done = runfiles.steps_on_disk(runfiles.checkpoints_dir(workdir))
   if _resume_pending(workdir, t):
     if t.resume_step not in done:
       raise UserError(f'train.resume_step={t.resume_step}: no checkpoint at step {t.resume_step} in '
@@ -85,13 +80,14 @@ class Prepared:
 
 
 def prepare(config, workdir: str) -> Prepared:
-  """Every check a user's input can fail, before the workdir is touched (a failed start leaves it as it was)."""
+  """Every check a user's input can fail, before the workdir is touched (a failed start leaves it as it was):
+  the config is validated once, on its mesh, then resolved once (vocab, kernels, attention, unrolling: what
+  config.json records)."""
   files.check_workdir(workdir)
-  validate(config)
-  tokenizer = data.get_tokenizer(config.data)
-  resolve_vocab(config, tokenizer)
   mesh = sharding.make_mesh(config.mesh)
-  step.resolve_platform(config, mesh)  # the kernels, attention and unrolling config.json records
+  validate(config, mesh)
+  tokenizer = data.get_tokenizer(config.data)
+  resolve.resolve(config, mesh, tokenizer)
   harmless = _check_workdir_config(workdir, config)
   tokenizer_info = _check_tokenizer(workdir, tokenizer)
   _check_resume_step(workdir, config.train)
@@ -114,15 +110,15 @@ def prepare(config, workdir: str) -> Prepared:
 
 def _finished(workdir: str, steps: int) -> bool:
   """A complete summary that says done at `steps`, and the checkpoint of that step (file names only)."""
-  old = files.read_json(os.path.join(workdir, 'summary.json'))
-  done = steps_on_disk(os.path.join(workdir, 'checkpoints'))
-  return bool(old and old.get('status') == 'done' and not summary_problems(old) and old.get('steps') == steps
-              and done and done[-1] == steps)
+  old = runfiles.read_summary(workdir)
+  done = runfiles.steps_on_disk(runfiles.checkpoints_dir(workdir))
+  return bool(old and old.get('status') == runfiles.DONE and not runfiles.summary_problems(old)
+              and old.get('steps') == steps and done and done[-1] == steps)
 
 
 def _resume_pending(workdir: str, t) -> bool:
   """train.resume_step=K not yet honoured in this workdir: even a finished run goes back to K."""
-  return t.resume_step >= 0 and (files.read_json(os.path.join(workdir, RESUMED_AT)) or {}).get('resume_step') != \
+  return t.resume_step >= 0 and (runfiles.read(workdir, runfiles.RESUMED_AT) or {}).get('resume_step') != \
       t.resume_step
 
 
@@ -133,9 +129,9 @@ def write_run_files(p: Prepared) -> None:
   files.remove_temp_leftovers(p.workdir)  # of writes killed in earlier attempts
   if p.harmless:
     print(f'config changed since the last start (allowed): {"; ".join(p.harmless)}')
-  if not os.path.exists(os.path.join(p.workdir, 'tokenizer.json')):
-    files.write_json(os.path.join(p.workdir, 'tokenizer.json'), p.tokenizer_info)
-  files.write_json(os.path.join(p.workdir, 'config.json'), load.to_dict(p.config))
+  if not os.path.exists(runfiles.path(p.workdir, runfiles.TOKENIZER)):
+    runfiles.write(p.workdir, runfiles.TOKENIZER, p.tokenizer_info)
+  runfiles.write(p.workdir, runfiles.CONFIG, load.to_dict(p.config))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -154,8 +150,8 @@ def restore_or_init(p: Prepared, ckpt: Checkpointer):
         print(f'checkpoint step {b} is corrupt ({err[:160]}); moved to {where}; resuming from step {start_step}')
     return state, start_step, f'resumed from step {start_step}'
   if config.train.init_from_hf:  # a Hugging Face Llama / DeepSeek-V3 folder (interop/hf.py); step 0, fresh optimizer
-    from sktlm.interop import hf
-    return hf.init_state(config, setup), 0, f'initialised from Hugging Face weights {config.train.init_from_hf}'
+    from sktlm.train import init_hf
+    return init_hf.init_state(config, setup), 0, f'initialised from Hugging Face weights {config.train.init_from_hf}'
   if config.train.init_from:
     return _init_from_run(p)
   return setup.init_state(jax.random.PRNGKey(config.seed)), 0, 'initialised from scratch'
@@ -166,19 +162,18 @@ def _resume_step(p: Prepared, ckpt: Checkpointer) -> int | None:
   k = p.config.train.resume_step
   if k < 0:
     return None
-  marker = os.path.join(p.workdir, RESUMED_AT)
-  if (files.read_json(marker) or {}).get('resume_step') == k:
+  if (runfiles.read(p.workdir, runfiles.RESUMED_AT) or {}).get('resume_step') == k:
     return None  # honoured by an earlier attempt: its newer checkpoints are this run's progress
   if p.leader:  # prepare checked that step k exists
     for where in ckpt.set_aside_after(k):
       print(f'train.resume_step={k}: checkpoint {where.rsplit("/", 1)[-1].split(".")[0]} moved to {where}')
-    files.write_json(marker, {'resume_step': k})
+    runfiles.write(p.workdir, runfiles.RESUMED_AT, {'resume_step': k})
   return k
 
 
 def _init_from_run(p: Prepared):
   src, config = p.config.train.init_from, p.config
-  src_ckpt_dir = os.path.join(src, 'checkpoints')
+  src_ckpt_dir = runfiles.checkpoints_dir(src)
   if not os.path.isdir(src_ckpt_dir):
     raise UserError(f'train.init_from={src}: no checkpoints/ folder there')
   _check_workdir_config(src, config)

@@ -1,8 +1,8 @@
 """Train state, the jitted sharded train/eval steps, and their construction for a config on a mesh.
 
-`build(config, mesh)` is shared by the training loop (sktlm/train/loop.py) and `sktlm plan`: it resolves the
-platform choices once (`resolve_platform`: kernels, attention, scan unrolling, from the mesh's devices),
-derives the abstract state and its shardings from the logical axis names with jax.eval_shape, so nothing is
+`build(config, mesh)` is shared by the training loop (sktlm/train/loop.py) and `sktlm plan`: it takes a config
+validated and resolved for the mesh (sktlm/train/resolve.py: vocab, kernels, attention, scan unrolling), derives
+the abstract state and its shardings from the logical axis names with jax.eval_shape, so nothing is
 materialised on one host, and returns `train_step` = jax.jit with explicit in/out shardings and the state
 donated, traced inside the mesh's activation sharding context. The step is a pure function
 (state, batch) -> (state, metrics).
@@ -11,7 +11,6 @@ donated, traced inside the mesh's activation sharding context. The step is a pur
 from __future__ import annotations
 
 import dataclasses
-import logging
 from typing import Any
 
 import flax
@@ -21,13 +20,9 @@ import jax.numpy as jnp
 import optax
 
 from sktlm import sharding
-from sktlm.config import layout
-from sktlm.config.validate import validate
-from sktlm.errors import UserError
-from sktlm.model import kernels
 from sktlm.model import moe as moe_lib
 from sktlm.model import transformer as model_lib
-from sktlm.train import optim
+from sktlm.train import optim, resolve
 
 BATCH_KEYS = ('inputs', 'targets', 'segment_ids', 'positions', 'weights')
 
@@ -158,40 +153,10 @@ def make_eval_step(config, model):
   return eval_step
 
 
-def resolve_vocab(config, tokenizer=None) -> None:
-  """model.vocab_size 0 -> the tokenizer's vocabulary padded to model.vocab_multiple; a configured one must
-  hold the tokenizer's. Without a tokenizer (`sktlm plan`), a configured vocab_size is taken as it is."""
-  if tokenizer is None:
-    if config.model.vocab_size > 0:
-      return
-    from sktlm import data  # the input pipeline's modules: only when a tokenizer must be read
-    tokenizer = data.get_tokenizer(config.data)
-  vocab = layout.resolved_vocab_size(config.model, tokenizer.vocab_size)
-  if vocab < tokenizer.vocab_size:
-    raise UserError(f'model.vocab_size={vocab} is smaller than the tokenizer vocabulary ({tokenizer.vocab_size})')
-  config.model.vocab_size = vocab
-
-
-def platform_of(mesh) -> str:
-  """The platform of the mesh's devices ('cpu', 'tpu', 'gpu'): not jax.default_backend(), because
-  `sktlm plan` traces on a CPU host for TPU devices."""
-  return mesh.devices.flat[0].platform
-
-
-def resolve_platform(config, mesh) -> None:
-  """Resolves the platform choices left `auto` in config.model (kernels, attention_impl, scan_unroll) for the
-  mesh's devices, in place, so that the config a run records says what ran (sktlm/model/kernels). Idempotent; the
-  loop calls it before writing config.json, build calls it again."""
-  for note in kernels.resolve(config.model, platform_of(mesh)):
-    logging.warning('%s', note)
-
-
 def build(config, mesh) -> Setup:
+  """The step of `config` (validated and resolved for `mesh`: sktlm/train/resolve.py) on `mesh`."""
+  resolve.check(config)
   rules = sharding.logical_rules(config)
-  resolve_platform(config, mesh)
-  validate(config, mesh)
-  if config.model.vocab_size <= 0:
-    raise UserError('model.vocab_size is not resolved (set it, or let the tokenizer resolve it)')
   model = model_lib.make_model(config.model)
   tx, schedule = optim.make_optimizer(config.optim, config.train.steps, config.model)
   seq_len = config.data.seq_len

@@ -1,4 +1,4 @@
-"""Platform kernels behind one interface, chosen once (`model.kernels`, resolved in train.build).
+"""Platform kernels behind one interface, chosen once (`model.kernels`, resolved by sktlm/train/resolve.py).
 
 The model (transformer.py, layers.py, moe.py) calls the few operations whose best implementation depends on the
 platform through an `Ops`; everything else is plain jnp. Kernel sets:
@@ -10,7 +10,7 @@ platform through an `Ops`; everything else is plain jnp. Kernel sets:
   attention): plain matmuls (XLA fuses them well there) and a fused attention (`splash` / `flash`).
 
 `resolve(model_cfg, platform)` turns `auto` into explicit choices (kernels, attention_impl, scan_unroll) from
-the platform of the mesh's devices; train.resolve_platform writes them into the config, so the run records
+the platform of the mesh's devices; sktlm.train.resolve writes them into the config, so the run records
 what ran and nothing below train.build looks at the platform. A model built from an unresolved config
 (kernels `auto`) runs the plain path.
 """
@@ -87,7 +87,7 @@ def available(name: str) -> bool:
   return True
 
 
-# --- resolution, once, in train.build -------------------------------------------------------------------------
+# --- resolution, once, by sktlm.train.resolve before train.build --------------------------------------------
 
 def resolve(model_cfg, platform: str) -> list[str]:
   """Replaces `auto` in model.kernels, model.attention_impl and model.scan_unroll (0) by the choice for devices
