@@ -77,8 +77,12 @@ def _cross_rules(config) -> None:
     raise UserError('model.head_dim must be even (RoPE rotates pairs)')
   if m.attention == 'mla' and m.mla.qk_rope_head_dim % 2:
     raise UserError(f'model.mla.qk_rope_head_dim must be even (RoPE rotates pairs), got {m.mla.qk_rope_head_dim}')
-  if m.parametrization == 'mup' and m.base_width <= 0:
-    raise UserError("model.parametrization='mup' needs model.base_width > 0 (the d_model the LR was tuned at)")
+  if m.parametrization != 'sp' and m.base_width <= 0:
+    raise UserError(f"model.parametrization='{m.parametrization}' needs model.base_width > 0 (the d_model the LR was "
+                    'tuned at)')
+  if m.parametrization in ('completep', 'depth_mup') and m.base_depth <= 0:
+    raise UserError(f"model.parametrization='{m.parametrization}' needs model.base_depth > 0 (the n_layers the LR "
+                    'was tuned at)')
   if moe.num_experts > 0 and moe.top_k > moe.num_experts:
     raise UserError(f'model.moe.top_k={moe.top_k} must be <= model.moe.num_experts={moe.num_experts}')
   if moe.num_experts > 0 and moe.top_k == 1 and moe.renormalize:
