@@ -16,6 +16,7 @@ from sktlm.config import validate
 from sktlm.errors import UserError
 from sktlm.model import mup
 from sktlm.model import transformer as model_lib
+from sktlm.tools import coord_check
 from sktlm.train import optim
 
 BASE_WIDTH, BASE_DEPTH = 32, 1
@@ -216,3 +217,30 @@ def test_validator_rules(data_dir):
     validate.validate(config_of(data_dir, 'completep', **{'model.base_depth': 0}))
   with pytest.raises(UserError, match='base_width > 0'):
     validate.validate(config_of(data_dir, 'depth_mup', **{'model.base_width': 0}))
+
+
+def test_depth_coord_check(data_dir, monkeypatch):
+  """CompleteP: the residual stream and its update since init are depth-flat (2 vs 8 layers, 3 Adam steps);
+  mutation: dropping the residual branch multiplier m_L^-1 makes them grow with depth, and the check fails."""
+  config = train_config(data_dir, **{'data.seq_len': 32, 'train.batch_size': 8, 'model.d_model': 32,
+                                     'model.d_ff': 96, 'model.n_heads': 2, 'model.n_kv_heads': 2,
+                                     'optim.peak_lr': 1e-2})
+
+  def residual_stream_drift(res):
+    return {k: v for k, v in coord_check.flat(res, 'completep').items() if k in ('out', 'out_update')}
+
+  res = coord_check.run_depth(config, [2, 8], 3, parametrizations=('completep',))
+  assert residual_stream_drift(res) == {}, res.slopes('completep')
+  assert res.rms['completep']['out_update'][:, 0].tolist() == [0.0, 0.0]  # the update at init is exactly 0
+  monkeypatch.setattr(mup, 'residual_multiplier', lambda mc: 1.0)
+  broken = coord_check.run_depth(config, [2, 8], 3, parametrizations=('completep',))
+  drift = residual_stream_drift(broken)
+  assert drift.get('out_update', 0) > 0.5, broken.slopes('completep')
+
+
+def test_depth_coord_check_cli_bad_input_is_one_line():
+  from conftest import run_cli
+  p = run_cli('coord-check', '--config=experiments/lm.py:size=pico', '--depths=2,x')
+  assert p.returncode == 2 and '--depths must be integers' in p.stderr and 'Traceback' not in p.stderr, p.stderr
+  p = run_cli('coord-check', '--config=experiments/lm.py:size=pico', '--depths=4')
+  assert p.returncode == 2 and 'at least two depths' in p.stderr and 'Traceback' not in p.stderr, p.stderr

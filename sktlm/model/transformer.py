@@ -150,8 +150,10 @@ class Transformer(nn.Module):
     aux_all = {}
     for name, n, use_moe in layout.layer_groups(c):
       if c.scan_layers:
-        # MoE routing biases and loads (model/moe.py) and the decode KV cache (tools/decode.py) are per layer too.
-        stack = nn.scan(block_cls, variable_axes={'params': 0, 'moe_bias': 0, 'moe_load': 0, 'cache': 0},
+        # MoE routing biases and loads (model/moe.py), the decode KV cache (tools/decode.py) and captured
+        # intermediates (tools/coord_check.py) are per layer too.
+        stack = nn.scan(block_cls, variable_axes={'params': 0, 'moe_bias': 0, 'moe_load': 0, 'cache': 0,
+                                                  'intermediates': 0},
                         split_rngs={'params': True},
                         in_axes=(nn.broadcast, nn.broadcast), length=n,
                         metadata_params={nn.PARTITION_NAME: 'layers'}, unroll=scan_unroll(c, n))
