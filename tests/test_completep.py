@@ -219,6 +219,20 @@ def test_validator_rules(data_dir):
     validate.validate(config_of(data_dir, 'depth_mup', **{'model.base_width': 0}))
 
 
+def test_sweep_refuses_depth_change_under_mup(data_dir):
+  """The rule across a sweep's runs (sweep dry run and run): one line naming the depths and their runs."""
+  models = {f'size-{n}': config_of(data_dir, 'mup', **{'model.n_layers': n}).model for n in (2, 4)}
+  with pytest.raises(UserError, match=r"n_layers 2 \(size-2\), 4 \(size-4\); use 'completep'") as e:
+    validate.across_runs(models)
+  assert '\n' not in str(e.value)
+  for m in models.values():
+    with m.unlocked():
+      m.allow_depth_change = True
+  validate.across_runs(models)
+  validate.across_runs({f'size-{n}': config_of(data_dir, 'completep', **{'model.n_layers': n}).model
+                        for n in (2, 4)})
+
+
 def test_depth_coord_check(data_dir, monkeypatch):
   """CompleteP: the residual stream and its update since init are depth-flat (2 vs 8 layers, 3 Adam steps);
   mutation: dropping the residual branch multiplier m_L^-1 makes them grow with depth, and the check fails."""
@@ -244,3 +258,35 @@ def test_depth_coord_check_cli_bad_input_is_one_line():
   assert p.returncode == 2 and '--depths must be integers' in p.stderr and 'Traceback' not in p.stderr, p.stderr
   p = run_cli('coord-check', '--config=experiments/lm.py:size=pico', '--depths=4')
   assert p.returncode == 2 and 'at least two depths' in p.stderr and 'Traceback' not in p.stderr, p.stderr
+
+
+def test_completep_ladder_grows_depth_and_width_at_fixed_aspect_and_head_dim():
+  from sktlm.config import accounting
+  from sktlm.sweep import planners, schedule, spec
+  common = {'config.data.seq_len': 128, 'config.train.batch_size': 8, 'config.optim.peak_lr': 6e-3}
+  runs = planners.completep_ladder('experiments/lm.py', [2, 4, 8], aspect=32, head_dim=16, tokens_per_param=5.0,
+                                   common=common)
+  sd = spec.SweepDef(path='-', arg='', base='experiments/lm.py', common=common, runs=runs, resources={})
+  planned = schedule.resolve(sd)  # the validator's rules across runs pass: the depth changes under completep
+  assert [r.name for r in planned] == ['size-L2-d64', 'size-L4-d128', 'size-L8-d256']
+  for r, depth in zip(planned, (2, 4, 8), strict=True):
+    m = r.model
+    assert (m.n_layers, m.d_model, m.d_model // m.n_heads, m.d_ff) == (depth, 32 * depth, 16, 96 * depth)
+    assert (m.parametrization, m.base_width, m.base_depth, m.base_head_dim) == ('completep', 64, 2, 16)
+    n = accounting.param_counts(m)['non_embedding']
+    assert r.steps == math.ceil(5.0 * n / (8 * 128))  # D = 5 N
+  with pytest.raises(UserError, match=r'multiple of head_dim 16; not for n_layers \[3\]'):
+    planners.completep_shapes([2, 3], aspect=24, head_dim=16)
+
+
+def test_moe_ladder_changes_no_depth_under_width_only_mup():
+  """sweeps/moe_sizes.py (its dry run): runs under 'mup' keep one depth and one head dim; the depth it changes
+  is under completep, with a base depth."""
+  from sktlm.sweep import schedule, spec
+  planned = schedule.resolve(spec.load_sweep_file('sweeps/moe_sizes.py'))
+  mup_shapes = {(r.model.n_layers, r.model.d_model // r.model.n_heads) for r in planned
+                if r.model.parametrization == 'mup'}
+  assert len(mup_shapes) <= 1, mup_shapes
+  depths = {r.model.n_layers for r in planned}
+  assert depths == {2, 3, 4} and all(r.model.parametrization == 'completep' and r.model.base_depth == 2
+                                     for r in planned)

@@ -105,6 +105,21 @@ def _cross_rules(config) -> None:
     raise UserError(f'train.batch_size={t.batch_size} must be a multiple of train.grad_accum={t.grad_accum}')
 
 
+def across_runs(models: dict) -> None:
+  """The rule across the runs of one sweep ({run name: its config.model}): muP ('mup') transfers the LR across
+  width only, so its runs may not differ in depth unless each sets model.allow_depth_change (e.g. a study of
+  that very drift); completep / depth_mup transfer across depth from model.base_depth."""
+  depths: dict[int, str] = {}
+  for name, m in models.items():
+    if m.parametrization == 'mup' and not m.get('allow_depth_change', False):
+      depths.setdefault(int(m.n_layers), name)
+  if len(depths) > 1:
+    sizes = ', '.join(f'{d} ({depths[d]})' for d in sorted(depths))
+    raise UserError(f"runs change model.n_layers under model.parametrization='mup' (width-only: the LR does not "
+                    f"transfer across depth): n_layers {sizes}; use 'completep' with model.base_depth, or set "
+                    'model.allow_depth_change=True')
+
+
 def _mesh_rules(config, axis_sizes: dict) -> None:
   """Rules that need the mesh: the batch and the experts split evenly over their mesh axes."""
   t, moe = config.train, config.model.moe
