@@ -290,3 +290,16 @@ def test_moe_ladder_changes_no_depth_under_width_only_mup():
   depths = {r.model.n_layers for r in planned}
   assert depths == {2, 3, 4} and all(r.model.parametrization == 'completep' and r.model.base_depth == 2
                                      for r in planned)
+
+
+def test_ladder_reach_factors():
+  """`sktlm plan --ladder`: the target over the ladder's largest value per axis, and whether it lies inside."""
+  from sktlm.plan import report
+  ladder = [dict(n=1e5, depth=2, c=1e12), dict(n=2e6, depth=2, c=8e12)]
+  r = report.ladder_reach(ladder, dict(n=3e10, depth=61, c=2e21))
+  assert r['n']['factor'] == pytest.approx(1.5e4) and r['depth']['factor'] == pytest.approx(30.5)
+  assert r['c']['factor'] == pytest.approx(2.5e8) and not any(r[k]['covered'] for k in r)
+  line = report._reach_line(dict(ladder_reach=r, ladder=dict(name='sweeps/x.py', runs=2, steps=10, tokens=1e6)))
+  assert 'x1.5e+04 its largest N' in line and 'beyond what the ladder covers in N, depth, C' in line
+  inside = report.ladder_reach(ladder, dict(n=1e6, depth=2, c=2e12))
+  assert all(inside[k]['covered'] for k in inside) and inside['n']['factor'] == pytest.approx(0.5)
