@@ -13,7 +13,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import optax
-from optax._src import numerics
 
 from sktlm.errors import UserError
 from sktlm.model import mup
@@ -88,7 +87,7 @@ def scale_by_classwise_adamw(b1: float, b2: float, eps: float, weight_decay: flo
   def update_fn(updates, state, params):
     mu = optax.tree.update_moment(updates, state.mu, b1, 1)
     nu = optax.tree.update_moment_per_elem_norm(updates, state.nu, b2, 2)
-    count = numerics.safe_increment(state.count)
+    count = optax.safe_increment(state.count)
     mu_hat, nu_hat = optax.tree.bias_correction(mu, b1, count), optax.tree.bias_correction(nu, b2, count)
 
     def leaf(m, v, p, cls, decayed):
