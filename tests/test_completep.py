@@ -191,23 +191,54 @@ FLAGSHIP_LIKE = {'model.attention': 'mla', 'model.mla.q_lora_rank': 16, 'model.m
                  'model.moe.balance': 'aux_free', 'model.n_layers': 3, 'model.vocab_size': 384}
 
 
+def test_flagship_parameter_groups(data_dir):
+  """The flagship's groups (docs/scaling.md's table), on its real parameter tree (abstract: nothing allocated):
+  MLA projections, dense and routed experts and the shared expert are hidden weights, the router keeps muP's
+  readout-like rule, latent and pre-LN norms are in-block gains, final norm / embedding / head are outside."""
+  from sktlm.config import load
+  config = load.load_config('experiments/flagship.py:layers=3,experts=8', {})
+  with config.unlocked():
+    config.model.update(parametrization='completep', base_width=1792, base_depth=1)  # m_N = 4, m_L = 3
+  model = model_lib.make_model(config.model)
+  shapes = jax.eval_shape(lambda: nn.meta.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))
+                                                ['params']))
+  labels = {'/'.join(str(k.key) for k in path): c
+            for path, c in jax.tree_util.tree_flatten_with_path(mup.param_labels(shapes))[0]}
+  want = {'hidden': [f'{g}/attn/{w}' for g in ('dense_layers', 'moe_layers')
+                     for w in ('wq_a', 'wq_b', 'wkv_a', 'wk_rope', 'wk_b', 'wv_b', 'wo')]
+          + [f'dense_layers/mlp/{w}' for w in ('wi_gate', 'wi_up', 'wo')]
+          + [f'moe_layers/moe/{w}' for w in ('wi_gate', 'wi_up', 'wo', 'shared/wi_gate', 'shared/wi_up', 'shared/wo')],
+          'norm': [f'{g}/{n}/scale' for g in ('dense_layers', 'moe_layers')
+                   for n in ('attn/q_norm', 'attn/kv_norm', 'attn_norm', 'mlp_norm')],
+          'router': ['moe_layers/moe/router'], 'embedding': ['embedding'], 'head': ['head'],
+          'final_norm': ['final_norm/scale']}
+  assert sorted(labels) == sorted(n for names in want.values() for n in names)
+  for cls, names in want.items():
+    assert {labels[n] for n in names} == {cls}, cls
+  assert mup.lr_multipliers(config.model) == dict(embedding=1.0, hidden=0.25, head=1.0, norm=1.0, final_norm=1.0,
+                                                  router=0.25)  # alpha 1: no depth LR factor
+  assert mup.eps_multipliers(config.model)['router'] == pytest.approx(1 / 12)  # in-block: m_N^-1 m_L^-1
+  assert mup.residual_multiplier(config.model) == pytest.approx(1 / 3)
+
+
+@pytest.mark.slow  # ~1.5 min of CPU (three MLA + MoE compiles); the rules are covered by the tests above
 def test_flagship_shape_on_an_expert_mesh(data_dir):
-  """MLA + MoE (the flagship's routing) on a data x expert mesh: at the base size completep trains exactly as sp
+  """MLA + MoE (the flagship's routing) on an expert mesh: at the base size completep trains exactly as sp
   (MLA projections, experts, shared expert, router, latent norms: every class at multiplier 1, the optimizer
   state sharded like the params); at m_L = 3 it trains (finite, falling loss)."""
-  mesh_over = {'mesh.data': 2, 'mesh.expert': 4}
+  mesh_over = {'mesh.data': 1, 'mesh.expert': 2}
   runs = {}
   for p in ('sp', 'completep'):
     config = train_config(data_dir, **{**FLAGSHIP_LIKE, **mesh_over, 'model.parametrization': p,
                                        'model.base_width': 64, 'model.base_depth': 3})
-    metrics, state, _ = run_steps(config, sharding.make_mesh(config.mesh), 2)
+    metrics, state, _ = run_steps(config, sharding.make_mesh(config.mesh, devices=jax.devices()[:2]), 2)
     runs[p] = ([float(m['loss']) for m in metrics], jax.tree.leaves(nn.meta.unbox(state.params)))
   assert runs['completep'][0] == runs['sp'][0]
   for a, b in zip(runs['completep'][1], runs['sp'][1], strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   deep = train_config(data_dir, **{**FLAGSHIP_LIKE, **mesh_over, 'model.parametrization': 'completep',
                                    'model.base_width': 64, 'model.base_depth': 1, 'optim.warmup_steps': 1})
-  metrics, _, _ = run_steps(deep, sharding.make_mesh(deep.mesh), 3)
+  metrics, _, _ = run_steps(deep, sharding.make_mesh(deep.mesh, devices=jax.devices()[:2]), 2)
   losses = [float(m['loss']) for m in metrics]
   assert all(np.isfinite(losses)) and losses[-1] < losses[0], losses
 
