@@ -16,7 +16,12 @@ the flagship (an extrapolation over many decades of C, labelled as such).
 
 Tokens: D = 0.5 x the dense model's non-embedding N (batch 8 x 128 tokens): 53 steps for pico, 417 for micro.
 Every model is far from compute-optimal; the multiplier is measured at this data ratio, not at the optimum.
-LR: muP (base width 64) at the LR tuned for the dense base model (sweeps/model_sizes.py); routed experts
+Parametrisation: the sizes grow depth (2, 3, 4 layers) with width, so they train under CompleteP (base width 64
+and base depth 2: pico is the base model, where CompleteP is muP), whose LR transfers across depth as well as
+width; width-only muP would not (the sweep validator refuses a mup sweep that changes depth). The head dim grows
+with width at 4 heads (16, 24, 32), which is muP's own 1/d_head setting (base_head_dim 0). A fixed-head-dim
+ladder is sktlm.sweep.planners.completep_shapes (the MoE ladder would need moe_ladder(shapes=...)).
+LR: CompleteP (base 64 x 2) at the LR tuned for the dense base model (sweeps/model_sizes.py); routed experts
 change the optimum (Ludziejewski et al. 2025: ln LR ~ -0.25 ln E), so the smallest size also runs each E at
 LR / 2 and 2 LR and the report's "Learning rate" section flags a best LR at the edge of its grid.
 
@@ -39,8 +44,9 @@ COMMON = {
     'config.train.eval_every': 1_000_000,  # evaluate once, at the end
     'config.train.eval_batches': 64,
     'config.train.checkpoint_every': 500,
-    'config.model.parametrization': 'mup',
+    'config.model.parametrization': 'completep',  # depth grows 2 -> 4 (see the module doc)
     'config.model.base_width': 64,
+    'config.model.base_depth': 2,
     'config.model.init_std': 0.06,
     'config.optim.peak_lr': PEAK_LR,
     'config.metrics.progress': False,

@@ -123,3 +123,50 @@ def test_default_sweep_is_a_mup_width_ladder():
   assert len(shapes) == 1 and next(iter(shapes))[1] == next(iter(shapes))[2] == 16
   assert all(len(b) >= 3 for b in budgets.values()) and len({frozenset(b) for b in budgets.values()}) == 1
   assert max(len(s) for s in seeds.values()) >= 3
+
+
+DEPTH_GRID = [6e-3 * 2**(k / 2) for k in range(-4, 4)]  # 2^0.5 spacing, 8 LRs: 1.5e-3 .. 1.7e-2
+
+
+def depth_opt(p, depth):
+  return 6e-3 if p == 'completep' else 6e-3 * (depth / 2)**-0.5  # mup: drifts down with depth
+
+
+def write_depth_run(root, p, depth, lr, loss, seed):
+  wd = os.path.join(root, f'{p}_L{depth}_lr{lr:.3g}_s{seed}')
+  os.makedirs(wd)
+  n = 12 * depth * 64**2
+  with open(os.path.join(wd, 'summary.json'), 'w') as f:
+    json.dump(dict(status='done', params=dict(total=n * 1.2, non_embedding=n, active=n * 1.2), tokens=1e5,
+                   flops={'6N': 6 * n * 1e5, 'exact': 6.6 * n * 1e5}, final_train_loss=loss, final_eval_loss=loss,
+                   best_eval_loss=loss), f)
+  with open(os.path.join(wd, 'config.json'), 'w') as f:
+    json.dump(dict(model=dict(parametrization=p, base_width=64, base_depth=2, n_layers=depth, d_model=64,
+                              n_heads=4, d_ff=192, size='pico'), optim=dict(peak_lr=lr), seed=seed), f)
+
+
+def test_depth_drift_with_intervals(tmp_path):
+  """Depths 2..16 at one width: completep's optimum (constant by construction) is reported within one 2x step with
+  an interval around x1; mup's (~ depth^-0.5) drifts x0.35 from 2 to 16 layers, its interval excluding 1."""
+  root = str(tmp_path / 'depth')
+  rng = np.random.default_rng(1)
+  for p in ('mup', 'completep'):
+    for depth in (2, 4, 8, 16):
+      for lr in DEPTH_GRID:
+        for seed in (0, 1):  # repeated seeds at one LR: their mean is the point
+          loss = 3.0 - 0.1 * math.log2(depth) + 0.05 * (math.log(lr) - math.log(depth_opt(p, depth)))**2
+          write_depth_run(root, p, depth, lr, loss + rng.normal(0, 0.002), seed)
+  out = str(tmp_path / 'out')
+  report.run([root], out, analysis.Options(n_boot=200, curves=False))
+  doc = {d['parametrization']: d for d in json.load(open(os.path.join(out, 'lr_depth.json')))['depth']}
+  cp, mp = doc['completep'], doc['mup']
+  assert cp['depths'] == mp['depths'] == [2, 4, 8, 16] and cp['base_depth'] == 2
+  assert abs(cp['slope']) < 0.05 and cp['slope_ci'][0] < 0 < cp['slope_ci'][1], cp
+  assert 0.9 < cp['ratio'] < 1.1 and 0.5 <= cp['ratio_ci'][0] and cp['ratio_ci'][1] <= 2, cp
+  assert mp['slope'] == pytest.approx(-0.5, abs=0.05) and mp['slope_ci'][1] < -0.3, mp
+  assert mp['ratio'] == pytest.approx(8**-0.5, rel=0.1) and mp['ratio_ci'][1] < 0.5, mp
+  for lr_opt, depth in zip(mp['lr_opt'], mp['depths'], strict=True):
+    assert lr_opt == pytest.approx(depth_opt('mup', depth), rel=0.1)
+  md = open(os.path.join(out, 'report.md')).read()
+  assert 'completep (d_model 64): optimal LR ~ depth^' in md and 'within one 2x step (interval inside' in md
+  assert 'mup (d_model 64): optimal LR ~ depth^-0.5' in md and 'MORE than one 2x step' in md

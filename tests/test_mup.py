@@ -38,7 +38,7 @@ def test_param_classes_init_scales_and_optimizer(data_dir):
   flat = {'/'.join(str(k.key) for k in p): v for p, v in jax.tree_util.tree_flatten_with_path(labels)[0]}
   assert flat['embedding'] == 'embedding' and flat['head'] == 'head'
   assert flat['layers/attn/wq'] == 'hidden' and flat['layers/mlp/wo'] == 'hidden'
-  assert flat['final_norm/scale'] == 'norm' and flat['layers/attn_norm/scale'] == 'norm'
+  assert flat['final_norm/scale'] == 'final_norm' and flat['layers/attn_norm/scale'] == 'norm'
   sigma, m, L = 0.02, 4.0, config.model.n_layers
   expect = {'embedding': sigma, 'head': sigma, 'layers/attn/wq': sigma / math.sqrt(m),
             'layers/mlp/wi_gate': sigma / math.sqrt(m), 'layers/mlp/wo': sigma / math.sqrt(m * 2 * L)}
@@ -47,7 +47,8 @@ def test_param_classes_init_scales_and_optimizer(data_dir):
     for k in path.split('/'):
       node = node[k]
     assert np.std(np.asarray(node)) == pytest.approx(std, rel=0.03), path
-  assert mup.lr_multipliers(config.model) == dict(embedding=1.0, hidden=0.25, head=1.0, norm=1.0, router=0.25)
+  assert mup.lr_multipliers(config.model) == dict(embedding=1.0, hidden=0.25, head=1.0, norm=1.0, final_norm=1.0,
+                                                  router=0.25)
   assert mup.logit_multiplier(config.model) == 0.25
   assert mup.attention_scale(config.model, 32) == pytest.approx(1 / 32 * math.sqrt(8))
 
@@ -63,11 +64,11 @@ def test_param_classes_init_scales_and_optimizer(data_dir):
   seen = set()
   for u, g, p, c in zip(*(jax.tree.leaves(t) for t in (upd, grads, params, labels)), strict=True):
     g, p = np.asarray(g, np.float64), np.asarray(p, np.float64)
-    decay = 0.0 if c == 'norm' else wd
+    decay = 0.0 if c in ('norm', 'final_norm') else wd
     want = -lr * (mults[c] * g / (np.abs(g) + eps) + decay * p)  # Adam's bias-corrected first step
     np.testing.assert_allclose(np.asarray(u), want, rtol=1e-5, atol=1e-9)
     seen.add(c)
-  assert seen == {'embedding', 'hidden', 'head', 'norm'}
+  assert seen == {'embedding', 'hidden', 'head', 'norm', 'final_norm'}
 
 
 def test_mup_forward_is_sp_with_reparametrised_weights(data_dir):

@@ -24,6 +24,8 @@ _SEARCH = flags.DEFINE_enum('search', 'none', ['none', 'batch'],
                             'batch: find the largest per-device batch that fits, by repeated compiles')
 _NO_COMPILE = flags.DEFINE_bool('no_compile', False, 'counts and state bytes only (no AOT compile)')
 _JSON = flags.DEFINE_string('json', '', 'also write the report as JSON to this path')
+_LADDER = flags.DEFINE_string('ladder', '', 'a sweep file (e.g. sweeps/model_sizes.py): print how far this model '
+                              'lies beyond its runs in N, depth and C (the extrapolation factors)')
 
 
 def _prepare_host_devices(n: int):
@@ -76,9 +78,24 @@ def main(argv):
     _write_json(res)
     return 0
   rep = planner.plan(config, target, mfu=_MFU.value, compile=not _NO_COMPILE.value)
+  if _LADDER.value:
+    _add_ladder_reach(rep, config, _LADDER.value)
   print(planner.format_report(rep, config_name))
   _write_json(rep)
   return 0 if rep.get('fits', True) else 1
+
+
+def _add_ladder_reach(rep: dict, config, sweep_file: str) -> None:
+  """rep['ladder_reach']: this config against the runs of a sweep file (resolved as its dry run does)."""
+  from sktlm.plan import report
+  from sktlm.sweep import schedule, spec
+  runs = schedule.resolve(spec.load_sweep_file(sweep_file))
+  points = [dict(n=r.params['active_non_embedding'], depth=int(r.model.n_layers), c=r.flops['exact']) for r in runs]
+  tokens = int(config.train.steps) * rep['tokens_per_step']
+  rep['ladder'] = dict(name=sweep_file, runs=len(runs), steps=int(config.train.steps), tokens=tokens)
+  rep['ladder_reach'] = report.ladder_reach(points, dict(n=rep['params']['active_non_embedding'],
+                                                         depth=int(config.model.n_layers),
+                                                         c=rep['flops_per_token']['exact'] * tokens))
 
 
 def _write_json(obj):

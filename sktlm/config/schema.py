@@ -133,12 +133,24 @@ KEYS = (
                                                                       'table', MAPPED),
     K('model.init_std',           0.02,         '>=0',        BREAKS, 'normal init std (muP scales it per '
                                                                       'class)', NEUTRAL),
-    K('model.parametrization',    'sp',         ('sp', 'mup'), BREAKS, 'sp | mup (maximal update: init, Adam LR '
-                                                                      'and output multipliers per '
-                                                                      'sktlm/model/mup.py)', MAPPED),
-    K('model.base_width',         0,            '>=0',        BREAKS, 'mup: the d_model whose LR transfers (> 0 '
-                                                                      'under mup; at d_model = base_width muP is '
-                                                                      'SP)', LLAMA_MAPPED),
+    K('model.parametrization',    'sp',         ('sp', 'mup', 'completep', 'depth_mup'), BREAKS, 'sp | mup (width) '
+                                                                      '| completep (width and depth, alpha 1) | '
+                                                                      'depth_mup (alpha 0.5): sktlm/model/mup.py',
+                                                                      MAPPED),
+    K('model.base_width',         0,            '>=0',        BREAKS, 'mup/completep/depth_mup: the d_model whose LR '
+                                                                      'transfers (> 0; at d_model = base_width '
+                                                                      'and n_layers = base_depth it is SP)',
+                                                                      LLAMA_MAPPED),
+    K('model.base_depth',         0,            '>=0',        BREAKS, 'completep/depth_mup: the n_layers whose LR '
+                                                                      'transfers (> 0); ignored under sp/mup',
+                                                                      NEUTRAL),
+    K('model.base_head_dim',      0,            '>=0',        BREAKS, 'muP attention 1/d_head: the head dim at '
+                                                                      'base width (0: head_dim x base_width / '
+                                                                      'd_model, i.e. heads fixed, head dim grows)',
+                                                                      LLAMA_MAPPED),
+    K('model.allow_depth_change', False,        None,         OK,     'a sweep may change n_layers under mup (the '
+                                                                      'validator refuses it otherwise: muP transfers '
+                                                                      'across width only)', NEUTRAL),
     K('model.z_loss',             0.0,          '>=0',        BREAKS, 'coefficient of log(Z)^2 in the loss (PaLM '
                                                                       'uses 1e-4)', NEUTRAL),
     K('model.dtype',              'float32',    FLOATS,       OK,     'compute dtype; params are always '

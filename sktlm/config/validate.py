@@ -79,8 +79,12 @@ def _cross_rules(config) -> None:
     raise UserError('model.head_dim must be even (RoPE rotates pairs)')
   if m.attention == 'mla' and m.mla.qk_rope_head_dim % 2:
     raise UserError(f'model.mla.qk_rope_head_dim must be even (RoPE rotates pairs), got {m.mla.qk_rope_head_dim}')
-  if m.parametrization == 'mup' and m.base_width <= 0:
-    raise UserError("model.parametrization='mup' needs model.base_width > 0 (the d_model the LR was tuned at)")
+  if m.parametrization != 'sp' and m.base_width <= 0:
+    raise UserError(f"model.parametrization='{m.parametrization}' needs model.base_width > 0 (the d_model the LR was "
+                    'tuned at)')
+  if m.parametrization in ('completep', 'depth_mup') and m.base_depth <= 0:
+    raise UserError(f"model.parametrization='{m.parametrization}' needs model.base_depth > 0 (the n_layers the LR "
+                    'was tuned at)')
   if moe.num_experts > 0 and moe.top_k > moe.num_experts:
     raise UserError(f'model.moe.top_k={moe.top_k} must be <= model.moe.num_experts={moe.num_experts}')
   if moe.num_experts > 0 and moe.top_k == 1 and moe.renormalize:
@@ -105,6 +109,21 @@ def _cross_rules(config) -> None:
     raise UserError('set train.init_from or train.init_from_hf, not both')
   if d.name == 'text_files' and not d.path:
     raise UserError("data.name='text_files' needs --config.data.path=FOLDER|GLOB|FILE.txt|FILE.jsonl")
+
+
+def across_runs(models: dict) -> None:
+  """The rule across the runs of one sweep ({run name: its config.model}): muP ('mup') transfers the LR across
+  width only, so its runs may not differ in depth unless each sets model.allow_depth_change (e.g. a study of
+  that very drift); completep / depth_mup transfer across depth from model.base_depth."""
+  depths: dict[int, str] = {}
+  for name, m in models.items():
+    if m.parametrization == 'mup' and not m.get('allow_depth_change', False):
+      depths.setdefault(int(m.n_layers), name)
+  if len(depths) > 1:
+    sizes = ', '.join(f'{d} ({depths[d]})' for d in sorted(depths))
+    raise UserError(f"runs change model.n_layers under model.parametrization='mup' (width-only: the LR does not "
+                    f"transfer across depth): n_layers {sizes}; use 'completep' with model.base_depth, or set "
+                    'model.allow_depth_change=True')
 
 
 def _mesh_rules(config, axis_sizes: dict) -> None:

@@ -89,8 +89,10 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT):
     c = self.config
+    r = mup.residual_multiplier(c)  # CompleteP / depth-muP: m_L^-alpha on both branches (GQA or MLA, MLP or MoE)
+    branch = (lambda y: y) if r == 1.0 else (lambda y: y * r)  # sp/mup: the graph as before
     attn = MLAttention(c, self.decode, name='attn') if c.attention == 'mla' else Attention(c, self.decode, name='attn')
-    h = x_BxTxD + attn(RMSNorm(c, name='attn_norm')(x_BxTxD), positions_BxT, segment_ids_BxT)
+    h = x_BxTxD + branch(attn(RMSNorm(c, name='attn_norm')(x_BxTxD), positions_BxT, segment_ids_BxT))
     if self.use_moe:
       from sktlm.model.moe import MoEFeedForward  # floor 3 sibling; imported lazily so dense models never need it
       ffn = MoEFeedForward(c, name='moe')
@@ -98,7 +100,7 @@ class Block(nn.Module):
       mlp = Mlp(c, d_ff=c.d_ff, name='mlp')
       ffn = lambda x: (mlp(x), {})  # noqa: E731
     y, aux = context.in_token_groups(ffn, RMSNorm(c, name='mlp_norm')(h))
-    out = constrain(h + y, ('batch', 'length', 'act_embed'))
+    out = constrain(h + branch(y), ('batch', 'length', 'act_embed'))
     return out, aux
 
 
@@ -148,8 +150,10 @@ class Transformer(nn.Module):
     aux_all = {}
     for name, n, use_moe in layout.layer_groups(c):
       if c.scan_layers:
-        # MoE routing biases and loads (model/moe.py) and the decode KV cache (tools/decode.py) are per layer too.
-        stack = nn.scan(block_cls, variable_axes={'params': 0, 'moe_bias': 0, 'moe_load': 0, 'cache': 0},
+        # MoE routing biases and loads (model/moe.py), the decode KV cache (tools/decode.py) and captured
+        # intermediates (tools/coord_check.py) are per layer too.
+        stack = nn.scan(block_cls, variable_axes={'params': 0, 'moe_bias': 0, 'moe_load': 0, 'cache': 0,
+                                                  'intermediates': 0},
                         split_rngs={'params': True},
                         in_axes=(nn.broadcast, nn.broadcast), length=n,
                         metadata_params={nn.PARTITION_NAME: 'layers'}, unroll=scan_unroll(c, n))

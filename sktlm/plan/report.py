@@ -43,6 +43,33 @@ def _all_to_all_line(rep: dict) -> str:
   return line
 
 
+def ladder_reach(points: list[dict], target: dict) -> dict:
+  """How far a target model lies beyond a ladder, per axis: 'n' (active non-embedding parameters), 'depth'
+  (n_layers) and 'c' (training FLOPs, exact convention): the ladder's range, the target over the ladder's largest
+  value (the extrapolation factor) and whether the target is inside the range. `points` and `target` are dicts
+  with those keys (the ladder's runs, e.g. `sktlm plan --ladder=sweeps/model_sizes.py`)."""
+  out = {}
+  for k in ('n', 'depth', 'c'):
+    lo, hi = min(p[k] for p in points), max(p[k] for p in points)
+    out[k] = dict(target=target[k], ladder_min=lo, ladder_max=hi, factor=target[k] / hi,
+                  covered=bool(lo <= target[k] <= hi))
+  return out
+
+
+def _reach_line(rep: dict) -> str:
+  r, lad = rep['ladder_reach'], rep['ladder']
+  parts = [f"x{r['n']['factor']:.3g} its largest N ({_h(r['n']['ladder_max'])} -> {_h(r['n']['target'])} active "
+           f"non-embedding)", f"x{r['depth']['factor']:.3g} its depth ({r['depth']['ladder_min']}.."
+           f"{r['depth']['ladder_max']} -> {r['depth']['target']} layers)",
+           f"x{r['c']['factor']:.3g} its C ({r['c']['ladder_max']:.3g} -> {r['c']['target']:.3g} FLOPs, exact; this "
+           f"config's C at train.steps {lad['steps']:,} = {_h(lad['tokens'])} tokens)"]
+  outside = [name for name, k in (('N', 'n'), ('depth', 'depth'), ('C', 'c')) if not r[k]['covered']]
+  verdict = ('beyond what the ladder covers in ' + ', '.join(outside) + ': an extrapolation, not a measurement'
+             + ('; across depth only under a depth-transferring parametrisation (completep)'
+                if 'depth' in outside else '')) if outside else 'inside the ladder on every axis'
+  return f"ladder {lad['name']} ({lad['runs']} runs): this model is " + ', '.join(parts) + f'; {verdict}'
+
+
 def format_report(rep: dict, config_name: str = '') -> str:
   h = _h
   p, f = rep['params'], rep['flops_per_token']
@@ -107,6 +134,8 @@ def format_report(rep: dict, config_name: str = '') -> str:
     at_least = '' if 'memory' in rep else '>= '
     lines.append(f"verdict: {verdict}: peak {at_least}{_gib(peak)} of {_gib(rep['hbm_per_device'])} "
                  f"per device ({frac:.0%}, {how})")
+  if 'ladder_reach' in rep:
+    lines.append(_reach_line(rep))
   if 'step_time_s' in rep:
     lines.append(f"estimate at {rep['mfu']:.0%} MFU: step {rep['step_time_s']:.2f} s, "
                  f"{h(rep['tokens_per_s'])} tokens/s ({h(rep['tokens_per_s'] / rep['n_devices'])} per device)")

@@ -6,6 +6,8 @@ run's resolved config, so sweep files rarely write step counts by hand.
                steps = C / (FLOPs per token x tokens per step).
   wsd:         per size one long warmup-stable-decay run plus short decay branches that start from its
                stable-phase checkpoints: several token budgets per size for little more than one run.
+  completep_shapes / completep_ladder: sizes that grow depth and width together (fixed d_model / n_layers and
+               head dim, as real ladders do) under CompleteP, whose LR transfers across both (sktlm/model/mup.py).
 
 Each takes the sweep's BASE and its common settings (`common=`, which may set batch size, seq_len... that
 change the counts). The runs carry those settings (spec.Run.common: they train with what they were sized
@@ -44,29 +46,33 @@ def _check_sizes(names):
 def size_ladder(base: str, size_names, *, tokens_per_param: float = 20.0, tokens: int = 0,
                 param_kind: str = 'non_embedding', common: dict | None = None, min_steps: int = 1,
                 warmup_fraction: float = 0.0, extra: dict | None = None,
-                lr_grid: list | dict | None = None) -> list[spec.Run]:
+                lr_grid: list | dict | None = None, shapes: dict | None = None) -> list[spec.Run]:
   """One run per size: D = tokens_per_param x N (or `tokens` for all), steps = ceil(D / tokens per step).
 
   Runs are named by size only ('size-micro'); `extra` settings are added to every run. warmup_fraction > 0
   sets each run's optim.warmup_steps to that fraction of its steps (runs of very different lengths).
   lr_grid: peak LRs to try per size (a list for every size, or {size: list} for some), one run per LR named
   'size-micro_lr-0.01'; `sktlm scaling` keeps the best run per size and flags a best LR at the grid's edge.
+  shapes: {label: config overrides} for sizes outside the table (as wsd's; e.g. completep_shapes).
   """
-  _check_sizes(size_names)
+  shapes = shapes or {}
+  _check_sizes([s for s in size_names if s not in shapes])
   if isinstance(lr_grid, dict) and set(lr_grid) - set(size_names):
     raise UserError(f'lr_grid names sizes not in the ladder: {sorted(set(lr_grid) - set(size_names))}')
   runs = []
   for size in size_names:
-    n, _, per_step = _counts(base, common, size, param_kind)
+    shape = dict(shapes.get(size) or {})
+    table_size = shape.pop('arg.size', 'pico' if size in shapes else size)
+    n, _, per_step = _counts(base, {**(common or {}), **shape}, table_size, param_kind)
     d = tokens if tokens > 0 else tokens_per_param * n
     steps = max(min_steps, math.ceil(d / per_step))
-    settings = {'arg.size': size, 'config.train.steps': steps}
+    settings = {'arg.size': table_size, **shape, 'config.train.steps': steps}
     if warmup_fraction > 0:
       settings['config.optim.warmup_steps'] = max(1, round(warmup_fraction * steps))
     lrs = lr_grid.get(size) if isinstance(lr_grid, dict) else lr_grid
     planned = dict(tokens_per_step=per_step, params=n, param_kind=param_kind)
     if not lrs:
-      runs.append(spec.Run({**settings, **(extra or {})}, name_keys=('arg.size',), common=dict(common or {}),
+      runs.append(spec.Run({**settings, **(extra or {})}, name=f'size-{size}', common=dict(common or {}),
                            planned=planned))
     for lr in lrs or ():
       runs.append(spec.Run({**settings, **(extra or {}), 'config.optim.peak_lr': float(lr)},
@@ -156,3 +162,41 @@ def wsd(base: str, size_names, *, tokens_per_param=(5.0, 10.0, 20.0), decay_frac
                               **seed_set, **(extra or {})}, name=f'size-{size}_steps-{t}{tag}', parent=long_name,
                              parent_step=k, **carry))
   return [spec.normalise(r) for r in runs]
+
+
+def completep_shapes(depths, *, aspect: int, head_dim: int, ffn_ratio: float = 3.0,
+                     table_size: str = 'pico') -> dict[str, dict]:
+  """{'L4-d128': overrides} of a ladder that grows depth and width together: n_layers L, d_model = aspect x L,
+  head dim fixed (n_heads = n_kv_heads = d_model / head_dim), d_ff = ffn_ratio x d_model (a multiple of 8), under
+  completep with base width and depth the smallest size's and base_head_dim = head_dim (muP's 1/d_head with a
+  fixed head dim: attention unchanged across sizes). Every size's LR is the smallest size's (CompleteP transfers
+  it across width and depth: Dey et al. 2025; sktlm/model/mup.py)."""
+  depths = sorted({int(d) for d in depths})
+  if not depths or depths[0] < 1:
+    raise UserError(f'completep ladder: depths must be >= 1, got {depths}')
+  if head_dim < 2 or head_dim % 2:
+    raise UserError(f'completep ladder: head_dim must be even (RoPE), got {head_dim}')
+  bad = [d for d in depths if (aspect * d) % head_dim]
+  if aspect < 1 or bad:
+    raise UserError(f'completep ladder: d_model = aspect {aspect} x n_layers must be a multiple of head_dim '
+                    f'{head_dim}; not for n_layers {bad}')
+  base_depth, base_width = depths[0], aspect * depths[0]
+  out = {}
+  for d in depths:
+    width = aspect * d
+    heads = width // head_dim
+    out[f'L{d}-d{width}'] = {
+        'arg.size': table_size, 'config.model.n_layers': d, 'config.model.d_model': width,
+        'config.model.n_heads': heads, 'config.model.n_kv_heads': heads, 'config.model.head_dim': head_dim,
+        'config.model.d_ff': max(8, round(ffn_ratio * width / 8) * 8),
+        'config.model.parametrization': 'completep', 'config.model.base_width': base_width,
+        'config.model.base_depth': base_depth, 'config.model.base_head_dim': head_dim}
+  return out
+
+
+def completep_ladder(base: str, depths, *, aspect: int, head_dim: int, ffn_ratio: float = 3.0,
+                     **ladder) -> list[spec.Run]:
+  """size_ladder over completep_shapes (runs named 'size-L4-d128'); `ladder`: size_ladder's token rule, common,
+  lr_grid, ..."""
+  shapes = completep_shapes(depths, aspect=aspect, head_dim=head_dim, ffn_ratio=ffn_ratio)
+  return size_ladder(base, list(shapes), shapes=shapes, **ladder)

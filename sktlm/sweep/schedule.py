@@ -10,7 +10,7 @@ import os
 from typing import Any
 
 from sktlm import runfiles
-from sktlm.config import accounting, layout
+from sktlm.config import accounting, layout, validate
 from sktlm.errors import UserError
 from sktlm.sweep import spec
 
@@ -41,6 +41,7 @@ class PlannedRun:
   resources: dict[str, float]
   checkpoint_every: int
   new_tokens: int = -1              # tokens this run trains itself (a branch starts at parent_step)
+  model: Any = dataclasses.field(default=None, repr=False)  # the resolved config.model (rules across runs)
 
   def __post_init__(self):
     if self.new_tokens < 0:
@@ -95,7 +96,7 @@ def resolve_run(sd: spec.SweepDef, run: spec.Run) -> PlannedRun:
       parent=run.parent, parent_step=run.parent_step, size=mc.size, steps=steps,
       batch_size=batch, seq_len=seq, tokens=tokens, params=params, flops_per_token=fpt,
       flops={k: v * tokens for k, v in fpt.items()}, resources=resources,
-      checkpoint_every=int(config.train.checkpoint_every))
+      checkpoint_every=int(config.train.checkpoint_every), model=mc)
 
 
 def _check_planned(run: spec.Run, tokens_per_step: int, params: dict):
@@ -113,6 +114,7 @@ def _check_planned(run: spec.Run, tokens_per_step: int, params: dict):
 
 def resolve(sd: spec.SweepDef) -> list[PlannedRun]:
   runs = [resolve_run(sd, r) for r in sd.runs]
+  validate.across_runs({r.name: r.model for r in runs})
   by_name = {r.name: r for r in runs}
   for r in runs:
     if r.parent:
